@@ -1,0 +1,218 @@
+"""CLIP ViT image tower and text tower in Flax, as the original TCL's `sclip/model.py` uses them.
+
+Parameter names follow the PyTorch keys (`resblocks_3` for `resblocks.3`, `ln_1`, `attn.in_proj`,
+`mlp.c_fc`, ...) so the converter is a rename plus transposes. Images are NHWC.
+"""
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcl_jax.models import resize
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """OpenAI CLIP ViT dimensions (the arguments of the original's `CLIP.__init__`)."""
+  embed_dim: int = 512
+  image_resolution: int = 224
+  vision_layers: int = 12
+  vision_width: int = 768
+  vision_patch_size: int = 16
+  vision_heads: int = 12
+  context_length: int = 77
+  vocab_size: int = 49408
+  transformer_width: int = 512
+  transformer_heads: int = 8
+  transformer_layers: int = 12
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_resolution // self.vision_patch_size
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis in float32 (the original casts to fp32 too), eps 1e-5 as torch."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+    return y.astype(self.dtype)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+class MultiheadAttention(nn.Module):
+  """torch.nn.MultiheadAttention (fused in_proj, out_proj) on [B, L, D]."""
+  width: int
+  heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, causal: bool = False, self_only: bool = False):
+    b, l, d = x.shape
+    in_proj = nn.Dense(3 * self.width, dtype=self.dtype, name="in_proj")
+    out_proj = nn.Dense(self.width, dtype=self.dtype, name="out_proj")
+    q, k, v = jnp.split(in_proj(x), 3, axis=-1)
+    if self_only:
+      # MaskCLIP trick: an additive mask of -inf off the diagonal makes each token attend only to
+      # itself, i.e. the attention output is its own value vector. Same result, no L x L work.
+      return out_proj(v)
+    dh = self.width // self.heads
+    shape = (b, l, self.heads, dh)
+    y = jax.nn.dot_product_attention(
+        q.reshape(shape), k.reshape(shape), v.reshape(shape), is_causal=causal)
+    return out_proj(y.reshape(b, l, d))
+
+
+class ResidualAttentionBlock(nn.Module):
+  width: int
+  heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, causal: bool = False, self_only: bool = False):
+    # Flags are positional so nn.remat can mark them static (argnums 2, 3; self is 0).
+    h = LayerNorm(self.dtype, name="ln_1")(x)
+    x = x + MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
+        h, causal=causal, self_only=self_only)
+    h = LayerNorm(self.dtype, name="ln_2")(x)
+    h = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(h)
+    h = nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(h))
+    return x + h
+
+
+def interpolate_pos_emb(pos_emb, h: int, w: int):
+  """Resize the [1 + g*g, D] positional embedding to an h x w grid (torch bicubic, as the original).
+
+  Like the original, the table is returned unchanged when the grid already matches.
+  """
+  n = pos_emb.shape[0] - 1
+  if h * w == n and h == w:
+    return pos_emb
+  g = int(round(n ** 0.5))
+  cls_pe, grid_pe = pos_emb[:1], pos_emb[1:].reshape(g, g, -1)
+  grid_pe = resize.resize_hw(grid_pe, (h, w), "bicubic")
+  return jnp.concatenate([cls_pe, grid_pe.reshape(h * w, -1)], axis=0)
+
+
+class VisionTransformer(nn.Module):
+  """CLIP ViT. `tokens` runs the stem and (some of) the blocks; `project` is ln_post + proj.
+
+  TCL splits the tower this way: the frozen encoder's ln_post/proj become `clip_proj`, applied
+  either to the class token (TCL_i) or to every spatial token (the KP branch).
+  """
+  cfg: CLIPConfig
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    c = self.cfg
+    p, d = c.vision_patch_size, c.vision_width
+    self.conv1 = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                         dtype=self.dtype, name="conv1")
+    scale = d ** -0.5
+    self.class_embedding = self.param(
+        "class_embedding", lambda k: scale * jax.random.normal(k, (d,)))
+    self.positional_embedding = self.param(
+        "positional_embedding", lambda k: scale * jax.random.normal(k, (c.grid_size ** 2 + 1, d)))
+    self.ln_pre = LayerNorm(self.dtype)
+    block = nn.remat(ResidualAttentionBlock, static_argnums=(2, 3)) if self.remat else ResidualAttentionBlock
+    self.resblocks = [block(d, c.vision_heads, self.dtype, name=f"resblocks_{i}")
+                      for i in range(c.vision_layers)]
+    self.ln_post = LayerNorm(self.dtype)
+    self.proj = self.param(
+        "proj", lambda k: scale * jax.random.normal(k, (d, c.embed_dim)))
+
+  def tokens(self, images, *, num_blocks: Optional[int] = None, ignore_last_attn: bool = False):
+    """images [B, H, W, 3] -> (tokens [B, 1 + h*w, D] after `num_blocks` blocks, (h, w)).
+
+    `ignore_last_attn` applies the MaskCLIP identity attention to the tower's last block (only
+    reached when all blocks run).
+    """
+    p = self.cfg.vision_patch_size
+    if images.shape[1] < p or images.shape[2] < p:
+      raise ValueError(f"image {images.shape[1]}x{images.shape[2]} is smaller than one "
+                       f"{p}x{p} patch")
+    x = self.conv1(images.astype(self.dtype))  # floors like torch's conv when H, W % p != 0
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    cls = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (b, 1, d))
+    x = jnp.concatenate([cls, x], axis=1)
+    x = x + interpolate_pos_emb(self.positional_embedding, h, w).astype(self.dtype)
+    x = self.ln_pre(x)
+    n = len(self.resblocks) if num_blocks is None else num_blocks
+    return self.run_blocks(x, 0, n, ignore_last_attn), (h, w)
+
+  def run_blocks(self, x, start: int, stop: int, ignore_last_attn: bool = False):
+    """Blocks [start, stop) on [B, L, D] tokens; MaskCLIP identity attention in the tower's last."""
+    last = len(self.resblocks) - 1
+    for i in range(start, stop):
+      x = self.resblocks[i](x, False, ignore_last_attn and i == last)
+    return x
+
+  def project(self, x):
+    """ln_post + proj on [..., D] tokens."""
+    return self.ln_post(x) @ self.proj.astype(self.dtype)
+
+  def __call__(self, images):
+    """The pooled CLIP image embedding (class token, normal attention)."""
+    x, _ = self.tokens(images)
+    return self.project(x[:, 0])
+
+
+class TextTransformer(nn.Module):
+  """CLIP text tower: causal transformer, ln_final, EOT pooling (argmax of ids), projection."""
+  cfg: CLIPConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.cfg
+    x = nn.Embed(c.vocab_size, c.transformer_width, embedding_init=nn.initializers.normal(0.02),
+                 name="token_embedding")(tokens).astype(self.dtype)
+    pe = self.param("positional_embedding", nn.initializers.normal(0.01),
+                    (c.context_length, c.transformer_width))
+    x = x + pe[: tokens.shape[1]].astype(self.dtype)
+    for i in range(c.transformer_layers):
+      x = ResidualAttentionBlock(c.transformer_width, c.transformer_heads, self.dtype,
+                                 name=f"resblocks_{i}")(x, True, False)
+    x = LayerNorm(self.dtype, name="ln_final")(x)
+    # The EOT token has the largest id, so argmax finds it (as the original).
+    eot = jnp.argmax(tokens, axis=-1)
+    x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+    proj = self.param("text_projection", nn.initializers.normal(c.transformer_width ** -0.5),
+                      (c.transformer_width, c.embed_dim))
+    return x @ proj.astype(self.dtype)
+
+
+def init_clip_params(cfg: CLIPConfig, rng) -> dict:
+  """Random CLIP parameters {'visual': ..., 'text': ...} (shapes only matter for conversion)."""
+  kv, kt = jax.random.split(rng)
+  r = cfg.image_resolution
+  visual = VisionTransformer(cfg).init(kv, jnp.zeros((1, r, r, 3)))["params"]
+  text = TextTransformer(cfg).init(kt, jnp.zeros((1, cfg.context_length), jnp.int32))["params"]
+  return {"visual": visual, "text": text}
+
+
+def encode_image(params, cfg: CLIPConfig, images, dtype=jnp.float32):
+  return VisionTransformer(cfg, dtype).apply({"params": params["visual"]}, images)
+
+
+def encode_text(params, cfg: CLIPConfig, tokens, dtype=jnp.float32):
+  return TextTransformer(cfg, dtype).apply({"params": params["text"]}, tokens)

@@ -1,0 +1,464 @@
+"""TCL: the mask generator, the training objective, and mask inference (the original's models/tcl/).
+
+Parameters are one plain pytree:
+  {"clip": {"visual", "text"},                      frozen CLIP towers
+   "masker": {"backbone", "decoder", "image_proj", "sim2mask": {"w", "b"}},   trainable
+   "tcli_logit_scale": (), "tclf_logit_scale": ()}  trainable
+Images are NHWC, normalized with ImageNet mean/std (the original's choice); masks are [B, N, H, W].
+"""
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcl_jax import losses
+from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import resize
+from tcl_jax.models.clip import CLIPConfig
+
+Dtype = Any
+
+_ACTIVATIONS = {
+    "none": lambda x: x,
+    "relu": jax.nn.relu,
+    "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU is the erf form
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TCLConfig:
+  """The original's `model:` section (configs/tcl.yml) plus the CLIP dimensions."""
+  clip: CLIPConfig = CLIPConfig()
+  ie_freeze: int = 11  # masker backbone = CLIP blocks [ie_freeze:]; features after block ie_freeze-1
+  ie_ignore_last_attn: bool = True  # MaskCLIP identity attention in the last block
+  decoder_n_layers: int = 2
+  decoder_kernel_size: int = 3
+  decoder_act: str = "gelu"
+  decoder_norm: str = "ln"
+  decoder_double: bool = True
+  sim2mask_init_w: float = 10.0
+  sim2mask_init_b: float = -2.5
+  gumbel_tau: float = 1.0
+  tcl_w: float = 0.1
+  area_w: float = 0.4
+  tv_w: float = 1.0
+
+  def __post_init__(self):
+    layers = self.clip.vision_layers
+    if not 1 <= self.ie_freeze <= layers:
+      raise ValueError(f"ie_freeze must be in [1, {layers}] (vision layers), got {self.ie_freeze}")
+    if self.decoder_act not in _ACTIVATIONS:
+      raise ValueError(f"decoder_act must be one of {sorted(_ACTIVATIONS)}, got {self.decoder_act!r}")
+    if self.decoder_norm not in ("ln", "none"):
+      raise ValueError(f"decoder_norm must be 'ln' or 'none' (batch norms are not ported), "
+                       f"got {self.decoder_norm!r}")
+    if self.decoder_kernel_size % 2 != 1:
+      raise ValueError(f"decoder_kernel_size must be odd, got {self.decoder_kernel_size}")
+    if self.gumbel_tau <= 0:
+      raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
+
+  @property
+  def patch_size(self) -> int:
+    return self.clip.vision_patch_size
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TCLConfig":
+    d = dict(d)
+    clip = d.pop("clip")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown TCL config fields: {unknown}")
+    return cls(clip=clip if isinstance(clip, CLIPConfig) else CLIPConfig(**clip), **d)
+
+  def replace(self, **kw) -> "TCLConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def tiny_config() -> TCLConfig:
+  """The shared fixture's dims: a CLIP small enough for CPU tests and the synthetic default."""
+  return TCLConfig(
+      clip=CLIPConfig(embed_dim=64, image_resolution=96, vision_layers=4, vision_width=128,
+                      vision_patch_size=16, vision_heads=2, context_length=77, vocab_size=49408,
+                      transformer_width=64, transformer_heads=2, transformer_layers=2),
+      ie_freeze=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masker modules
+# ----------------------------------------------------------------------------------------------
+
+def _torch_conv_init():
+  # torch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight (and bias).
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class ConvBlock(nn.Module):
+  """Pre-activation conv: norm -> act -> kxk conv (zero padding) -> zero-initialised tanh gate."""
+  channels: int
+  kernel_size: int
+  norm: str
+  act: str
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.norm == "ln":
+      x = clip_lib.LayerNorm(self.dtype, name="norm")(x)  # LayerNorm2d: over channels
+    x = _ACTIVATIONS[self.act](x)
+    k, fan_in = self.kernel_size, self.kernel_size ** 2 * x.shape[-1]
+    bound = 1.0 / math.sqrt(fan_in)
+    x = nn.Conv(self.channels, (k, k), padding=k // 2, dtype=self.dtype, name="conv",
+                kernel_init=_torch_conv_init(),
+                bias_init=lambda key, s, d=jnp.float32: jax.random.uniform(key, s, d, -bound, bound)
+                )(x)
+    gate = self.param("gate", nn.initializers.zeros, ())
+    return jnp.tanh(gate).astype(self.dtype) * x
+
+
+class ResConv(nn.Module):
+  """Nearest x2 upsample, then x + conv(x) (and x + conv2(x) when `double`)."""
+  channels: int
+  kernel_size: int
+  norm: str
+  act: str
+  double: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = resize.upsample_nearest_2x(x)
+    x = x + ConvBlock(self.channels, self.kernel_size, self.norm, self.act, self.dtype,
+                      name="conv")(x)
+    if self.double:
+      x = x + ConvBlock(self.channels, self.kernel_size, self.norm, self.act, self.dtype,
+                        name="conv2")(x)
+    return x
+
+
+class GDecoder(nn.Module):
+  """n_layers ResConv blocks, each upsampling x2."""
+  cfg: TCLConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    for i in range(c.decoder_n_layers):
+      x = ResConv(c.clip.vision_width, c.decoder_kernel_size, c.decoder_norm, c.decoder_act,
+                  c.decoder_double, self.dtype, name=f"net_{i}")(x)
+    return x
+
+
+class LNProj(nn.Module):
+  """LayerNorm + projection matrix (CLIP's ln_post/proj, copied as the masker's image_proj)."""
+  width: int
+  out_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = clip_lib.LayerNorm(self.dtype, name="ln")(x)
+    proj = self.param("proj", nn.initializers.normal(self.width ** -0.5), (self.width, self.out_dim))
+    return x @ proj.astype(self.dtype)
+
+
+class BlockStack(nn.Module):
+  """CLIP blocks numbered [start, layers) (names keep the original indices: resblocks_3, ...)."""
+  cfg: CLIPConfig
+  start: int
+  ignore_last_attn: bool
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    block_cls = clip_lib.ResidualAttentionBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(2, 3))
+    last = self.cfg.vision_layers - 1
+    for i in range(self.start, self.cfg.vision_layers):
+      x = block_cls(self.cfg.vision_width, self.cfg.vision_heads, self.dtype,
+                    name=f"resblocks_{i}")(x, False, self.ignore_last_attn and i == last)
+    return x
+
+
+class Masker(nn.Module):
+  """Masker image encoder: trainable copies of the CLIP blocks [ie_freeze:], the GDecoder and the
+  image projection, giving [B, 2^n h, 2^n w, embed_dim] from CLIP tokens [B, 1 + h*w, D]."""
+  cfg: TCLConfig
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, feat, hw):
+    c, vc = self.cfg, self.cfg.clip
+    x = BlockStack(vc, c.ie_freeze, c.ie_ignore_last_attn, self.remat, self.dtype,
+                   name="backbone")(feat.astype(self.dtype))
+    # The backbone's own ln_post/proj are Identity/None in the original (moved to image_proj).
+    x = x[:, 1:].reshape(x.shape[0], hw[0], hw[1], vc.vision_width)
+    x = GDecoder(c, self.dtype, name="decoder")(x)
+    return LNProj(vc.vision_width, vc.embed_dim, self.dtype, name="image_proj")(x)
+
+
+def _module_params(masker_params):
+  return {k: v for k, v in masker_params.items() if k != "sim2mask"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+def masker_from_clip(clip_params, cfg: TCLConfig, rng) -> dict:
+  """Masker parameters initialised as the original does from a CLIP: deep copies of the visual
+  blocks [ie_freeze:] and of ln_post/proj, a freshly initialised decoder (zero gates), and
+  Sim2Mask's (init_w, init_b)."""
+  vc = cfg.clip
+  g = vc.grid_size
+  feat = jnp.zeros((1, g * g + 1, vc.vision_width))
+  masker = dict(Masker(cfg).init(rng, feat, (g, g))["params"])
+  visual = clip_params["visual"]
+  masker["backbone"] = {f"resblocks_{i}": visual[f"resblocks_{i}"]
+                        for i in range(cfg.ie_freeze, vc.vision_layers)}
+  masker["image_proj"] = {"ln": visual["ln_post"], "proj": visual["proj"]}
+  masker["sim2mask"] = {"w": jnp.asarray(cfg.sim2mask_init_w, jnp.float32),
+                        "b": jnp.asarray(cfg.sim2mask_init_b, jnp.float32)}
+  return jax.tree.map(jnp.array, masker)  # copies, not aliases of the frozen CLIP
+
+
+def init_params(cfg: TCLConfig, rng, clip_params: Optional[dict] = None) -> dict:
+  """Full TCL parameters: random CLIP (or the given one), masker from it, logit scales 1/0.07."""
+  k_clip, k_masker = jax.random.split(rng)
+  if clip_params is None:
+    clip_params = clip_lib.init_clip_params(cfg.clip, k_clip)
+  scale = jnp.asarray(np.log(1 / 0.07), jnp.float32)
+  return {"clip": clip_params, "masker": masker_from_clip(clip_params, cfg, k_masker),
+          "tcli_logit_scale": scale, "tclf_logit_scale": jnp.array(scale)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pieces
+# ----------------------------------------------------------------------------------------------
+
+def _visual(cfg: TCLConfig, dtype=jnp.float32):
+  return clip_lib.VisionTransformer(cfg.clip, dtype)
+
+
+def clip_features(clip_params, cfg: TCLConfig, images, dtype=jnp.float32):
+  """Frozen CLIP tokens after block ie_freeze-1 (the masker's input) and the grid size."""
+  return _visual(cfg, dtype).apply({"params": clip_params["visual"]}, images,
+                                   num_blocks=cfg.ie_freeze, method="tokens")
+
+
+def masker_image_emb(masker_params, cfg: TCLConfig, feat, hw, dtype=jnp.float32, remat=False):
+  """Spatial image embedding [B, H', W', E] from CLIP features."""
+  return Masker(cfg, dtype, remat).apply({"params": _module_params(masker_params)}, feat, hw)
+
+
+def similarity_map(image_emb, text_emb):
+  """Cosine similarity [B, N, H, W] between every pixel of image_emb [B,H,W,C] and text [N, C]."""
+  image_emb = losses.l2_normalize(image_emb.astype(jnp.float32))
+  text_emb = losses.l2_normalize(text_emb.astype(jnp.float32))
+  return jnp.einsum("bhwc,nc->bnhw", image_emb, text_emb)
+
+
+def sim2mask(sim2mask_params, simmap, *, uniform=None, tau: float = 1.0):
+  """Sim2Mask: (hard mask, soft mask). With `uniform` noise U the hard mask is Gumbel-sigmoid
+  (logistic noise log(U/(1-U))) thresholded at 0.5 with a straight-through gradient; without it,
+  the deterministic mode thresholds the soft mask at 0.5."""
+  logits = simmap * sim2mask_params["w"] + sim2mask_params["b"]
+  soft = jax.nn.sigmoid(logits)
+  if uniform is None:
+    return (soft > 0.5).astype(soft.dtype), soft
+  y = jax.nn.sigmoid((logits + jnp.log(uniform / (1.0 - uniform))) / tau)
+  hard = (y > 0.5).astype(y.dtype)
+  return hard - jax.lax.stop_gradient(y) + y, soft
+
+
+def gumbel_uniform(rng, shape):
+  """U(0, 1) noise for Sim2Mask, kept off 0 so the logistic noise stays finite."""
+  return jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
+
+
+def _off_diagonal(x):
+  """x [B, B, ...] -> [B, B-1, ...] without the diagonal entries (masked_select of the original)."""
+  b = x.shape[0]
+  idx = np.array([[j for j in range(b) if j != i] for i in range(b)], np.int32).reshape(b, b - 1)
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, jnp.asarray(idx), axis=1)
+
+
+def tcl_loss(params, cfg: TCLConfig, images, text_tokens, *, rng=None, uniform=None,
+             compute_dtype=jnp.float32, remat: bool = False):
+  """The TCL training objective on a (global) batch. Returns (total_loss, aux).
+
+  images [B, H, W, 3] normalized; text_tokens int [B, L]. Exactly one of `rng` (draws the Gumbel
+  noise) and `uniform` ([B, B, H', W'], replays given noise) must be given. Frozen CLIP gets no
+  gradient; gradients reach the masker through TCL_i via the frozen image tower.
+  """
+  if (rng is None) == (uniform is None):
+    raise ValueError("tcl_loss needs exactly one of rng= or uniform=")
+  clip_params = jax.lax.stop_gradient(params["clip"])
+  b = images.shape[0]
+  if b < 2:
+    raise ValueError(f"TCL's contrastive terms need a batch of at least 2, got {b}")
+
+  # Frozen CLIP (no_grad in the original).
+  feat, hw = clip_features(clip_params, cfg, images, compute_dtype)
+  feat = jax.lax.stop_gradient(feat)
+  text_emb = jax.lax.stop_gradient(
+      clip_lib.encode_text(clip_params, cfg.clip, text_tokens, compute_dtype)).astype(jnp.float32)
+
+  # Masker: image embedding, image-to-every-caption similarity, masks.
+  image_emb = masker_image_emb(params["masker"], cfg, feat, hw, compute_dtype, remat)
+  image_emb = image_emb.astype(jnp.float32)
+  simmap = similarity_map(image_emb, text_emb)  # [B, B, H', W']
+  if uniform is None:
+    uniform = gumbel_uniform(rng, simmap.shape)
+  hard, soft = sim2mask(params["masker"]["sim2mask"], simmap, uniform=uniform, tau=cfg.gumbel_tau)
+  diag = jnp.arange(b)
+  pos_mask = hard[diag, diag]  # [B, H', W'] hard (straight-through) positive masks
+  soft_pos = soft[diag, diag]
+  soft_neg = _off_diagonal(soft)
+
+  aux = {}
+  aux["area_loss"] = losses.area_loss(soft_pos, 0.4) * cfg.area_w
+  aux["neg_area_loss"] = losses.area_loss(soft_neg, 0.0) * cfg.area_w
+  pooled = losses.masked_pool(image_emb, soft)  # [B, B, C]
+  aux["tclf_loss"] = losses.extended_info_nce(pooled, text_emb, params["tclf_logit_scale"]) * cfg.tcl_w
+  aux["tv_img_loss"] = losses.tv_loss(image_emb, axes=(1, 2)) * cfg.tv_w
+  aux["tv_mask_loss"] = losses.tv_loss(soft, axes=(2, 3)) * cfg.tv_w
+
+  # TCL_i: frozen CLIP embeds the image under the (nearest-upsampled) hard positive mask.
+  up = resize.resize_hw(pos_mask[..., None], images.shape[1:3], "nearest")
+  masked_images = (up * images).astype(compute_dtype)
+  masked_emb = clip_lib.VisionTransformer(cfg.clip, compute_dtype, remat).apply(
+      {"params": clip_params["visual"]}, masked_images)
+  aux["tcli_loss"] = losses.info_nce(masked_emb, text_emb, params["tcli_logit_scale"]) * cfg.tcl_w
+
+  total = sum(aux[k] for k in LOSS_TERMS)
+  aux["soft_pos_mask"] = jax.lax.stop_gradient(soft_pos)
+  return total, aux
+
+
+LOSS_TERMS = ("area_loss", "neg_area_loss", "tclf_loss", "tv_img_loss", "tv_mask_loss", "tcli_loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------
+
+def encode_text(params, cfg: TCLConfig, tokens, dtype=jnp.float32):
+  return clip_lib.encode_text(params["clip"], cfg.clip, tokens, dtype)
+
+
+def build_text_embedding(params, cfg: TCLConfig, tokens, chunk_size: int = 1024):
+  """Prompt-ensembled class embeddings: tokens [N, T, L] -> mean over T of the (unnormalized)
+  text embeddings, then L2-normalized [N, E] (the original's build_text_embedding)."""
+  tokens = np.asarray(tokens)
+  n, t, l = tokens.shape
+  flat = tokens.reshape(n * t, l)
+  embs = [_jit_encode_text(params, cfg, flat[i:i + chunk_size])
+          for i in range(0, n * t, chunk_size)]
+  embs = jnp.concatenate(embs).reshape(n, t, -1).mean(axis=1)
+  return losses.l2_normalize(embs)
+
+
+@jax.jit(static_argnums=(1,))
+def _jit_encode_text(params, cfg, tokens):
+  return encode_text(params, cfg, tokens)
+
+
+def compute_padsize(h: int, w: int, patch: int):
+  """(left, right, top, bottom) zero padding up to patch multiples, extra on the right/bottom."""
+  l = r = t = b = 0
+  if w % patch:
+    lr = patch - w % patch
+    l, r = lr // 2, lr - lr // 2
+  if h % patch:
+    tb = patch - h % patch
+    t, b = tb // 2, tb - tb // 2
+  return l, r, t, b
+
+
+def _shifts(x, dilations, with_center: bool):
+  """Neighbours of every pixel of x [B, K, H, W] at the 3x3 offsets times each dilation, with
+  replicate padding: [B, K, P, H, W], P = (9 or 8) * len(dilations)."""
+  h, w = x.shape[-2:]
+  out = []
+  for d in dilations:
+    xp = jnp.pad(x, ((0, 0), (0, 0), (d, d), (d, d)), mode="edge")
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        if dy == 0 and dx == 0 and not with_center:
+          continue
+        out.append(xp[:, :, d + dy * d:d + dy * d + h, d + dx * d:d + dx * d + w])
+  return jnp.stack(out, axis=2)
+
+
+def pamr(image, mask, num_iter: int = 10, dilations=(1, 2, 4, 8, 12, 24)):
+  """Pixel-adaptive mask refinement (the original's PAMR). image [B, K, H, W], mask [B, C, H, W]
+  at the same size."""
+  nb = _shifts(image, dilations, with_center=True)
+  std = jnp.std(nb, axis=2, keepdims=True, ddof=1)  # torch .std is unbiased
+  center = image[:, :, None]
+  aff = -jnp.abs(_shifts(image, dilations, with_center=False) - center) / (1e-8 + 0.1 * std)
+  aff = jax.nn.softmax(aff.mean(axis=1, keepdims=True), axis=2)
+  for _ in range(num_iter):
+    mask = (_shifts(mask, dilations, with_center=False) * aff).sum(axis=2)
+  return mask
+
+
+def generate_masks(params, cfg: TCLConfig, image, text_emb, *, apply_pamr: bool = False,
+                   kp_w: float = 0.3, dtype=jnp.float32):
+  """Soft masks [B, N, H, W] for each text embedding (and the masker simmap [B, N, h', w']).
+
+  image [B, H, W, 3] normalized, any size of at least one patch: zero-padded to patch multiples
+  (extra pixel on the right/bottom), cropped back at the end.
+  """
+  _, h, w, _ = image.shape
+  p = cfg.patch_size
+  if h < p or w < p:
+    raise ValueError(f"image {h}x{w} is smaller than one {p}x{p} patch")
+  l, r, t, bt = compute_padsize(h, w, p)
+  image = jnp.pad(image, ((0, 0), (t, bt), (l, r), (0, 0)))
+  ph, pw = image.shape[1:3]
+
+  visual = _visual(cfg, dtype)
+  vparams = {"params": params["clip"]["visual"]}
+  feat, hw = visual.apply(vparams, image, num_blocks=cfg.ie_freeze, method="tokens")
+  image_emb = masker_image_emb(params["masker"], cfg, feat, hw, dtype).astype(jnp.float32)
+  simmap = similarity_map(image_emb, text_emb)
+  _, mask = sim2mask(params["masker"]["sim2mask"], simmap)
+
+  if apply_pamr:
+    img = resize.resize_hw(jnp.transpose(image, (0, 3, 1, 2)), mask.shape[-2:], "bilinear",
+                           align_corners=True, layout="NCHW")
+    mask = pamr(img.astype(jnp.float32), mask)
+  if kp_w:
+    # KP branch: MaskCLIP tokens of the frozen tower (rest of the blocks, identity attention in
+    # the last), projected by CLIP's ln_post/proj.
+    tokens = visual.apply(vparams, feat, cfg.ie_freeze, cfg.clip.vision_layers,
+                          cfg.ie_ignore_last_attn, method="run_blocks")
+    b = tokens.shape[0]
+    spatial = visual.apply(vparams, tokens[:, 1:], method="project")
+    spatial = spatial.reshape(b, hw[0], hw[1], -1).astype(jnp.float32)
+    kp = jax.nn.sigmoid((similarity_map(spatial, text_emb) - 0.25) * 10.0)
+    kp = resize.resize_hw(kp, mask.shape[-2:], "bilinear", layout="NCHW")
+    mask = kp_w * kp + (1.0 - kp_w) * mask
+
+  mask = resize.resize_hw(mask, (ph, pw), "bilinear", layout="NCHW")
+  return mask[:, :, t:t + h, l:l + w], simmap
+
+
+jit_generate_masks = jax.jit(generate_masks, static_argnums=(1,),
+                             static_argnames=("apply_pamr", "kp_w", "dtype"))

@@ -1,0 +1,167 @@
+"""Parity with the original PyTorch TCL: recompute a reference fixture's arrays and compare.
+
+  python -m tcl_jax.tools.parity FIXTURE_DIR [--json OUT]
+
+FIXTURE_DIR is laid out like `shared/fixtures/tcl_tiny` (fixture.json, fixture.npz, tcl_reference.pth
+and the OpenAI-layout CLIP files); any dims work. Only those files are read. Exit status 0 only when
+every fixture quantity is within tolerance.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+# Tolerances of a faithful float32 port (the fixture README).
+TOL_MAX_ABS = 1e-4  # embeddings, simmaps, masks
+TOL_LOSS_REL = 1e-5
+TOL_GRAD_REL = 1e-4
+
+# Arrays that are inputs of the original's computation, not results to compare.
+INPUTS = ("images", "text_tokens", "gumbel_uniform", "seg_image")
+
+
+def _max_abs(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    return float("inf")
+  return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    return float("inf")
+  denom = np.linalg.norm(b.ravel())
+  diff = np.linalg.norm((a - b).ravel())
+  return float(diff / denom) if denom > 0 else float(diff)
+
+
+def compute(fixture_dir: str) -> list:
+  """Every comparable fixture array -> result dicts (name, metric, error, tolerance, ok)."""
+  import jax
+  import jax.numpy as jnp
+  jax.config.update("jax_default_matmul_precision", "highest")
+  from tcl_jax import convert
+  from tcl_jax.models import clip as clip_lib
+  from tcl_jax.models import tcl as tcl_lib
+
+  meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
+  ref = dict(np.load(os.path.join(fixture_dir, "fixture.npz")))
+  computed = {}  # name -> (metric, value)
+
+  # Weights through the converter. The fixture's heads are not width // 64, so they come from
+  # fixture.json (the original's build_model would need the same override).
+  c = meta["clip"]
+  cfg, params = convert.load_torch(
+      os.path.join(fixture_dir, "tcl_reference.pth"),
+      vision_heads=c.get("vision_heads", c["vision_width"] // 64),
+      text_heads=c.get("transformer_heads", c["transformer_width"] // 64))
+  dec = meta.get("decoder", {})
+  s2m = meta.get("sim2mask", {})
+  cfg = cfg.replace(
+      ie_ignore_last_attn=meta.get("ie_ignore_last_attn", True),
+      decoder_act=dec.get("act", cfg.decoder_act),
+      gumbel_tau=s2m.get("gumbel_tau", cfg.gumbel_tau),
+      tcl_w=meta.get("tcl_w", cfg.tcl_w), area_w=meta.get("area_w", cfg.area_w),
+      tv_w=meta.get("tv_w", cfg.tv_w))
+
+  nhwc = lambda x: jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+
+  # Tokenizer.
+  try:
+    from tcl_jax import tokenizer
+    if "tokenizer_ids" in ref:
+      computed["tokenizer_ids"] = ("exact", tokenizer.tokenize(meta["tokenizer_corpus"], c["context_length"]))
+    class_tokens = np.stack([tokenizer.tokenize([t.format(n) for t in meta["templates"]], c["context_length"])
+                             for n in meta["classnames"]])
+    computed["class_tokens"] = ("exact", class_tokens)
+  except ImportError:
+    class_tokens = ref["class_tokens"]
+
+  # CLIP towers.
+  images = nhwc(ref["images"])
+  computed["clip_image_emb"] = ("max_abs", clip_lib.encode_image(params["clip"], cfg.clip, images))
+  computed["clip_text_emb"] = ("max_abs", clip_lib.encode_text(
+      params["clip"], cfg.clip, jnp.asarray(ref["text_tokens"], jnp.int32)))
+  computed["class_text_emb"] = ("max_abs", tcl_lib.build_text_embedding(params, cfg, class_tokens))
+
+  # Objective and gradients, replaying the recorded Gumbel noise.
+  tokens = jnp.asarray(ref["text_tokens"], jnp.int32)
+  uniform = jnp.asarray(ref["gumbel_uniform"])
+  trainable = {k: v for k, v in params.items() if k != "clip"}
+
+  def loss_fn(tr):
+    return tcl_lib.tcl_loss(dict(tr, clip=params["clip"]), cfg, images, tokens, uniform=uniform)
+
+  (total, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable)
+  for k in tcl_lib.LOSS_TERMS:
+    computed[f"loss/{k}"] = ("rel", aux[k])
+  computed["total_loss"] = ("rel", total)
+  for name, g in convert.to_torch_state_dict(cfg, grads).items():
+    computed["grad/" + name] = ("grad_rel", g)
+
+  # Mask inference in each recorded setting, from the fixture's class embeddings.
+  seg = nhwc(ref["seg_image"])
+  text_emb = jnp.asarray(ref["class_text_emb"])
+  for tag, s in meta.get("generate_masks_settings", {}).items():
+    masks, simmap = tcl_lib.jit_generate_masks(params, cfg, seg, text_emb,
+                                               apply_pamr=bool(s["apply_pamr"]), kp_w=float(s["kp_w"]))
+    computed[f"masks_{tag}"] = ("max_abs", masks)
+    computed[f"simmap_{tag}"] = ("max_abs", simmap)
+
+  results = []
+  for name in ref:
+    if name in INPUTS:
+      continue
+    if name not in computed:
+      results.append({"name": name, "metric": None, "error": None, "tolerance": None, "ok": False})
+      continue
+    kind, value = computed[name]
+    value = np.asarray(value)
+    if kind == "exact":
+      same = value.shape == ref[name].shape and bool(np.array_equal(value, ref[name]))
+      err = 0.0 if same else float(np.sum(value != ref[name]) if value.shape == ref[name].shape else np.inf)
+      results.append({"name": name, "metric": "exact", "error": err, "tolerance": 0.0, "ok": same})
+      continue
+    if kind == "max_abs":
+      err, tol, metric = _max_abs(value, ref[name]), TOL_MAX_ABS, "max_abs"
+    elif kind == "rel":
+      err, tol, metric = _rel(value, ref[name]), TOL_LOSS_REL, "rel"
+    else:
+      err, tol, metric = _rel(value, ref[name]), TOL_GRAD_REL, "rel"
+    results.append({"name": name, "metric": metric, "error": err, "tolerance": tol,
+                    "ok": bool(np.isfinite(err) and err <= tol)})
+  return results
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m tcl_jax.tools.parity", description=__doc__.split("\n")[0])
+  ap.add_argument("fixture_dir")
+  ap.add_argument("--json", dest="json_out", default=None, help="write the results here")
+  args = ap.parse_args(argv)
+  for f in ("fixture.json", "fixture.npz", "tcl_reference.pth"):
+    if not os.path.isfile(os.path.join(args.fixture_dir, f)):
+      print(f"error: {args.fixture_dir} has no {f}; expected a fixture directory laid out like "
+            f"shared/fixtures/tcl_tiny", file=sys.stderr)
+      return 2
+  results = compute(args.fixture_dir)
+  ok = all(r["ok"] for r in results)
+  width = max(len(r["name"]) for r in results)
+  print(f"{'quantity':<{width}}  {'metric':<7}  {'error':>10}  {'tolerance':>9}  ok")
+  for r in results:
+    err = "n/a" if r["error"] is None else f"{r['error']:.3g}"
+    tol = "" if r["tolerance"] is None else f"{r['tolerance']:.0e}"
+    print(f"{r['name']:<{width}}  {r['metric'] or '-':<7}  {err:>10}  {tol:>9}  {'yes' if r['ok'] else 'NO'}")
+  n_ok = sum(r["ok"] for r in results)
+  print(f"{n_ok}/{len(results)} quantities within tolerance")
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump({"ok": ok, "results": results}, f, indent=1)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
