@@ -97,9 +97,10 @@ def tiny_config() -> TCLConfig:
 # Masker modules
 # ----------------------------------------------------------------------------------------------
 
-def _torch_conv_init():
-  # torch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight (and bias).
-  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+def _torch_uniform_init(fan_in):
+  # torch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class ConvBlock(nn.Module):
@@ -115,12 +116,10 @@ class ConvBlock(nn.Module):
     if self.norm == "ln":
       x = clip_lib.LayerNorm(self.dtype, name="norm")(x)  # LayerNorm2d: over channels
     x = _ACTIVATIONS[self.act](x)
-    k, fan_in = self.kernel_size, self.kernel_size ** 2 * x.shape[-1]
-    bound = 1.0 / math.sqrt(fan_in)
-    x = nn.Conv(self.channels, (k, k), padding=k // 2, dtype=self.dtype, name="conv",
-                kernel_init=_torch_conv_init(),
-                bias_init=lambda key, s, d=jnp.float32: jax.random.uniform(key, s, d, -bound, bound)
-                )(x)
+    k = self.kernel_size
+    init = _torch_uniform_init(k * k * x.shape[-1])
+    x = nn.Conv(self.channels, (k, k), padding=k // 2, dtype=self.dtype, kernel_init=init,
+                bias_init=init, name="conv")(x)
     gate = self.param("gate", nn.initializers.zeros, ())
     return jnp.tanh(gate).astype(self.dtype) * x
 
