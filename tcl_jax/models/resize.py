@@ -86,5 +86,11 @@ def resize_hw(x, size, mode: str, align_corners: bool = False, *, layout: str = 
 
 
 def upsample_nearest_2x(x):
-  """torch `F.interpolate(x, scale_factor=2)` (nearest) on NHWC."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=-3), 2, axis=-2)
+  """torch `F.interpolate(x, scale_factor=2)` (nearest) on NHWC.
+
+  Broadcast + reshape rather than jnp.repeat: its gradient is then a plain reduction (repeat's
+  lowers to a much slower gather/scatter on CPU).
+  """
+  *lead, h, w, c = x.shape
+  x = jnp.broadcast_to(x[..., :, None, :, None, :], (*lead, h, 2, w, 2, c))
+  return x.reshape(*lead, 2 * h, 2 * w, c)
