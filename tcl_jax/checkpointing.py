@@ -1,0 +1,106 @@
+"""Orbax checkpoints of the train state and the input-iterator position.
+
+Layout: `<workdir>/checkpoints/<step>/{state,input}`; `state` is the TrainState pytree (params,
+optimizer state, step, rng key) written with StandardSave, `input` is the iterator's JSON state.
+Every process calls save/restore (orbax coordinates the writes; saving on process 0 only hangs
+multi-host jobs). Restores go into an abstract target that carries the shardings, so a restart
+on another topology lands on the right devices.
+
+Input state: each host reads its own files, so each has its own iterator position. The JSON item
+holds all of them, `{"process_count": P, "processes": {"0": state_0, ...}}`, gathered at save time
+(orbax writes JSON items from the primary host only).
+
+Retention: the latest `keep` checkpoints plus the `keep_best` ones with the highest eval mIoU
+(checkpoints saved at eval steps carry `{"miou": ...}` as metrics).
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def create_checkpoint_manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
+  """CheckpointManager under `<workdir>/checkpoints` (saving steps are decided by the caller)."""
+  policies = [ocp.checkpoint_managers.LatestN(n=max(int(ckpt_config.keep), 1))]
+  if ckpt_config.get("keep_best", 0):
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda m: m["miou"], reverse=False, n=int(ckpt_config.keep_best),
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=1,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=bool(ckpt_config.get("async", True)),
+      create=True,
+  )
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "input"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, input_state: dict | None,
+         metrics: dict | None = None) -> bool:
+  """Saves (possibly asynchronously) `state` and the iterator state at `step`."""
+  if mngr.latest_step() == step:  # e.g. a final save right after a periodic one
+    return False
+  saved = mngr.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          input=ocp.args.JsonSave(input_state if input_state is not None else {})),
+      metrics=metrics, force=True)
+  if saved:
+    logging.info("Checkpoint at step %d%s", step, f" (metrics {metrics})" if metrics else "")
+  return saved
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
+  """(state, input_state) at `step`, laid out as `abstract_state` (ShapeDtypeStructs with
+  shardings)."""
+  restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          input=ocp.args.JsonRestore()))
+  return restored["state"], restored["input"]
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs that carry the target shardings (the restore target)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def gather_input_states(local_state: dict) -> dict:
+  """All processes' iterator states in one JSON-able dict (a collective on multi-host)."""
+  count = jax.process_count()
+  if count == 1:
+    return {"process_count": 1, "processes": {"0": local_state}}
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+  size = int(np.max(multihost_utils.process_allgather(np.array([data.size], np.int32))))
+  padded = np.zeros([size], np.uint8)
+  padded[:data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, size]
+  states = {}
+  for i in range(count):
+    raw = bytes(gathered[i]).rstrip(b"\0")
+    states[str(i)] = json.loads(raw.decode()) if raw else {}
+  return {"process_count": count, "processes": states}
+
+
+def local_input_state(saved: dict | None) -> dict | None:
+  """This process's iterator state from `gather_input_states`' output (None if unusable)."""
+  if not saved:
+    return None
+  if "processes" not in saved:  # a bare single-process state
+    return saved
+  if int(saved.get("process_count", 1)) != jax.process_count():
+    logging.warning("Checkpoint input state is for %s processes, running %d: the input "
+                    "pipeline restarts from its beginning.", saved.get("process_count"),
+                    jax.process_count())
+    return None
+  return saved["processes"].get(str(jax.process_index()))

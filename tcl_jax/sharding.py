@@ -1,0 +1,126 @@
+"""Device mesh, shardings and host->global batch conversion.
+
+The mesh comes from `config.mesh`:
+
+  mesh = dict(shape=(-1,), axes=("data",), axis_types="auto",
+              param_rules=((".*", "replicate"),), fsdp_min_size=2**16)
+
+`-1` is "all remaining devices". The batch is split over every mesh axis (data and, when present,
+fsdp), so each device sees `global_batch / num_devices` examples. Parameters and optimizer state
+follow `param_rules`: a list of (regex, tactic) pairs matched with `re.search` against the leaf's
+'a/b/c' path in the train state (so one rule covers a parameter and its AdamW moments); the first
+match wins. Tactics: "replicate", or "fsdp" (shard the largest dimension that the fsdp axis
+divides, for leaves of at least `fsdp_min_size` elements; others stay replicated).
+"""
+
+import math
+import re
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from tcl_jax.optim import path_str
+
+_AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
+def maybe_initialize_distributed(dist_config) -> None:
+  """Calls `jax.distributed.initialize` when `dist_config.initialize` asks for it.
+
+  Must run before anything touches the devices. Fields left empty ('' / -1) are passed as None so
+  that JAX auto-detects them (Cloud TPU, SLURM, ...). Calling it on a single host with no
+  coordinator raises, hence the opt-in flag.
+  """
+  if not dist_config or not dist_config.get("initialize", False):
+    return
+  kwargs = {}
+  if dist_config.get("coordinator_address"):
+    kwargs["coordinator_address"] = dist_config.coordinator_address
+  if dist_config.get("num_processes", -1) >= 0:
+    kwargs["num_processes"] = dist_config.num_processes
+  if dist_config.get("process_id", -1) >= 0:
+    kwargs["process_id"] = dist_config.process_id
+  logging.info("jax.distributed.initialize(%s)", kwargs)
+  jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A mesh over `devices` (default: all) with the configured shape, axis names and types."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(mesh_config.shape)
+  axes = tuple(mesh_config.axes)
+  if len(shape) != len(axes):
+    raise ValueError(f"mesh.shape {shape} and mesh.axes {axes} differ in length")
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one -1 in mesh.shape, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not split into mesh {shape}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices, have {len(devices)}")
+  axis_type = _AXIS_TYPES[mesh_config.get("axis_types", "auto")]
+  return jax.make_mesh(tuple(shape), axes, axis_types=(axis_type,) * len(axes), devices=devices)
+
+
+def data_sharding(mesh) -> NamedSharding:
+  """Leading (batch) axis split over all mesh axes."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def repl_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape, fsdp_size: int, min_size: int) -> P:
+  if fsdp_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  # The largest dimension that the fsdp axis divides (ties: the first).
+  best = None
+  for i, d in enumerate(shape):
+    if d % fsdp_size == 0 and (best is None or d > shape[best]):
+      best = i
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = "fsdp"
+  return P(*spec)
+
+
+def state_shardings(mesh, abstract_tree, mesh_config):
+  """NamedShardings for every leaf of `abstract_tree` (e.g. an eval_shape'd TrainState)."""
+  rules = [(re.compile(r), t) for r, t in mesh_config.get("param_rules", ((".*", "replicate"),))]
+  fsdp_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get("fsdp", 1)
+  min_size = mesh_config.get("fsdp_min_size", 2**16)
+
+  def leaf_sharding(path, x):
+    name = path_str(path)
+    tactic = "replicate"
+    for regex, t in rules:
+      if regex.search(name):
+        tactic = t
+        break
+    shape = getattr(x, "shape", ())
+    if tactic == "replicate" or not shape:
+      return NamedSharding(mesh, P())
+    if tactic == "fsdp":
+      if "fsdp" not in mesh.axis_names:
+        raise ValueError(f"rule for {name} asks for fsdp but the mesh has no fsdp axis")
+      return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, min_size))
+    raise ValueError(f"unknown sharding tactic {tactic!r} for {name}")
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def to_global(batch, sharding: NamedSharding):
+  """Per-host numpy batch -> global jax.Arrays, batch axis split over the mesh.
+
+  Each host passes its own `global_batch / process_count` examples; the global batch is their
+  concatenation in process order.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

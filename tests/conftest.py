@@ -1,0 +1,30 @@
+"""Test setup, run before any test module imports JAX.
+
+* 8 fake CPU devices (`--xla_force_host_platform_device_count=8`): sharding tests run a real
+  8-device mesh; code that does not ask for a mesh still runs on device 0.
+* A persistent XLA compilation cache: the train tests compile the same small programs several
+  times (and again in subprocesses); identical programs are loaded instead of recompiled.
+"""
+
+import importlib.util
+import os
+import tempfile
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "tcl_jax_test_xla_cache"))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_module(name: str):
+  """configs/<name>.py as a module (configs/ is not a package)."""
+  path = os.path.join(REPO, "configs", name + ".py")
+  spec = importlib.util.spec_from_file_location(f"_test_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

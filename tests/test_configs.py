@@ -1,0 +1,90 @@
+"""Every config under configs/ loads, locks, accepts --config.x overrides and builds a model."""
+
+import glob
+import os
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from conftest import REPO, load_config_module
+from tcl_jax.models import tcl as tcl_lib
+
+
+def _all_configs():
+  out = []
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    name = os.path.basename(path)[:-3]
+    if name != "common":
+      out.append(name)
+  return out
+
+
+@pytest.mark.parametrize("name,arg", [(n, None) for n in _all_configs()]
+                         + [("tcl", "fsdp=4"), ("tcl", "smoke"), ("synthetic", "steps=40")])
+def test_config_loads_and_locks(name, arg):
+  module = load_config_module(name)
+  config = module.get_config(arg) if arg else module.get_config()
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.no_such_field_anywhere = 1
+  if "model" in config:  # training configs build a valid TCLConfig
+    cfg = tcl_lib.TCLConfig.from_dict(config.model.to_dict())
+    assert cfg.clip.image_resolution == config.input.image_size
+    assert config.batch_size > 0 and config.total_steps > 0
+
+
+def test_paper_recipe_values():
+  c = load_config_module("tcl").get_config()
+  assert (c.total_steps, c.batch_size, c.eval_every_steps) == (50_000, 1024, 5000)
+  o = c.optim
+  assert (o.base_lr, o.min_lr, o.lr_scale_reference_batch) == (3e-4, 4e-5, 4096)
+  assert (o.warmup_steps, o.warmup_start_factor, o.ust_steps) == (15_000, 1e-4, 30_000)
+  assert (o.weight_decay, o.clip_grad, o.b1, o.b2, o.eps) == (0.05, 5.0, 0.9, 0.999, 1e-6)
+  cfg = tcl_lib.TCLConfig.from_dict(c.model.to_dict())
+  assert cfg.clip == tcl_lib.CLIPConfig()  # ViT-B/16
+  assert (cfg.ie_freeze, cfg.ie_ignore_last_attn) == (11, True)
+  assert (cfg.decoder_double, cfg.decoder_n_layers, cfg.decoder_kernel_size, cfg.decoder_act,
+          cfg.decoder_norm) == (True, 2, 3, "gelu", "ln")
+  assert (cfg.sim2mask_init_w, cfg.sim2mask_init_b, cfg.gumbel_tau) == (10.0, -2.5, 1.0)
+  assert (cfg.tcl_w, cfg.area_w, cfg.tv_w) == (0.1, 0.4, 1.0)
+  assert [t for t in c.evals.tasks.split(",")] == ["t_voc20", "t_context59"]
+  assert (c.evals.pamr, c.evals.bg_thresh, c.evals.kp_w) == (True, 0.4, 0.3)
+  assert len(c.input.train_files) == 2  # gcc3m + gcc12m
+  assert c.mesh.axes == ("data",) and c.mesh.axis_types == "auto"
+
+
+def test_fsdp_arg_adds_an_fsdp_axis():
+  c = load_config_module("tcl").get_config("fsdp=4")
+  assert c.mesh.shape == (-1, 4) and c.mesh.axes == ("data", "fsdp")
+
+
+def test_synthetic_model_is_the_fixture_tiny_model():
+  c = load_config_module("synthetic").get_config()
+  assert tcl_lib.TCLConfig.from_dict(c.model.to_dict()) == tcl_lib.tiny_config()
+
+
+def test_unknown_config_arg_fails():
+  with pytest.raises(KeyError, match="unknown config arg"):
+    load_config_module("tcl").get_config("fsdpp=2")
+
+
+def _parse(argv):
+  # The override flags (--config.x) are read from sys_argv, as main.py's are from sys.argv.
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "cfg", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_command_line_overrides():
+  c = _parse(["prog", f"--config={os.path.join(REPO, 'configs', 'tcl.py')}:fsdp=2",
+              "--config.batch_size=512", "--config.optim.base_lr=0.001",
+              "--config.model.ie_freeze=10", "--config.init_checkpoint=",
+              "--config.evals.tasks="])
+  assert c.batch_size == 512 and c.optim.base_lr == 0.001 and c.model.ie_freeze == 10
+  assert c.init_checkpoint == "" and c.evals.tasks == ""
+  assert c.mesh.axes == ("data", "fsdp")
+  with pytest.raises(Exception):  # a typo in a field name fails
+    _parse(["prog", f"--config={os.path.join(REPO, 'configs', 'tcl.py')}", "--config.batchsize=1"])

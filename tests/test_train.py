@@ -1,0 +1,361 @@
+"""Training loop: optimizer semantics, 8-device == 1-device, exact resume, non-finite stop.
+
+The SIGTERM test (a subprocess run of `python -m tcl_jax.main`) is in test_train_preemption.py.
+All of it runs on 8 fake CPU devices (tests/conftest.py) with a very small TCL model.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from tcl_jax import checkpointing
+from tcl_jax import optim
+from tcl_jax import sharding
+from tcl_jax import train
+
+from conftest import load_config_module
+
+tcl_config = load_config_module("tcl")
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  # Tiny models: compile time dominates; XLA's heavy passes are not what is tested here.
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def small_clip():
+  return dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32,
+              vision_patch_size=16, vision_heads=2, context_length=77, vocab_size=1000,
+              transformer_width=32, transformer_heads=2, transformer_layers=1)
+
+
+def small_config(**overrides) -> ml_collections.ConfigDict:
+  """configs/tcl.py:smoke with an even smaller CLIP (32 px, 2 + 1 layers)."""
+  c = tcl_config.get_config("smoke")
+  c.model.clip = small_clip()
+  c.model.ie_freeze = 1
+  c.input.image_size = 32
+  c.optim.base_lr = 1e-2  # visible updates at batch 8 (scaled by 8/4096)
+  c.optim.warmup_steps = 2
+  c.optim.ust_steps = 2
+  c.optim.clip_grad = 5.0
+  c.checkpoint.async_save = False
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+class FakeIterator:
+  """Deterministic batches: batch i depends only on (seed, i); state = number served."""
+
+  def __init__(self, batch_size, image_size, vocab=1000, seed=0):
+    self.b, self.s, self.vocab, self.seed, self.i = batch_size, image_size, vocab, seed, 0
+
+  def __next__(self):
+    rng = np.random.default_rng([self.seed, self.i])
+    self.i += 1
+    tokens = np.zeros((self.b, 77), np.int32)
+    tokens[:, 0] = 1
+    tokens[:, 1:6] = rng.integers(2, self.vocab - 1, (self.b, 5))
+    tokens[:, 6] = self.vocab - 1  # EOT = largest id (CLIP pools at argmax)
+    images = rng.normal(size=(self.b, self.s, self.s, 3)).astype(np.float32)
+    return {"image": images, "text_tokens": tokens}
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = int(state["i"])
+
+  def counters(self):
+    return {"bad_record": 0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule and optimizer
+# ------------------------------------------------------------------------------------------------
+
+def test_conftest_gives_eight_cpu_devices():
+  assert jax.device_count() == 8
+  assert jax.devices()[0].platform == "cpu"
+
+
+def test_schedule_matches_torch_linear_then_cosine():
+  peak, low = 1e-3, 1e-4
+  lr = optim.warmup_cosine_schedule(peak, low, warmup_steps=10, total_steps=110)
+  # LinearLR(start_factor=1e-4): starts at 1e-4 * peak, linear to peak at the milestone.
+  np.testing.assert_allclose(float(lr(0)), 1e-7, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(5)), peak * (1e-4 + (1 - 1e-4) * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(float(lr(10)), peak, rtol=1e-6)
+  # CosineAnnealingLR(T_max=100, eta_min=low): halfway is the mean, the end is eta_min.
+  np.testing.assert_allclose(float(lr(60)), (peak + low) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(35)), low + (peak - low) * 0.5 * (1 + math.cos(math.pi / 4)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(lr(110)), low, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(500)), low, rtol=1e-5)
+
+
+def test_paper_lr_is_scaled_by_global_batch():
+  c = tcl_config.get_config()
+  peak, low = optim.scaled_lrs(c.optim, c.batch_size)
+  assert c.batch_size == 1024
+  np.testing.assert_allclose(peak, 3e-4 * 1024 / 4096)  # 7.5e-5
+  np.testing.assert_allclose(low, 4e-5 * 1024 / 4096)  # 1e-5
+
+
+def _toy_params():
+  return {
+      "clip": {"visual": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
+      "masker": {
+          "backbone": {"kernel": jnp.full((2, 2), 2.0), "ln": {"scale": jnp.ones((2,))}},
+          "decoder": {"kernel": jnp.full((3, 2), 1.0), "bias": jnp.zeros((2,)),
+                      "gate": jnp.zeros(())},
+          "sim2mask": {"w": jnp.asarray(10.0), "b": jnp.asarray(-2.5)},
+      },
+      "tcli_logit_scale": jnp.asarray(2.0),
+  }
+
+
+def test_labels_and_weight_decay_rule():
+  params = _toy_params()
+  c = tcl_config.get_config().optim
+  labels = optim.param_labels(params, c.frozen_regex, c.ust_regex)
+  assert labels["clip"]["visual"]["kernel"] == "frozen"
+  assert labels["masker"]["backbone"]["kernel"] == "ust"
+  assert labels["masker"]["backbone"]["ln"]["scale"] == "ust"
+  assert labels["masker"]["decoder"]["kernel"] == "trainable"
+  assert labels["tcli_logit_scale"] == "trainable"
+  decay = optim.decay_mask(params)
+  # The original: no decay for 1-D tensors and names ending in "bias"; 0-d scalars ARE decayed.
+  assert decay["masker"]["decoder"]["kernel"] and decay["masker"]["backbone"]["kernel"]
+  assert not decay["masker"]["decoder"]["bias"] and not decay["masker"]["backbone"]["ln"]["scale"]
+  assert decay["masker"]["sim2mask"]["w"] and decay["masker"]["sim2mask"]["b"]
+  assert decay["masker"]["decoder"]["gate"] and decay["tcli_logit_scale"]
+
+
+def test_optimizer_freezes_clip_and_ust_phase_then_fresh_adamw():
+  params = _toy_params()
+  c = ml_collections.ConfigDict(tcl_config.get_config().optim.to_dict())
+  c.update(base_lr=0.1, min_lr=0.1, lr_scale_reference_batch=0, warmup_steps=0, ust_steps=2,
+           weight_decay=0.5, clip_grad=0.0)
+  tx, schedule = optim.make_optimizer(c, params, total_steps=10, global_batch_size=8)
+  opt_state = tx.init(params)
+  # No optimizer state for frozen CLIP: AdamW moments only for the 8 masker/scale leaves.
+  moments = sum(x.size for x in jax.tree.leaves(opt_state) if x.dtype == jnp.float32)
+  trainable = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(params)
+                  if "clip" not in jax.tree_util.keystr(k))
+  assert moments == 2 * trainable
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
+  history = [params]
+  for _ in range(3):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(params)
+  p0, p2, p3 = history[0], history[2], history[3]
+  a = 0.3 / (0.3 + 1e-6)  # Adam direction for a constant gradient (eps 1e-6), any step
+  # CLIP never moves.
+  np.testing.assert_array_equal(p3["clip"]["visual"]["kernel"], p0["clip"]["visual"]["kernel"])
+  # Masker backbone: frozen for steps 0 and 1 (no update, no decay) ...
+  np.testing.assert_array_equal(p2["masker"]["backbone"]["kernel"], 2.0)
+  # ... then its first AdamW step is a *fresh* one (bias correction from 1, as torch's per-param
+  # state): update = lr * (g / (|g| + eps) + wd * p) = 0.1 * (a + 0.5 * 2).
+  np.testing.assert_allclose(p3["masker"]["backbone"]["kernel"], 2.0 - 0.1 * (a + 0.5 * 2.0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(p3["masker"]["backbone"]["ln"]["scale"], 1.0 - 0.1 * a, rtol=1e-6)
+  # The decoder trains from step 0: three Adam steps on a constant gradient, decay on kernels.
+  k = 1.0
+  for _ in range(3):
+    k = k - 0.1 * (a + 0.5 * k)
+  np.testing.assert_allclose(p3["masker"]["decoder"]["kernel"], k, rtol=1e-5)  # f32 moments
+  np.testing.assert_allclose(p3["masker"]["decoder"]["bias"], -0.3 * a, rtol=1e-5)
+
+
+def test_grad_clipping_excludes_frozen_and_ust_leaves():
+  params = _toy_params()
+  c = ml_collections.ConfigDict(tcl_config.get_config().optim.to_dict())
+  c.update(lr_scale_reference_batch=0, ust_steps=5, clip_grad=1.0)
+  labels = optim.param_labels(params, c.frozen_regex, c.ust_regex)
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 2.0), params)
+  # 12 trainable scalars (decoder 6 + 2 + 1, sim2mask 2, scale 1) with gradient 2.
+  np.testing.assert_allclose(optim.trainable_grad_norm(grads, labels, 0, 5), 2 * math.sqrt(12),
+                             rtol=1e-6)
+  # After UST the backbone's 6 scalars count too.
+  np.testing.assert_allclose(optim.trainable_grad_norm(grads, labels, 5, 5), 2 * math.sqrt(18),
+                             rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded step == single-device step
+# ------------------------------------------------------------------------------------------------
+
+def _one_step(config, devices, params, batch):
+  model = train.build_model(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
+                                      global_batch_size=config.batch_size)
+  labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
+  state = train.create_train_state(params, jax.random.key(1), tx)
+  state_sharding = sharding.state_shardings(mesh, jax.eval_shape(lambda: state), config.mesh)
+  with jax.set_mesh(mesh):
+    state = jax.device_put(state, state_sharding)
+    batch = sharding.to_global(batch, sharding.data_sharding(mesh))
+    step = train.make_jit_train_step(
+        model=model, tx=tx, labels=labels, schedule=schedule, config=config,
+        state_sharding=state_sharding, batch_sharding=sharding.data_sharding(mesh),
+        repl=sharding.repl_sharding(mesh))
+    for _ in range(2):  # two steps: the second sees updated params and AdamW moments
+      state, metrics, _ = step(state, batch)
+  return jax.device_get(state.params), jax.device_get(metrics), state_sharding
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_eight_device_step_equals_one_device_step(fsdp):
+  config = small_config()
+  config.optim.ust_steps = 0  # every masker parameter moves
+  model = train.build_model(config)
+  params = jax.device_get(jax.jit(model.init)(jax.random.key(0)))
+  batch = next(FakeIterator(config.batch_size, 32))
+  ref_params, ref_metrics, _ = _one_step(config, jax.devices()[:1], params, batch)
+
+  config.mesh = tcl_config.common.mesh_config(fsdp)
+  config.mesh.fsdp_min_size = 0
+  got_params, got_metrics, shardings = _one_step(config, jax.devices(), params, batch)
+  if fsdp > 1:  # really sharded: e.g. the decoder conv kernel [3, 3, 32, 32] over fsdp
+    spec = shardings.params["masker"]["decoder"]["net_0"]["conv"]["conv"]["kernel"].spec
+    assert "fsdp" in tuple(spec)
+  assert np.isfinite(ref_metrics["loss"]) and ref_metrics["loss"] > 0
+  for k in ("loss", "grad_norm", "lr") + train.LOSS_TERMS:
+    np.testing.assert_allclose(got_metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  moved = 0
+  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(got_params),
+                              jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    moved += int(not np.array_equal(b, p0))
+  assert moved > 10  # the comparison is about trained values, not just the initial ones
+
+
+def test_mesh_shapes_and_fsdp_rule():
+  mesh = sharding.make_mesh(tcl_config.common.mesh_config(4))
+  assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {"data": 2, "fsdp": 4}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert sharding.data_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  tree = {"big": jax.ShapeDtypeStruct((6, 8), jnp.float32),
+          "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32),
+          "scalar": jax.ShapeDtypeStruct((), jnp.float32)}
+  mc = tcl_config.common.mesh_config(4)
+  mc.fsdp_min_size = 0
+  specs = jax.tree.map(lambda s: s.spec, sharding.state_shardings(mesh, tree, mc))
+  assert specs == {"big": jax.sharding.PartitionSpec(None, "fsdp"),  # largest divisible dim
+                   "odd": jax.sharding.PartitionSpec(), "scalar": jax.sharding.PartitionSpec()}
+  with pytest.raises(ValueError, match="do not split"):
+    sharding.make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 3), axes=("data", "fsdp"))))
+
+
+def test_bf16_and_remat_step_traces():
+  # Mixed precision + rematerialisation: trace one step abstractly (no compile), fp32 state.
+  config = small_config(compute_dtype="bfloat16", remat=True)
+  assert train.resolve_compute_dtype("auto") == jnp.float32  # CPU default
+  model = train.build_model(config)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=2, global_batch_size=8)
+  labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
+  state = jax.eval_shape(lambda p: train.create_train_state(p, jax.random.key(0), tx), params)
+  batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+           "text_tokens": jax.ShapeDtypeStruct((8, 77), jnp.int32)}
+  new_state, metrics, _ = jax.eval_shape(
+      lambda s, b: train.train_step(s, b, loss_fn=model.loss, tx=tx, labels=labels,
+                                    schedule=schedule, ust_steps=2), state, batch)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+  assert metrics["loss"].dtype == jnp.float32 and metrics["loss"].shape == ()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: exact resume, non-finite stop
+# ------------------------------------------------------------------------------------------------
+
+def _losses(history):
+  return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+  n = 3
+  config = small_config(total_steps=2 * n, checkpoint_every_steps=n, log_every_steps=1)
+  # Sharded params and AdamW state (fsdp over 2 of the 8 devices) through save and restore.
+  config.mesh = tcl_config.common.mesh_config(2)
+  config.mesh.fsdp_min_size = 0
+  straight, straight_hist = train.train_and_evaluate(
+      config, str(tmp_path / "straight"), train_iter=FakeIterator(8, 32))
+
+  config.total_steps = n  # "preempted" after n steps
+  train.train_and_evaluate(config, str(tmp_path / "resumed"), train_iter=FakeIterator(8, 32))
+  config.total_steps = 2 * n
+  it = FakeIterator(8, 32)
+  resumed, resumed_hist = train.train_and_evaluate(config, str(tmp_path / "resumed"),
+                                                   train_iter=it)
+  assert it.i == 2 * n  # the iterator was fast-forwarded to batch n, then served n more
+  want, got = _losses(straight_hist), _losses(resumed_hist)
+  assert sorted(got) == list(range(n + 1, 2 * n + 1))
+  for s in got:
+    np.testing.assert_allclose(got[s], want[s], rtol=0, atol=1e-6, err_msg=f"step {s}")
+  assert int(resumed.step) == 2 * n
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(resumed.opt_state), jax.tree.leaves(straight.opt_state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_non_finite_stop_keeps_last_good_and_best_checkpoints(tmp_path, monkeypatch):
+  # state.step == 3 is the 4th update: steps 1..3 are good and checkpointed, step 4 is NaN.
+  config = small_config(total_steps=8, checkpoint_every_steps=1, log_every_steps=1,
+                        debug_nan_at_step=3, eval_every_steps=1, image_log_every_steps=2)
+  config.checkpoint.keep, config.checkpoint.keep_best = 1, 1
+  # Evaluation is stubbed (tests/test_evaluate*.py cover it): mIoU 5, 9, 2 at steps 1, 2, 3.
+  mious = iter([5.0, 9.0, 2.0, 1.0])
+  monkeypatch.setattr(train, "run_evaluation", lambda *a, **k: (
+      lambda m: {"voc20": {"miou": m}, "context59": {"miou": None}, "average": m})(next(mious)))
+  with pytest.raises(train.NonFiniteLossError, match="Non-finite loss.* step 4.*step 3"):
+    train.train_and_evaluate(config, str(tmp_path), train_iter=FakeIterator(8, 32))
+  mngr = checkpointing.create_checkpoint_manager(str(tmp_path), config.checkpoint)
+  assert mngr.latest_step() == 3
+  assert sorted(mngr.all_steps()) == [2, 3]  # the best (mIoU 9) and the latest good one
+  restored = mngr.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                     input=ocp.args.JsonRestore()))
+  leaves = jax.tree.leaves(restored["state"]["params"])
+  assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+  assert int(restored["state"]["step"]) == 3
+  assert restored["input"] == {"process_count": 1, "processes": {"0": {"i": 3}}}
+  mngr.close()
+  # TensorBoard got the eval scalars and the mask image grid.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  tags = events.Tags()["tensors"]
+  for tag in ("train/loss", "train/tcli_loss", "train/grad_norm", "train/lr", "steps_per_sec",
+              "eval/voc20/miou", "eval/average_miou", "train/masks", "input/bad_record"):
+    assert tag in tags, tag
+  assert "eval/context59/miou" not in tags  # None results are skipped
+  assert [e.step for e in events.Tensors("eval/voc20/miou")] == [1, 2, 3]
+  assert [e.step for e in events.Tensors("train/masks")] == [2]
+
+
+def test_mask_overlay_grid():
+  images = np.zeros((2, 8, 8, 3), np.float32)
+  masks = np.array([[[1.0, 0.0], [0.0, 0.25]], [[0.0, 0.0], [0.0, 1.0]]])
+  grid = train.mask_overlay_grid(images, masks, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  assert grid.shape == (24, 16, 3) and grid.dtype == np.uint8
+  assert grid[0, 0, 0] == 128  # un-normalized grey
+  assert grid[8, 0, 0] == 255 and grid[8, 4, 0] == 0  # mask row: top-left quarter on
+  assert grid[8 + 7, 7, 0] == 64  # soft value 0.25
+  assert grid[16, 0, 0] == 128 and grid[16, 4, 0] == 0  # image * mask
+  assert grid[8 + 7, 8 + 7, 0] == 255  # second mask: bottom-right
+  hard = train.mask_overlay_grid(images, masks, (0.5,) * 3, (0.25,) * 3, threshold=0.5)
+  assert hard[8 + 7, 7, 0] == 0 and hard[8, 0, 0] == 255  # the original's (mask > 0.5)
