@@ -334,10 +334,40 @@ def load_checkpoint(directory):
   return cfg, params
 
 
+def load_training_checkpoint(workdir, step: Optional[int] = None):
+  """Parameters of a training run: `<workdir>/config.json` (its `model` section) and the orbax
+  train state at `step` (default: the latest) -> (cfg, params)."""
+  import orbax.checkpoint as ocp
+  workdir = os.path.abspath(workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    model = json.load(f).get("model")
+  if not model:
+    raise ValueError(f"{workdir}/config.json has no 'model' section")
+  cfg = tcl_lib.TCLConfig.from_dict(model)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "input")) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
+    # Restore only the parameters (not the optimizer state) into the model's shapes.
+    target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), {"params": target}),
+            partial_restore=True)))
+  return cfg, restored["state"]["params"]
+
+
 def load_any(path, **overrides):
-  """A tcl_jax checkpoint directory, or a PyTorch file converted on the fly."""
+  """A converted tcl_jax checkpoint directory, a training workdir (latest step), or a PyTorch
+  file converted on the fly -> (cfg, params)."""
   if os.path.isdir(path):
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+      return load_training_checkpoint(path)
     return load_checkpoint(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no checkpoint at {path}")
   return load_torch(path, **overrides)
 
 

@@ -18,9 +18,18 @@ config_flags.DEFINE_config_file("config", None, "Training config file.", lock_co
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops INFO records of orbax (several lines per checkpoint step) from the console; its
+  warnings and errors still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
 
   # TF (input pipeline) must not grab accelerator memory that JAX needs.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

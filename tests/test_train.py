@@ -311,6 +311,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
   for a, b in zip(jax.tree.leaves(resumed.opt_state), jax.tree.leaves(straight.opt_state)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+  # A training workdir is a checkpoint users can evaluate: its latest parameters load by path.
+  from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+  cfg, params = convert.load_any(str(tmp_path / "resumed"))
+  assert cfg.ie_freeze == config.model.ie_freeze
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_non_finite_stop_keeps_last_good_and_best_checkpoints(tmp_path, monkeypatch):
