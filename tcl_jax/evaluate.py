@@ -444,9 +444,26 @@ def make_mask_fn(params, cfg, text_emb, *, pamr: bool, kp_w: float) -> Callable:
   cached across calls per model config, N and window shape. The background channel is added by
   the post-processing, per window, as the original's encode_decode."""
 
+  ndev = jax.local_device_count() if jax.process_count() == 1 else 1
+  if ndev > 1:
+    # Several local devices: windows split over them (batch axis), the model replicated.
+    mesh = jax.make_mesh((ndev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.local_devices())
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    params, text_emb = jax.device_put((params, text_emb), repl)
+
   def mask_fn(windows):
-    return _window_masks(params, text_emb, jnp.asarray(windows, jnp.float32), cfg=cfg,
-                         apply_pamr=bool(pamr), kp_w=float(kp_w))
+    windows = np.asarray(windows, np.float32)
+    n = windows.shape[0]
+    if ndev > 1:
+      pad = -n % ndev
+      if pad:
+        windows = np.concatenate([windows, np.zeros((pad,) + windows.shape[1:], windows.dtype)])
+      windows = jax.device_put(windows, split)
+    masks = _window_masks(params, text_emb, jnp.asarray(windows), cfg=cfg,
+                          apply_pamr=bool(pamr), kp_w=float(kp_w))
+    return masks[:n]
 
   return mask_fn
 

@@ -483,3 +483,18 @@ def test_evaluate_dataset_matches_reference(tmp_path, task):
   assert np.isfinite(got).sum() >= 2  # some classes present; absent ones are null
   assert any(v is None for v in res["per_class_iou"].values())
   json.dumps(res, allow_nan=False)
+
+
+def test_mask_fn_splits_windows_over_devices_with_the_same_result():
+  import jax
+  from tcl_jax.models import tcl as tcl_lib
+  assert jax.local_device_count() == 8  # tests/conftest.py
+  cfg = tcl_lib.tiny_config()
+  params = tcl_lib.init_params(cfg, jax.random.key(0))
+  text_emb = jax.random.normal(jax.random.key(1), (3, 64))
+  windows = np.asarray(jax.random.normal(jax.random.key(2), (3, 40, 56, 3)))  # 3 -> padded to 8
+  import jax.numpy as jnp
+  got = np.asarray(ev.make_mask_fn(params, cfg, text_emb, pamr=False, kp_w=0.3)(windows))
+  want, _ = tcl_lib.generate_masks(params, cfg, jnp.asarray(windows), text_emb, kp_w=0.3)
+  assert got.shape == (3, 3, 40, 56)
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
