@@ -49,3 +49,106 @@ def test_random_resized_crop_window_in_bounds_and_seeded():
     assert len(set(wins)) > 40
     again = tuple(int(v) for v in A.random_resized_crop_window(tf.constant([0, 3], tf.int64), 300, 500))
     assert again == wins[3]
+
+
+def _projective_reference(img, transform):
+    """The previous implementation: TF's generic image warp."""
+    fill = tf.constant(A._FILL, tf.float32)
+    t = tf.concat([tf.constant(transform, tf.float32), tf.zeros([2])], 0)[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=(img - fill)[None], transforms=t, output_shape=tf.shape(img)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    return tf.clip_by_value(tf.round(out + fill), 0.0, 255.0).numpy()
+
+
+def test_gather_affine_matches_projective_transform():
+    img = tf.constant(IMG, tf.float32)
+    for t in ([1.0, 0.3, 0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, -0.27, 1.0, 0.0],
+              [0.87, -0.5, 12.0, 0.5, 0.87, -9.0], [1.3, 0.2, -30.0, -0.1, 0.9, 80.0]):
+        ours = A._affine(img, tf.constant(t, tf.float32)).numpy()
+        ref = _projective_reference(img, t)
+        assert np.abs(ours - ref).max() <= 1  # float rounding at .5 only
+        assert (ours != ref).mean() < 0.01
+
+
+def test_sharpness_matches_pil():
+    from PIL import ImageEnhance
+
+    pil = Image.fromarray(IMG)
+    for m, sign in ((9.0, 1.0), (5.0, -1.0)):
+        ref = np.asarray(ImageEnhance.Sharpness(pil).enhance(1 + sign * m / 10 * 0.9))
+        assert np.abs(_tf(A._sharpness, m, sign) - ref).max() <= 1
+
+
+def test_xla_compiled_ops_match_graph_ops():
+    img = tf.constant(IMG, tf.float32)
+    m, sign = tf.constant(9.0), tf.constant(-1.0)
+    for name, f in A.RANDAUGMENT_OPS:
+        ours = A._compiled(f, True)(img, m, sign).numpy()
+        ref = f(img, m, sign).numpy()
+        assert np.abs(ours - ref).max() <= 1, name
+
+
+def _jpeg(seed=0, h=120, w=150):
+    import io
+
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(low).resize((w, h), Image.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_train_augment_xla_matches_plain_tf_and_split_halves():
+    """XLA and plain TF draw the same randomness and agree to a grey level;
+    per-example half + batch half == the one-example function."""
+    import dataclasses
+
+    data = _jpeg()
+    cfg = A.AugmentConfig(image_size=32, ra_prob=1.0, re_prob=0.5)
+    no_xla = dataclasses.replace(cfg, xla=False)
+    imgs, flips = [], []
+    for i in range(24):
+        seed = tf.constant([3, i], tf.int64)
+        a = A.train_augment(data, seed, cfg).numpy()
+        b = A.train_augment(data, seed, no_xla).numpy()
+        assert np.abs(a - b).max() * 255 * 0.224 <= 1.01, i
+        img, flip = A.train_augment_pixels(data, seed, cfg)
+        imgs.append(img)
+        flips.append(flip)
+        np.testing.assert_allclose(A.finish_batch(img[None], flip[None])[0].numpy(), a, atol=1e-5)
+    batch = A.finish_batch(tf.stack(imgs), tf.stack(flips)).numpy()
+    assert batch.shape == (24, 32, 32, 3)
+
+
+def test_deferred_flip_equals_flip_first():
+    """Plain config: the flip is left to the batch; result = crop, flip, normalise."""
+    data = _jpeg(1)
+    cfg = A.AugmentConfig(image_size=32, deit_aug=False)
+    seen = set()
+    for i in range(12):
+        seed = tf.constant([5, i], tf.int64)
+        s = A._split(seed, 3)
+        n = 22 + 1 + 3 * cfg.ra_num_layers + 6 + 23  # crop, flip, RA, jitter, erasing draws
+        u = tf.split(A._uniform(s[0], [n]), [22, 1, n - 23])
+        crop = A.decode_crop(data, None, cfg, u=u[0])
+        want = A.normalize(crop[:, ::-1] if bool(u[1][0] < 0.5) else crop).numpy()
+        seen.add(bool(u[1][0] < 0.5))
+        np.testing.assert_allclose(A.train_augment(data, seed, cfg).numpy(), want, atol=1e-5)
+    assert seen == {True, False}
+
+
+def test_erasing_in_pixel_scale_normalises_to_the_noise():
+    x = tf.fill([32, 32, 3], 100.0)
+    seed = tf.constant([1, 2], tf.int64)
+    a = A.random_erasing(A.normalize(x), seed, 1.0).numpy()
+    b = A.normalize(A.random_erasing(x, seed, 1.0, pixel_scale=True)).numpy()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert (a != A.normalize(x).numpy()).any()
+
+
+def test_erasing_noise_is_standard_normal():
+    z = A._normal_noise(tf.constant(20001), tf.constant([4, 5], tf.int64)).numpy()
+    assert z.shape == (20001, 3)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    assert abs((np.abs(z) < 1).mean() - 0.6827) < 0.01

@@ -34,11 +34,23 @@ one grey level, and the crop is resized without PIL's antialiasing unless
 Every random draw is a stateless op keyed by the per-example ``seed`` (a
 [2] int tensor), so results depend only on (seed, example) and not on
 threading or the order examples are processed in.
+
+Speed (``python -m tcl_jax.data.bench``; per example, one core): the input
+pipeline runs :func:`train_augment_pixels` per example and
+:func:`finish_batch` per batch. All of an example's random numbers come from
+3 RNG ops, drawn outside XLA (XLA's RNG gives other numbers and is slow on
+CPU); each RandAugment op is its own XLA computation (``AugmentConfig.xla``,
+results within one grey level of plain TF); rotate/shear use a gather-based
+bilinear warp equal to TF's ``ImageProjectiveTransformV3`` (which has no XLA
+kernel and is ~5x slower); the flip is left to the batch when only colour
+ops follow it (they commute with it exactly); normalisation runs once per
+batch; the erasing noise is drawn by Box-Muller from uniforms.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import tensorflow as tf
@@ -68,6 +80,10 @@ class AugmentConfig:
     # PIL's bilinear (the original) low-pass filters when downscaling; TF's
     # antialiased resize costs ~4x a plain bilinear one, so it is off by default
     antialias: bool = False
+    # XLA-compile the RandAugment ops / colour jitter and the per-batch flip +
+    # normalisation; same random draws, results equal up to float rounding
+    # (+-1 grey level)
+    xla: bool = True
 
     @property
     def use_randaugment(self) -> bool:
@@ -96,18 +112,21 @@ def _uniform(seed, shape=(), lo=0.0, hi=1.0):
 # ----------------------------------------------------------------------------
 
 def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                               attempts: int = 10):
+                               attempts: int = 10, u=None):
     """Return (top, left, h, w) int32 like torchvision's RandomResizedCrop.
 
     All ``attempts`` candidates are drawn at once; the first that fits wins,
     otherwise the centre crop with the aspect ratio clamped into ``ratio``.
+    ``u``: the 2 * attempts + 2 uniform draws to use instead of ``seed``'s.
     """
-    s = _split(seed, 4)
+    if u is None:
+        u = _uniform(seed, [2 * attempts + 2])
     hf = tf.cast(height, tf.float32)
     wf = tf.cast(width, tf.float32)
     area = hf * wf
-    target = area * _uniform(s[0], [attempts], scale[0], scale[1])
-    log_r = _uniform(s[1], [attempts], math.log(ratio[0]), math.log(ratio[1]))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:attempts])
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    log_r = lr0 + (lr1 - lr0) * u[attempts:2 * attempts]
     aspect = tf.exp(log_r)
     cw = tf.round(tf.sqrt(target * aspect))
     ch = tf.round(tf.sqrt(target / aspect))
@@ -117,8 +136,8 @@ def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 
     ch_i = tf.cast(ch[first], tf.int32)
     cw_i = tf.cast(cw[first], tf.int32)
     # randint(0, H - h + 1) as floor(u * (H - h + 1))
-    top = tf.cast(tf.floor(_uniform(s[2]) * tf.cast(height - ch_i + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(_uniform(s[3]) * tf.cast(width - cw_i + 1, tf.float32)), tf.int32)
+    top = tf.cast(tf.floor(u[2 * attempts] * tf.cast(height - ch_i + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(u[2 * attempts + 1] * tf.cast(width - cw_i + 1, tf.float32)), tf.int32)
     top = tf.minimum(top, height - ch_i)
     left = tf.minimum(left, width - cw_i)
 
@@ -134,7 +153,7 @@ def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 
             tf.where(any_fit, ch_i, fb_h), tf.where(any_fit, cw_i, fb_w))
 
 
-def decode_crop(image_bytes, seed, cfg: AugmentConfig):
+def decode_crop(image_bytes, seed, cfg: AugmentConfig, u=None):
     """Decode + RandomResizedCrop + resize; returns float32 [S, S, 3] in 0..255.
 
     JPEGs are decoded only inside the crop window (``decode_and_crop_jpeg``),
@@ -144,13 +163,15 @@ def decode_crop(image_bytes, seed, cfg: AugmentConfig):
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(image_bytes)
-        t, l, h, w = random_resized_crop_window(seed, shape[0], shape[1], cfg.scale, cfg.ratio)
+        t, l, h, w = random_resized_crop_window(seed, shape[0], shape[1], cfg.scale, cfg.ratio,
+                                                u=u)
         return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([t, l, h, w]), channels=3)
 
     def other():
         img = tf.io.decode_png(image_bytes, channels=3)
         shape = tf.shape(img)
-        t, l, h, w = random_resized_crop_window(seed, shape[0], shape[1], cfg.scale, cfg.ratio)
+        t, l, h, w = random_resized_crop_window(seed, shape[0], shape[1], cfg.scale, cfg.ratio,
+                                                u=u)
         return img[t:t + h, l:l + w]
 
     crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
@@ -194,15 +215,34 @@ def _blend(degenerate, img, factor):
 
 
 def _affine(img, transform):
-    """Apply an output->input affine [a0 a1 a2 b0 b1 b2] with the mean fill."""
+    """Apply an output->input affine [a0 a1 a2 b0 b1 b2] with the mean fill.
+
+    Same result as ``ImageProjectiveTransformV3`` (bilinear, constant fill:
+    each of the 4 neighbours outside the image reads the fill colour) but as
+    4 gathers from a padded copy: several times faster, and XLA-compilable
+    (that op has no XLA kernel).
+    """
     fill = tf.constant(_FILL, tf.float32)
-    t = tf.concat([transform, tf.zeros([2], tf.float32)], 0)[None]
-    shape = tf.shape(img)[:2]
-    # Shifting by the fill colour lets the op's scalar fill value of 0 act as
-    # a per-channel fill (bilinear interpolation commutes with the shift).
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=(img - fill)[None], transforms=t, output_shape=shape,
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+    shape = tf.shape(img)
+    h, w = shape[0], shape[1]
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    a0, a1, a2, b0, b1, b2 = tf.unstack(transform)
+    ys = tf.cast(tf.range(h), tf.float32)[:, None]
+    xs = tf.cast(tf.range(w), tf.float32)[None, :]
+    # beyond one pixel outside, all 4 neighbours are fill: clamping there is exact
+    x = tf.clip_by_value(a0 * xs + a1 * ys + a2, -1.0, wf)
+    y = tf.clip_by_value(b0 * xs + b1 * ys + b2, -1.0, hf)
+    x0, y0 = tf.floor(x), tf.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    # padded by 1 before and 2 after, so that floor + 1 stays inside
+    wp = w + 3
+    flat = tf.reshape(tf.pad(img - fill, [[1, 2], [1, 2], [0, 0]]), [-1, 3])
+    idx = (tf.cast(y0, tf.int32) + 1) * wp + tf.cast(x0, tf.int32) + 1
+    v00, v01 = tf.gather(flat, idx), tf.gather(flat, idx + 1)
+    v10, v11 = tf.gather(flat, idx + wp), tf.gather(flat, idx + wp + 1)
+    top = v00 + fx * (v01 - v00)
+    bottom = v10 + fx * (v11 - v10)
+    out = top + fy * (bottom - top)
     return tf.clip_by_value(tf.round(out + fill), 0.0, 255.0)
 
 
@@ -224,8 +264,11 @@ def _auto_contrast(img, m, sign):
 def _equalize(img, m, sign):
     """PIL ImageOps.equalize, all three channels with one bincount."""
     v = tf.cast(img, tf.int32) + tf.constant([0, 256, 512])  # channel c -> bins c*256..
-    hist = tf.reshape(tf.math.bincount(tf.reshape(v, [-1]), minlength=768, maxlength=768),
-                      [3, 256])
+    # DenseBincount with a constant size (tf.math.bincount's size depends on
+    # max(v), which XLA cannot compile)
+    hist = tf.reshape(tf.raw_ops.DenseBincount(
+        input=tf.reshape(v, [-1]), size=tf.constant(768), weights=tf.constant([], tf.int32)),
+        [3, 256])
     # count of the last non-empty bin of each channel
     last_bin = 255 - tf.argmax(tf.cast(tf.reverse(hist, [1]) > 0, tf.int32), axis=1,
                                output_type=tf.int32)
@@ -285,13 +328,14 @@ def _brightness(img, m, sign):
 
 
 def _sharpness(img, m, sign):
-    k = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-    k = tf.tile(k[:, :, None, None], [1, 1, 3, 1])
-    smooth = tf.round(tf.nn.depthwise_conv2d(img[None], k, [1, 1, 1, 1], "VALID")[0])
+    # PIL's SMOOTH kernel [[1 1 1] [1 5 1] [1 1 1]] / 13 as shifted slices: a
+    # 3x3 box sum + 4x centre (XLA's depthwise conv on CPU is ~20x slower)
+    rows = img[:-2] + img[1:-1] + img[2:]
+    box = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
+    smooth = tf.round((box + 4.0 * img[1:-1, 1:-1]) / 13.0)
     # PIL leaves the one-pixel border untouched
-    degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-    mask = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-    degenerate = mask * degenerate + (1 - mask) * img
+    mid = tf.concat([img[1:-1, :1], smooth, img[1:-1, -1:]], 1)
+    degenerate = tf.concat([img[:1], mid, img[-1:]], 0)
     return _blend(degenerate, img, _enhance_factor(m, sign))
 
 
@@ -339,27 +383,46 @@ RANDAUGMENT_OPS = (
 )
 
 
-def randaugment(img, seed, cfg: AugmentConfig):
+def randaugment_params(seed, cfg: AugmentConfig, u=None, normals=None):
+    """The random draws of :func:`randaugment`: (op [L] i32, apply [L] bool,
+    magnitude [L] f32, sign [L] f32) for its ``ra_num_layers`` layers
+    (from ``seed``, or from 3L uniform and L normal draws ``u``, ``normals``)."""
+    n = cfg.ra_num_layers
+    if u is None:
+        s = _split(seed, 2)
+        u, normals = _uniform(s[0], [3 * n]), tf.random.stateless_normal([n], s[1])
+    k = len(RANDAUGMENT_OPS)
+    op = tf.minimum(tf.cast(u[:n] * k, tf.int32), k - 1)  # uniform choice of op
+    apply = u[n:2 * n] < cfg.ra_prob
+    mag = tf.clip_by_value(cfg.ra_magnitude + cfg.ra_magnitude_std * normals, 0.0, 10.0)
+    sign = tf.where(u[2 * n:3 * n] < 0.5, -1.0, 1.0)  # timm's _randomly_negate
+    return op, apply, mag, sign
+
+
+def apply_randaugment(img, params):
+    op, apply, mag, sign = params
     size = img.shape
-    seeds = _split(seed, cfg.ra_num_layers)
-    for i in range(cfg.ra_num_layers):
-        s = _split(seeds[i], 4)
-        op = tf.random.stateless_uniform([], s[0], 0, len(RANDAUGMENT_OPS), dtype=tf.int32)
-        apply = _uniform(s[1]) < cfg.ra_prob
-        m = cfg.ra_magnitude + cfg.ra_magnitude_std * tf.random.stateless_normal([], s[2])
-        m = tf.clip_by_value(m, 0.0, 10.0)
-        sign = tf.where(_uniform(s[3]) < 0.5, -1.0, 1.0)  # timm's _randomly_negate
-        branches = [lambda f=f: tf.ensure_shape(f(img, m, sign), size)
+    for i in range(op.shape[0]):
+        branches = [lambda f=f, i=i: tf.ensure_shape(f(img, mag[i], sign[i]), size)
                     for _, f in RANDAUGMENT_OPS]
-        img = tf.cond(apply, lambda: tf.switch_case(op, branches), lambda: img)
+        img = tf.cond(apply[i], lambda: tf.switch_case(op[i], branches), lambda: img)
     return img
 
 
-def color_jitter(img, seed, strength: float):
-    """torchvision ColorJitter(b, c, s) with strength for all three, random order."""
-    s = _split(seed, 4)
-    factors = _uniform(s[0], [3], max(0.0, 1 - strength), 1 + strength)
-    order = tf.argsort(_uniform(s[1], [3]))
+def randaugment(img, seed, cfg: AugmentConfig):
+    return apply_randaugment(img, randaugment_params(seed, cfg))
+
+
+def color_jitter_params(seed, strength: float, u=None):
+    u = _uniform(seed, [6]) if u is None else u
+    lo = max(0.0, 1 - strength)
+    factors = lo + (1 + strength - lo) * u[:3]
+    order = tf.argsort(u[3:6])
+    return factors, tf.cast(order, tf.int32)
+
+
+def apply_color_jitter(img, params):
+    factors, order = params
     fns = [lambda x, f: _blend(0.0, x, f),
            lambda x, f: _blend(tf.reduce_mean(_gray(x)), x, f),
            lambda x, f: _blend(_gray(x), x, f)]
@@ -370,6 +433,11 @@ def color_jitter(img, seed, strength: float):
     return img
 
 
+def color_jitter(img, seed, strength: float):
+    """torchvision ColorJitter(b, c, s) with strength for all three, random order."""
+    return apply_color_jitter(img, color_jitter_params(seed, strength))
+
+
 def normalize(img):
     # one multiply-add: (img - mean) / std
     scale = tf.constant([1 / (255 * s) for s in IMAGENET_STD], tf.float32)
@@ -377,46 +445,161 @@ def normalize(img):
     return img * scale + shift
 
 
-def random_erasing(img, seed, prob: float, attempts: int = 10):
-    """timm RandomErasing(mode='pixel', count=1) on a normalised HWC image."""
-    s = _split(seed, 6)
-    shape = tf.shape(img)
-    h, w = shape[0], shape[1]
-    area = tf.cast(h * w, tf.float32)
-    target = area * _uniform(s[0], [attempts], 0.02, 1 / 3)
-    aspect = tf.exp(_uniform(s[1], [attempts], math.log(0.3), math.log(1 / 0.3)))
+def _finish(images, flips):
+    images = tf.where(tf.reshape(flips, [-1, 1, 1, 1]), tf.reverse(images, [2]), images)
+    return normalize(images)
+
+
+# Per batch: 32 examples' flip + normalise in one fused loop. Unfused, the
+# [.., 3]-broadcasting multiply-add alone costs ~0.4 ms per image on one core.
+_finish_xla = tf.function(_finish, jit_compile=True, autograph=False, reduce_retracing=True)
+
+
+def finish_batch(images, flips, xla: bool = True):
+    """Second half of the training transform, on a batch: ``images`` f32
+    [B, S, S, 3] in pixel scale and ``flips`` bool [B] from
+    :func:`train_augment_pixels` -> flipped where asked, ImageNet-normalised."""
+    return (_finish_xla if xla else _finish)(images, flips)
+
+
+def random_erasing_params(seed, height, width, prob: float, attempts: int = 10, u=None,
+                          noise_seed=None):
+    """The draws of :func:`random_erasing`: (do, top, left, h, w, noise seed)
+    (from ``seed``, or from 2 * attempts + 3 uniform draws ``u`` and ``noise_seed``)."""
+    if u is None:
+        s = _split(seed, 2)
+        u, noise_seed = _uniform(s[0], [2 * attempts + 3]), s[1]
+    area = tf.cast(height * width, tf.float32)
+    target = area * (0.02 + (1 / 3 - 0.02) * u[:attempts])
+    a0, a1 = math.log(0.3), math.log(1 / 0.3)
+    aspect = tf.exp(a0 + (a1 - a0) * u[attempts:2 * attempts])
     eh = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
     ew = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
-    fits = (ew < w) & (eh < h)
+    fits = (ew < width) & (eh < height)
     first = tf.argmax(tf.cast(fits, tf.int32))
     bh, bw = eh[first], ew[first]
-    top = tf.cast(tf.floor(_uniform(s[2]) * tf.cast(h - bh + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(_uniform(s[3]) * tf.cast(w - bw + 1, tf.float32)), tf.int32)
-    do = (_uniform(s[4]) < prob) & tf.reduce_any(fits)
+    top = tf.cast(tf.floor(u[2 * attempts] * tf.cast(height - bh + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(u[2 * attempts + 1] * tf.cast(width - bw + 1, tf.float32)), tf.int32)
+    do = (u[2 * attempts + 2] < prob) & tf.reduce_any(fits)
+    return do, top, left, bh, bw, noise_seed
+
+
+def _normal_noise(n, seed):
+    """[n, 3] N(0, 1) draws by Box-Muller from stateless uniforms (exact; TF's
+    stateless_normal kernel is ~2x slower, it is not vectorised)."""
+    half = (3 * n + 1) // 2
+    u = tf.random.stateless_uniform([2, half], seed)
+    r = tf.sqrt(-2.0 * tf.math.log(1.0 - u[0]))  # 1 - u in (0, 1]
+    theta = (2 * math.pi) * u[1]
+    z = tf.concat([r * tf.cos(theta), r * tf.sin(theta)], 0)
+    return tf.reshape(z[:3 * n], [n, 3])
+
+
+def apply_random_erasing(img, params, pixel_scale: bool = False):
+    do, top, left, bh, bw, noise_seed = params
 
     def erase():
         # noise only for the box (drawing it for the whole image costs more
-        # than the rest of the augmentation), padded into place
-        noise = tf.random.stateless_normal([bh, bw, 3], s[5])
-        pads = [[top, h - top - bh], [left, w - left - bw], [0, 0]]
-        box = tf.pad(tf.ones([bh, bw, 1], tf.bool), pads[:2] + [[0, 0]])
-        return tf.where(box, tf.pad(noise, pads), img)
+        # than the rest of the augmentation), concatenated into place
+        noise = _normal_noise(bh * bw, noise_seed)  # [bh * bw, 3]
+        if pixel_scale:
+            # per-channel scale + shift as a 3x3 diagonal matmul + bias_add:
+            # Eigen's generic [..., 3] broadcasts are several times slower
+            diag = tf.linalg.diag(tf.constant([255 * v for v in IMAGENET_STD], tf.float32))
+            noise = tf.nn.bias_add(tf.matmul(noise, diag),
+                                   tf.constant([255 * v for v in IMAGENET_MEAN], tf.float32))
+        noise = tf.reshape(noise, [bh, bw, 3])
+        mid = tf.concat([img[top:top + bh, :left], noise, img[top:top + bh, left + bw:]], 1)
+        return tf.concat([img[:top], mid, img[top + bh:]], 0)
 
     return tf.cond(do, erase, lambda: img)
 
 
-def train_augment(image_bytes, seed, cfg: AugmentConfig):
-    """Full training transform: encoded bytes -> normalised float32 [S, S, 3]."""
-    s = _split(seed, 5)
-    img = decode_crop(image_bytes, s[0], cfg)
-    img = tf.ensure_shape(img, [cfg.image_size, cfg.image_size, 3])
-    if cfg.hflip:
-        img = tf.cond(_uniform(s[1]) < 0.5, lambda: img[:, ::-1], lambda: img)
-    if cfg.use_randaugment:
-        img = randaugment(img, s[2], cfg)
-    if cfg.use_color_jitter:
-        img = color_jitter(img, s[3], cfg.color_jitter)
-    img = normalize(img)
-    if cfg.use_erasing:
-        img = random_erasing(img, s[4], cfg.re_prob)
+def random_erasing(img, seed, prob: float, attempts: int = 10, pixel_scale: bool = False):
+    """timm RandomErasing(mode='pixel', count=1) on a normalised HWC image.
+
+    ``pixel_scale``: ``img`` is not normalised yet (0..255); the noise is
+    written as the pixel values that :func:`normalize` maps to the N(0, 1)
+    draws (exact up to float rounding).
+    """
+    shape = tf.shape(img)
+    params = random_erasing_params(seed, shape[0], shape[1], prob, attempts)
+    return apply_random_erasing(img, params, pixel_scale)
+
+
+_ATTEMPTS = 10  # RandomResizedCrop's and RandomErasing's tries
+
+# RandAugment ops that move pixels: a flip does not commute with them
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, xla: bool):
+    # One XLA computation per op: XLA fuses each op's dozens of small per-pixel
+    # TF ops into a few loops (in a tf.data map, op dispatch and Eigen's slow
+    # [..., 3] broadcasts otherwise cost more than the arithmetic). Dispatching
+    # between the ops stays outside XLA: a 15-way XLA conditional costs more
+    # per call than the average op.
+    return tf.function(fn, jit_compile=xla, autograph=False, reduce_retracing=True)
+
+
+def _apply_randaugment_fast(img, params, xla: bool):
+    op, apply, mag, sign = params
+    size = img.shape
+    for i in range(op.shape[0]):
+        branches = [lambda f=f, i=i: tf.ensure_shape(_compiled(f, xla)(img, mag[i], sign[i]), size)
+                    for _, f in RANDAUGMENT_OPS]
+        img = tf.cond(apply[i], lambda: tf.switch_case(op[i], branches), lambda: img)
     return img
+
+
+def train_augment_pixels(image_bytes, seed, cfg: AugmentConfig):
+    """Per-example part of :func:`train_augment`: returns (image f32 [S, S, 3]
+    in pixel scale, flip bool) for :func:`finish_batch`, which flips and
+    normalises whole batches at once.
+
+    The flip is left to the batch unless a geometric RandAugment op or an
+    erasing box comes after it (colour ops commute with a flip exactly), so
+    every result equals the per-example order crop -> flip -> RandAugment ->
+    normalise -> erase.
+    """
+    # All of an example's random draws come from 3 RNG ops (one per kind):
+    # each stateless RNG op costs a few microseconds in a tf.data map.
+    s = _split(seed, 3)
+    nl = cfg.ra_num_layers
+    sizes = [2 * _ATTEMPTS + 2, 1, 3 * nl, 6, 2 * _ATTEMPTS + 3]  # crop flip RA jitter erase
+    u_crop, u_flip, u_ra, u_cj, u_er = tf.split(_uniform(s[0], [sum(sizes)]), sizes)
+    img = decode_crop(image_bytes, None, cfg, u=u_crop)
+    size = cfg.image_size
+    img = tf.ensure_shape(img, [size, size, 3])
+    flip = u_flip[0] < 0.5 if cfg.hflip else tf.constant(False)
+    if not (cfg.use_randaugment or cfg.use_color_jitter or cfg.use_erasing):
+        return img, flip
+    needs_flip = tf.constant(False)
+    if cfg.use_randaugment:
+        ra = randaugment_params(None, cfg, u_ra, tf.random.stateless_normal([nl], s[1]))
+        geometric = tf.constant([name in _GEOMETRIC for name, _ in RANDAUGMENT_OPS])
+        needs_flip |= tf.reduce_any(ra[1] & tf.gather(geometric, ra[0]))
+    if cfg.use_erasing:
+        er = random_erasing_params(None, size, size, cfg.re_prob, _ATTEMPTS, u_er, s[2])
+        needs_flip |= er[0]
+    flip_now = flip & needs_flip
+    img = tf.cond(flip_now, lambda: tf.reverse(img, [1]), lambda: img)
+    if cfg.use_randaugment:
+        img = _apply_randaugment_fast(img, ra, cfg.xla)
+    if cfg.use_color_jitter:
+        img = _compiled(apply_color_jitter, cfg.xla)(
+            img, color_jitter_params(None, cfg.color_jitter, u_cj))
+    if cfg.use_erasing:
+        img = apply_random_erasing(img, er, pixel_scale=True)
+    return img, flip & ~flip_now
+
+
+def train_augment(image_bytes, seed, cfg: AugmentConfig):
+    """Full training transform: encoded bytes -> normalised float32 [S, S, 3].
+
+    (The input pipeline runs the two halves, :func:`train_augment_pixels` per
+    example and :func:`finish_batch` per batch.)
+    """
+    img, flip = train_augment_pixels(image_bytes, seed, cfg)
+    return finish_batch(img[None], flip[None], cfg.xla)[0]

@@ -16,6 +16,7 @@ Per epoch and host the pipeline is::
     -> parse -> scan: count/flag drops -> filter
     -> decode + augment (stateless random ops keyed by (seed, epoch, host, index))
     -> scan: count decode failures -> batch(global_batch_size // process_count)
+    -> flip (where still to do) + normalise the batch in one XLA-fused op
     -> tokenize captions -> prefetch
 
 Determinism: ``Options.deterministic`` plus seeded shuffle plus per-example
@@ -63,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from tcl_jax.data import schema
-from tcl_jax.data.augment import AugmentConfig, decode_center, normalize, train_augment
+from tcl_jax.data.augment import AugmentConfig, decode_center, finish_batch, train_augment_pixels
 
 REASONS = ("bad_record", "empty_caption", "missing_image", "corrupt_image", "bad_shard")
 _R = {r: i for i, r in enumerate(REASONS)}
@@ -220,11 +221,14 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
         is_end = tf.equal(ex["kind"], _END)
         if augment:
             ex_seed = tf.random.experimental.stateless_fold_in(base_seed, ex["idx"])
-            fn = lambda: train_augment(ex[schema.IMAGE], ex_seed, augment)  # noqa: E731
+            fn = lambda: train_augment_pixels(ex[schema.IMAGE], ex_seed, augment)  # noqa: E731
         else:
-            fn = lambda: normalize(decode_center(ex[schema.IMAGE], image_size))  # noqa: E731
-        img = tf.cond(is_end, lambda: tf.zeros([image_size, image_size, 3]), fn)
-        out = {"image": tf.ensure_shape(img, [image_size, image_size, 3]),
+            fn = lambda: (decode_center(ex[schema.IMAGE], image_size),  # noqa: E731
+                          tf.constant(False))
+        # pixel scale; flipped (if still to do) and normalised per batch
+        img, flip = tf.cond(is_end, lambda: (tf.zeros([image_size, image_size, 3]),
+                                             tf.constant(False)), fn)
+        out = {"image": tf.ensure_shape(img, [image_size, image_size, 3]), "flip": flip,
                "caption": ex[schema.CAPTION], "key": ex[schema.KEY], "idx": ex["idx"],
                "kind": ex["kind"], "counts": ex["counts"], "ordinal": ex["ordinal"]}
         if tokens_from_record:
@@ -245,6 +249,14 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
     # The end marker may land in a full-size batch; DataIterator drops that
     # batch (it holds < batch real examples), so no drop_remainder here.
     ds = ds.batch(batch, drop_remainder=False)
+    use_xla = augment.xla if augment else True
+
+    def finish(b):
+        b = dict(b, image=finish_batch(b["image"], b["flip"], use_xla))
+        del b["flip"]
+        return b
+
+    ds = ds.map(finish)
 
     if not tokens_from_record:
         def tok(captions):
