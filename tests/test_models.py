@@ -150,3 +150,21 @@ def test_compute_padsize_matches_original_split():
   assert tcl_lib.compute_padsize(100, 130, 16) == (7, 7, 6, 6)
   assert tcl_lib.compute_padsize(96, 97, 16) == (7, 8, 0, 0)
   assert tcl_lib.compute_padsize(32, 48, 16) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("k,hw", [(3, (5, 7)), (5, (4, 6)), (1, (3, 3))])
+def test_subpixel_conv_equals_conv_of_nearest_upsample(k, hw):
+  # The decoder's first conv runs sub-pixel on CPU; it must equal the plain conv of up2(x).
+  x = jax.random.normal(jax.random.key(0), (2, *hw, 6))
+  up = tcl_lib.Conv2d(4, k, upsampled_input=True)
+  p = up.init(jax.random.key(1), x)
+  got = up.apply(p, x)
+  kernel, bias = p["params"]["kernel"], p["params"]["bias"]
+  want = jax.lax.conv_general_dilated(
+      resize.upsample_nearest_2x(x), kernel, (1, 1), [(k // 2, k // 2)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest") + bias
+  assert got.shape == (2, 2 * hw[0], 2 * hw[1], 4)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  plain = tcl_lib.Conv2d(4, k)
+  np.testing.assert_allclose(np.asarray(plain.apply(p, resize.upsample_nearest_2x(x))),
+                             np.asarray(want), atol=1e-5)
