@@ -1,6 +1,11 @@
 """Benchmark the jitted TCL loss + gradient (the training step without the optimizer update).
 
   python -m tcl_jax.bench [--preset tiny,vitb16] [--steps 5] [--dtype float32|bfloat16] [--remat]
+  python -m tcl_jax.bench --train vitb16 --batch 8 --steps 4   # the full training step
+
+`--train` runs `train_and_evaluate` (configs/tcl.py, random weights, synthetic in-memory batches,
+no eval/checkpoint) over all visible devices, e.g. 8 fake CPU devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, and reports time to first step and steps/s.
 
 Presets: `tiny` = the shared fixture's dims, batch 4 at 96x96; `vitb16` = real ViT-B/16 dims
 (random weights), batch 4 at 224x224, ie_freeze 11. Compile time is reported apart from the median
@@ -75,13 +80,77 @@ def run(name: str, steps: int, dtype, remat: bool) -> dict:
           "cpu_count": jax.local_device_count() if jax.default_backend() != "cpu" else __import__("os").cpu_count()}
 
 
+class _RandomBatches:
+  """In-memory random batches for the training benchmark (no input pipeline cost)."""
+
+  def __init__(self, batch, res, seed=0):
+    self.batch, self.res, self.i, self.seed = batch, res, 0, seed
+
+  def __next__(self):
+    rng = np.random.default_rng([self.seed, self.i])
+    self.i += 1
+    tokens = np.zeros((self.batch, 77), np.int32)
+    tokens[:, 0] = 49406
+    tokens[:, 1:9] = rng.integers(300, 40000, (self.batch, 8))
+    tokens[:, 9] = 49407
+    return {"image": rng.standard_normal((self.batch, self.res, self.res, 3), np.float32),
+            "text_tokens": tokens}
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = int(state["i"])
+
+  def counters(self):
+    return {}
+
+
+def run_train(name: str, steps: int, batch: int) -> dict:
+  """Full train steps (forward, backward, AdamW update) through the training loop."""
+  import importlib.util
+  import os
+  import tempfile
+  from tcl_jax import train
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tcl.py")
+  spec = importlib.util.spec_from_file_location("_bench_tcl_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  cfg, _, res = preset(name)
+  config.model = cfg.to_dict()
+  config.init_checkpoint = ""
+  config.total_steps = steps
+  config.batch_size = batch
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 10 ** 9
+  config.eval_every_steps = 0
+  config.eval_at_end = False
+  config.image_log_every_steps = 0
+  config.input.image_size = res
+  with tempfile.TemporaryDirectory() as workdir:
+    _, history = train.train_and_evaluate(config, workdir, train_iter=_RandomBatches(batch, res))
+  # log_every_steps=1: one history entry per step, stamped with the loop's wall time.
+  t = [h["loop_time_s"] for h in history if "loop_time_s" in h]
+  rate = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else None
+  return {"preset": name, "mode": "train_step", "global_batch": batch, "resolution": res,
+          "devices": jax.device_count(), "steps": steps,
+          "time_to_first_step_s": round(t[0], 2) if t else None,
+          "steps_per_sec_after_first": round(rate, 4) if rate else None}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m tcl_jax.bench", description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="tiny,vitb16", help="comma list of tiny, vitb16")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--train", default=None, help="preset for the full-train-step benchmark")
+  ap.add_argument("--batch", type=int, default=8, help="global batch for --train")
   args = ap.parse_args(argv)
+  if args.train:
+    print(json.dumps(run_train(args.train, args.steps, args.batch)))
+    return
   dtype = jnp.dtype(args.dtype)
   print(f"# {platform.processor() or platform.machine()}, backend {jax.default_backend()}, "
         f"jax {jax.__version__}")

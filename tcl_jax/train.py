@@ -450,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if hasattr(train_iter, "counters"):
               scalars.update({f"input/{k}": float(v) for k, v in train_iter.counters().items()})
             writer.write_scalars(step, scalars)
-            history.append({"step": step, **avg})
+            history.append({"step": step, "loop_time_s": time.time() - t_start, **avg})
 
           if image_every and every(image_every, step) and "soft_pos_mask" in extras and is_chief:
             n = extras["soft_pos_mask"].shape[0]
