@@ -48,6 +48,10 @@ def main(argv):
   except train.NonFiniteLossError as e:
     logging.error("%s", e)
     raise SystemExit(f"ERROR: {e}") from None
+  except (ValueError, OSError) as e:
+    # Bad config values, missing files, unusable checkpoints: one line (traceback: --verbosity=1).
+    logging.debug("traceback", exc_info=True)
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -88,3 +88,14 @@ def test_command_line_overrides():
   assert c.mesh.axes == ("data", "fsdp")
   with pytest.raises(Exception):  # a typo in a field name fails
     _parse(["prog", f"--config={os.path.join(REPO, 'configs', 'tcl.py')}", "--config.batchsize=1"])
+
+
+def test_main_reports_a_bad_config_value_in_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  r = subprocess.run(
+      [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py:steps=2",
+       f"--workdir={tmp_path}", "--config.model.ie_freeze=9"],
+      capture_output=True, text=True, cwd=REPO)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1] == "error: ie_freeze must be in [1, 4] (vision layers), got 9"
