@@ -34,7 +34,7 @@ def create_checkpoint_manager(workdir: str, ckpt_config) -> ocp.CheckpointManage
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=1,
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=bool(ckpt_config.get("async", True)),
+      enable_async_checkpointing=bool(ckpt_config.get("async_save", True)),
       create=True,
   )
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))

@@ -370,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         params = jax.device_put(params, params_sharding)
       else:
         params = jax.jit(model.init, out_shardings=params_sharding)(init_rng)
-      state = jit_create(params, jax.device_put(state_rng, repl))
+      state = jit_create(params, state_rng)
     first_step = int(jax.device_get(state.step))
 
     # -------------------------------------------------------------- train step

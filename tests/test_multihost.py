@@ -1,0 +1,266 @@
+"""Two real JAX processes on localhost (4 CPU devices each) == one process with 8 devices.
+
+Covers the multi-host paths of the training loop: `jax.distributed.initialize` through
+`config.distributed` (sharding.maybe_initialize_distributed), per-host batch slices turned into
+global arrays (sharding.to_global / make_array_from_process_local_data), a preemption notice
+(SIGTERM) that reaches one process only but stops both at the same step, the per-process
+iterator states gathered into the checkpoint (checkpointing.gather_input_states) and handed back
+to each process on resume (checkpointing.local_input_state), sharded (fsdp) state saved and
+restored by two processes, and a multi-process checkpoint restored on a single-process topology.
+
+CPU collectives between the processes go through gloo (jax 0.12's default
+`jax_cpu_collectives_implementation`, so nothing is configured for it). The data axis of the
+data=4 x fsdp=2 mesh spans the processes; fsdp pairs lie within one.
+
+The test module doubles as the worker: `python tests/test_multihost.py WORKDIR PROCESS_ID PORT
+TOTAL_STEPS OUT [SIGTERM_AT_BATCH]` runs one process of the two-process job.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 4
+GLOBAL_BATCH = 8
+TOTAL_STEPS = 4
+SIGTERM_AT_BATCH = 1  # process 1 receives SIGTERM while fetching batch 1, i.e. during step 2
+
+
+class HostSliceIterator:
+  """This process's rows of `FakeIterator`'s deterministic global batches.
+
+  Process p serves rows [p * b / P, (p + 1) * b / P) of global batch i; the global batch the
+  mesh sees is the concatenation in process order, i.e. FakeIterator's batch i. The state names
+  its process so that a resume handing a process another process's state fails loudly.
+  """
+
+  def __init__(self, fake_iterator, process_index, process_count, sigterm_at=-1):
+    self.it, self.p, self.n = fake_iterator, process_index, process_count
+    self.sigterm_at = sigterm_at
+    self.restored = None
+
+  def __next__(self):
+    i = self.it.i
+    if i == self.sigterm_at:
+      # A preemption notice for this process only. JAX's preemption service (started by
+      # jax.distributed.initialize) catches it and tells the other process; the pause lets the
+      # notice propagate while both processes are still at step i (the other one waits for us
+      # inside step i + 1), so the agreed stop point is step i + 1.
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(2)
+    batch = next(self.it)
+    rows = batch["image"].shape[0] // self.n
+    return {k: v[self.p * rows:(self.p + 1) * rows] for k, v in batch.items()}
+
+  def get_state(self):
+    return {"i": self.it.i, "process": self.p}
+
+  def set_state(self, state):
+    if state["process"] != self.p:
+      raise AssertionError(f"process {self.p} was given the input state of {state}")
+    self.restored = dict(state)
+    self.it.i = int(state["i"])
+
+  def counters(self):
+    return {"bad_record": 0}
+
+
+def make_config(total_steps):
+  """test_train.small_config with fsdp=2 over the 8 devices; a checkpoint at the end only."""
+  from test_train import small_config, tcl_config  # pylint: disable=g-import-not-at-top
+  c = small_config(total_steps=total_steps, checkpoint_every_steps=1000, log_every_steps=1)
+  c.mesh = tcl_config.common.mesh_config(2)  # data=4 x fsdp=2
+  c.mesh.fsdp_min_size = 0
+  c.checkpoint.keep, c.checkpoint.keep_best = 10, 0
+  return c
+
+
+def _flat(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  def host(v):
+    if jax.dtypes.issubdtype(getattr(v, "dtype", None), jax.dtypes.prng_key):
+      v = jax.random.key_data(v)
+    return np.asarray(v)
+  return {jax.tree_util.keystr(k): host(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker (one process of the two-process job)
+# ------------------------------------------------------------------------------------------------
+
+def worker(workdir, process_id, port, total_steps, out, sigterm_at=-1):
+  import jax  # pylint: disable=g-import-not-at-top
+  # 4 devices per process whatever XLA_FLAGS says (conftest, imported by test_train, appends
+  # its 8-device flag to the environment).
+  jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
+  jax.config.update("jax_disable_most_optimizations", True)  # as test_train's fixture
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
+
+  config = make_config(total_steps)
+  config.distributed.update(initialize=True, coordinator_address=f"127.0.0.1:{port}",
+                            num_processes=NUM_PROCESSES, process_id=process_id)
+  sharding.maybe_initialize_distributed(config.distributed)  # before anything touches devices
+  assert jax.process_count() == NUM_PROCESSES and jax.process_index() == process_id
+  assert jax.local_device_count() == LOCAL_DEVICES
+  assert jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
+
+  it = HostSliceIterator(FakeIterator(GLOBAL_BATCH, config.input.image_size), process_id,
+                         NUM_PROCESSES, sigterm_at)
+  state, history = train.train_and_evaluate(config, workdir, train_iter=it)
+  # Params are sharded over fsdp (within a process here); gather the global values.
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  np.savez(out + ".npz", **_flat(params))
+  with open(out + ".json", "w") as f:
+    json.dump({"step": int(jax.device_get(state.step)), "iterator_i": it.it.i,
+               "restored": it.restored,
+               "losses": {str(h["step"]): h["loss"] for h in history if "loss" in h}}, f)
+
+
+# ------------------------------------------------------------------------------------------------
+# Test (pytest process: 8 devices, tests/conftest.py)
+# ------------------------------------------------------------------------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1):
+  """Runs both processes to completion; returns their JSON results and params."""
+  port = _free_port()
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  procs, logs = [], []
+  for p in range(NUM_PROCESSES):
+    log_path = tmp_path / f"{name}_{p}.log"
+    logs.append(log_path)
+    cmd = [sys.executable, os.path.abspath(__file__), str(workdir), str(p), str(port),
+           str(total_steps), str(tmp_path / f"{name}_{p}"),
+           str(sigterm_at if p == 1 else -1)]
+    with open(log_path, "w") as log:
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    deadline = time.time() + 240
+    for proc in procs:
+      proc.wait(timeout=max(deadline - time.time(), 1))
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for p, proc in enumerate(procs):
+    assert proc.returncode == 0, (
+        f"{name} process {p} exited with {proc.returncode}:\n" + logs[p].read_text()[-4000:])
+  results = []
+  for p in range(NUM_PROCESSES):
+    with open(tmp_path / f"{name}_{p}.json") as f:
+      res = json.load(f)
+    res["losses"] = {int(k): v for k, v in res["losses"].items()}
+    with np.load(tmp_path / f"{name}_{p}.npz") as z:
+      res["params"] = dict(z)
+    res["log"] = logs[p].read_text()
+    results.append(res)
+  return results
+
+
+def _assert_params_close(got, want, what):
+  assert sorted(got) == sorted(want), what
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=f"{what}: {k}")
+
+
+def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from tcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
+
+  multi_dir = tmp_path / "multi"
+  # ---- 2 processes; process 1 alone gets SIGTERM during step SIGTERM_AT_BATCH + 1.
+  first = _run_job(tmp_path, "first", multi_dir, TOTAL_STEPS, sigterm_at=SIGTERM_AT_BATCH)
+  # Both processes stopped at the same step, before the end.
+  stopped = first[0]["step"]
+  assert [r["step"] for r in first] == [stopped] * NUM_PROCESSES
+  assert SIGTERM_AT_BATCH + 1 <= stopped < TOTAL_STEPS, stopped
+
+  # ---- The reference: one process, 8 devices, the same global batches, no interruption.
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    config = make_config(TOTAL_STEPS)
+    config.checkpoint_every_steps = stopped  # its params there, to compare with the first job's
+    ref_state, ref_hist = train.train_and_evaluate(
+        config, str(tmp_path / "single"), train_iter=FakeIterator(GLOBAL_BATCH, 32))
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+  ref_losses = {h["step"]: h["loss"] for h in ref_hist if "loss" in h}
+  ref_params = _flat(jax.device_get(ref_state.params))
+  assert sorted(ref_losses) == list(range(1, TOTAL_STEPS + 1))
+
+  # ... and checkpointed there, after the same losses as the reference.
+  for r in first:
+    assert f"Preempted: checkpoint at step {stopped} written" in r["log"], r["log"][-3000:]
+    assert r["iterator_i"] == stopped and r["restored"] is None
+    assert sorted(r["losses"]) == list(range(1, stopped + 1))
+    for s, loss in r["losses"].items():
+      np.testing.assert_allclose(loss, ref_losses[s], rtol=1e-5, err_msg=f"step {s}")
+
+  # The two-process params at the stop == the single-process ones at that step (its checkpoint,
+  # restored into this 8-device process; so is the two-process checkpoint).
+  single = checkpointing.create_checkpoint_manager(str(tmp_path / "single"), config.checkpoint)
+  ref_state_at_stop = single.restore(stopped, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  single.close()
+  ref_at_stop = _flat(ref_state_at_stop["params"])
+  # The two-process checkpoint names devices of another topology: restore into this one's.
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        ref_state_at_stop)
+  multi = checkpointing.create_checkpoint_manager(str(multi_dir), config.checkpoint)
+  assert multi.all_steps() == [stopped]
+  saved = multi.restore(stopped, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), input=ocp.args.JsonRestore()))
+  multi.close()
+  for p, r in enumerate(first):
+    _assert_params_close(r["params"], ref_at_stop, f"process {p} params at step {stopped}")
+  # The whole checkpointed state (params, AdamW moments, step, rng) matches too.
+  _assert_params_close(_flat(saved["state"]), _flat(ref_state_at_stop), "checkpointed state")
+  # The input state holds both processes' iterator positions.
+  assert saved["input"] == {"process_count": NUM_PROCESSES, "processes": {
+      str(p): {"i": stopped, "process": p} for p in range(NUM_PROCESSES)}}
+
+  # ---- Resume both processes in the same workdir: each gets its own iterator state back.
+  second = _run_job(tmp_path, "second", multi_dir, TOTAL_STEPS)
+  for p, r in enumerate(second):
+    assert r["restored"] == {"i": stopped, "process": p}
+    assert r["step"] == TOTAL_STEPS and r["iterator_i"] == TOTAL_STEPS
+    assert sorted(r["losses"]) == list(range(stopped + 1, TOTAL_STEPS + 1))
+    for s, loss in r["losses"].items():
+      np.testing.assert_allclose(loss, ref_losses[s], rtol=1e-5, err_msg=f"step {s}")
+    _assert_params_close(r["params"], ref_params, f"process {p} final params")
+  # The comparison is about trained values: the params moved after the stop.
+  assert any(not np.allclose(ref_params[k], ref_at_stop[k]) for k in ref_params)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test_train, conftest
+  _workdir, _pid, _port, _total, _out = sys.argv[1:6]
+  worker(_workdir, int(_pid), int(_port), int(_total), _out,
+         int(sys.argv[6]) if len(sys.argv) > 6 else -1)
