@@ -351,10 +351,12 @@ def load_training_checkpoint(workdir, step: Optional[int] = None):
       raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
     # Restore only the parameters (not the optimizer state) into the model's shapes.
     target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+    on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item={"params": target},
-            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), {"params": target}),
+            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=on_device),
+                                      {"params": target}),
             partial_restore=True)))
   return cfg, restored["state"]["params"]
 
