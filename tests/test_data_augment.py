@@ -152,3 +152,28 @@ def test_erasing_noise_is_standard_normal():
     assert z.shape == (20001, 3)
     assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
     assert abs((np.abs(z) < 1).mean() - 0.6827) < 0.01
+
+
+def test_numpy_equalize_matches_pil_and_tf():
+    """The fast path's Equalize (numpy, used in place of the XLA op) is exact."""
+    flat = IMG.copy()
+    flat[..., 1] = 77  # one non-empty bin: PIL leaves the channel unchanged
+    flat[:3, :, 2] = 200  # two bins, one of them tiny
+    flat[3:, :, 2] = 10
+    for arr in (IMG, flat):
+        want = np.asarray(ImageOps.equalize(Image.fromarray(arr)))
+        x = tf.constant(arr, tf.float32)
+        np.testing.assert_array_equal(A._compiled(A._equalize, True)(x, 9.0, 1.0).numpy(), want)
+        np.testing.assert_array_equal(A._equalize(x, 9.0, 1.0).numpy(), want)
+
+
+def test_auto_contrast_reduction_paths_agree():
+    """AutoContrast's min/max: the [N, 48] path (pixel count divisible by 16)
+    and the generic one, both against PIL."""
+    for arr in (IMG, IMG[:39, :49]):  # 40 * 50 and 39 * 49 pixels
+        x = tf.constant(arr, tf.float32)
+        lo, hi = A._channel_min_max(x)
+        np.testing.assert_array_equal(lo, arr.reshape(-1, 3).min(0))
+        np.testing.assert_array_equal(hi, arr.reshape(-1, 3).max(0))
+        pil = np.asarray(ImageOps.autocontrast(Image.fromarray(arr)))
+        assert np.abs(A._compiled(A._auto_contrast, True)(x, 9.0, 1.0).numpy() - pil).max() <= 1

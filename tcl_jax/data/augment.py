@@ -40,9 +40,11 @@ pipeline runs :func:`train_augment_pixels` per example and
 :func:`finish_batch` per batch. All of an example's random numbers come from
 3 RNG ops, drawn outside XLA (XLA's RNG gives other numbers and is slow on
 CPU); each RandAugment op is its own XLA computation (``AugmentConfig.xla``,
-results within one grey level of plain TF); rotate/shear use a gather-based
-bilinear warp equal to TF's ``ImageProjectiveTransformV3`` (which has no XLA
-kernel and is ~5x slower); the flip is left to the batch when only colour
+results within one grey level of plain TF) except Equalize, which runs in
+numpy (exact; XLA's CPU scatter + gather made it ~2 ms, 4x the mean op);
+rotate/shear use a gather-based bilinear warp equal to TF's
+``ImageProjectiveTransformV3`` (which has no XLA kernel and is ~5x slower;
+the shears need only 2 of its 4 gathers); the flip is left to the batch when only colour
 ops follow it (they commute with it exactly); normalisation runs once per
 batch; the erasing noise is drawn by Box-Muller from uniforms.
 """
@@ -53,6 +55,7 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -252,10 +255,20 @@ def _per_channel_rows(img):
     return tf.transpose(tf.reshape(img, [-1, 3]))
 
 
-def _auto_contrast(img, m, sign):
+def _channel_min_max(img):
+    n = img.shape[0] * img.shape[1] if img.shape[:2].is_fully_defined() else None
+    if n and n % 16 == 0:
+        # [N, 48] (16 pixels a row) column reductions, then [16, 3]: XLA
+        # vectorises these, not a reduction over [.., 3] (op ~2x faster)
+        r = tf.reshape(img, [-1, 48])
+        return (tf.reduce_min(tf.reshape(tf.reduce_min(r, 0), [16, 3]), 0),
+                tf.reduce_max(tf.reshape(tf.reduce_max(r, 0), [16, 3]), 0))
     rows = _per_channel_rows(img)
-    lo = tf.reduce_min(rows, axis=1)
-    hi = tf.reduce_max(rows, axis=1)
+    return tf.reduce_min(rows, axis=1), tf.reduce_max(rows, axis=1)
+
+
+def _auto_contrast(img, m, sign):
+    lo, hi = _channel_min_max(img)
     scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
     off = tf.where(hi > lo, lo, 0.0)
     return tf.clip_by_value(tf.floor((img - off) * scale), 0.0, 255.0)
@@ -278,6 +291,28 @@ def _equalize(img, m, sign):
         // tf.maximum(step, 1)[:, None]
     lut = tf.where((step == 0)[:, None], tf.range(256)[None], tf.clip_by_value(lut, 0, 255))
     return tf.cast(tf.gather(tf.reshape(lut, [-1]), v), tf.float32)
+
+
+_EQ_OFFSETS = np.array([0, 256, 512], np.int16)
+
+
+def _equalize_np(img):
+    """:func:`_equalize` in numpy (same integers): XLA's CPU gather and
+    scatter make the compiled op ~4x slower than numpy's bincount + take."""
+    v = img.astype(np.int16)  # truncation, as tf.cast; values are in 0..255
+    v += _EQ_OFFSETS
+    v = v.ravel()
+    hist = np.bincount(v, minlength=768).reshape(3, 256)
+    last = hist[np.arange(3), 255 - np.argmax(hist[:, ::-1] > 0, axis=1)]
+    step = (hist.sum(1) - last) // 255
+    lut = (np.cumsum(hist, 1) - hist + (step // 2)[:, None]) // np.maximum(step, 1)[:, None]
+    lut = np.where(step[:, None] == 0, np.arange(256), lut.clip(0, 255))
+    return lut.astype(np.float32).ravel().take(v).reshape(img.shape)
+
+
+def _equalize_fast(img, m, sign):
+    out = tf.numpy_function(_equalize_np, [img], tf.float32, stateful=False)
+    return tf.ensure_shape(out, img.shape)
 
 
 def _invert(img, m, sign):
@@ -339,14 +374,33 @@ def _sharpness(img, m, sign):
     return _blend(degenerate, img, _enhance_factor(m, sign))
 
 
+def _shear_rows(img, f):
+    """``_affine(img, [1, f, 0, 0, 1, 0])``: each row read at x + f * y. Rows
+    stay put (the vertical weight is 0), so 2 gathers instead of 4."""
+    fill = tf.constant(_FILL, tf.float32)
+    shape = tf.shape(img)
+    h, w = shape[0], shape[1]
+    ys = tf.range(h)[:, None]
+    x = tf.clip_by_value(tf.cast(tf.range(w), tf.float32)[None, :] + f * tf.cast(ys, tf.float32),
+                         -1.0, tf.cast(w, tf.float32))
+    x0 = tf.floor(x)
+    fx = (x - x0)[..., None]
+    wp = w + 3  # padded by 1 before and 2 after, as in _affine
+    flat = tf.reshape(tf.pad(img - fill, [[0, 0], [1, 2], [0, 0]]), [-1, 3])
+    idx = ys * wp + tf.cast(x0, tf.int32) + 1
+    v0, v1 = tf.gather(flat, idx), tf.gather(flat, idx + 1)
+    return tf.clip_by_value(tf.round(v0 + fx * (v1 - v0) + fill), 0.0, 255.0)
+
+
 def _shear_x(img, m, sign):
     f = sign * m / 10.0 * 0.3
-    return _affine(img, tf.stack([1.0, f, 0.0, 0.0, 1.0, 0.0]))
+    return _shear_rows(img, f)
 
 
 def _shear_y(img, m, sign):
     f = sign * m / 10.0 * 0.3
-    return _affine(img, tf.stack([1.0, 0.0, 0.0, f, 1.0, 0.0]))
+    # = _affine(img, [1, 0, 0, f, 1, 0]): a row shear of the transposed image
+    return tf.transpose(_shear_rows(tf.transpose(img, [1, 0, 2]), f), [1, 0, 2])
 
 
 def _shift(img, px, axis):
@@ -535,6 +589,8 @@ _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn, xla: bool):
+    if fn is _equalize:  # faster in numpy than compiled (see _equalize_np)
+        return _equalize_fast if xla else fn
     # One XLA computation per op: XLA fuses each op's dozens of small per-pixel
     # TF ops into a few loops (in a tf.data map, op dispatch and Eigen's slow
     # [..., 3] broadcasts otherwise cost more than the arithmetic). Dispatching
