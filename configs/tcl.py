@@ -10,23 +10,12 @@ linearly, lr = base_lr * global_batch / 4096 (7.5e-5 here) and likewise min_lr (
   --config=configs/tcl.py:smoke         tiny random model, 2 steps (wiring check)
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from tcl_jax import config_files
 
-def _sibling(name: str):
-  """Loads configs/<name>.py by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"_tcl_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-common = _sibling("common")
-eval_configs = _sibling("eval")
+common = config_files.sibling(__file__, "common")
+eval_configs = config_files.sibling(__file__, "eval")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -108,15 +108,12 @@ class _RandomBatches:
 
 def run_train(name: str, steps: int, batch: int) -> dict:
   """Full train steps (forward, backward, AdamW update) through the training loop."""
-  import importlib.util
   import os
   import tempfile
+  from tcl_jax import config_files
   from tcl_jax import train
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tcl.py")
-  spec = importlib.util.spec_from_file_location("_bench_tcl_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_files.load_module(path).get_config()
   cfg, _, res = preset(name)
   config.model = cfg.to_dict()
   config.init_checkpoint = ""

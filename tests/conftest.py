@@ -6,7 +6,6 @@
   times (and again in subprocesses); identical programs are loaded instead of recompiled.
 """
 
-import importlib.util
 import os
 import tempfile
 
@@ -23,8 +22,5 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config_module(name: str):
   """configs/<name>.py as a module (configs/ is not a package)."""
-  path = os.path.join(REPO, "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(f"_test_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from tcl_jax import config_files  # pylint: disable=g-import-not-at-top
+  return config_files.load_module(os.path.join(REPO, "configs", name + ".py"))
