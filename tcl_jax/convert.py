@@ -11,12 +11,11 @@ a masker initialised from the CLIP as the original does. The output directory ho
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import re
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,6 @@ Under `jax.jit` with a sharded batch the arrays are global, so the original's al
 `B * rank` label offsets (models/tcl/mi.py) have no counterpart here.
 """
 
-import jax
 import jax.numpy as jnp
 import optax
 

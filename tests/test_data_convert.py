@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tcl_jax.data import convert, schema  # noqa: E402
+from tcl_jax.data import convert  # noqa: E402
 
 
 def _img(fmt, value, size=(20, 16)):

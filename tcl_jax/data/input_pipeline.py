@@ -58,7 +58,6 @@ decoded images/s), so the default keeps records tokenizer-independent.
 from __future__ import annotations
 
 import glob as _glob
-import os
 
 import numpy as np
 import tensorflow as tf

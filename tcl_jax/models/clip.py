@@ -5,12 +5,11 @@ Parameter names follow the PyTorch keys (`resblocks_3` for `resblocks.3`, `ln_1`
 """
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tcl_jax.models import resize
 
