@@ -35,6 +35,8 @@ from tcl_jax import sharding
 BATCH_KEYS = ("image", "text_tokens")  # what train_step reads from a batch
 LOSS_TERMS = ("area_loss", "neg_area_loss", "tclf_loss", "tv_img_loss", "tv_mask_loss",
               "tcli_loss")
+# Logged too when a model reports them (the CLIP kind: tcl_jax.models.clip_contrastive).
+EXTRA_TERMS = ("clip_loss", "i2t_accuracy")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,14 +72,21 @@ def resolve_compute_dtype(name: str):
 
 
 def build_model(config) -> Model:
-  """The TCL model from `config.model` (TCLConfig fields)."""
+  """The TCL model from `config.model` (TCLConfig fields); with `config.model_kind = "clip"`, a
+  CLIP trained contrastively from `config.model.clip` (tcl_jax.models.clip_contrastive)."""
+  if config.get("model_kind", "tcl") == "clip":
+    return _build_clip_model(config)
   from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
   cfg = tcl_lib.TCLConfig.from_dict(config.model.to_dict())
   dtype = resolve_compute_dtype(config.get("compute_dtype", "auto"))
   remat = bool(config.get("remat", False))
 
   def loss(params, batch, rng):
-    return tcl_lib.tcl_loss(params, cfg, batch["image"], batch["text_tokens"], rng=rng,
+    # An optional "gumbel_uniform" batch entry replays given Gumbel noise instead of drawing it
+    # from the step rng: only the parity tool's trajectory replay uses it, never training.
+    uniform = batch.get("gumbel_uniform")
+    return tcl_lib.tcl_loss(params, cfg, batch["image"], batch["text_tokens"],
+                            rng=None if uniform is not None else rng, uniform=uniform,
                             compute_dtype=dtype, remat=remat)
 
   def load(path):
@@ -96,6 +105,20 @@ def build_model(config) -> Model:
     return params
 
   return Model(cfg=cfg, init=lambda rng: tcl_lib.init_params(cfg, rng), loss=loss, load=load)
+
+
+def _build_clip_model(config) -> Model:
+  from tcl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.models import clip_contrastive  # pylint: disable=g-import-not-at-top
+  cfg = clip_lib.CLIPConfig(**config.model.clip.to_dict())
+  dtype = resolve_compute_dtype(config.get("compute_dtype", "auto"))
+
+  def loss(params, batch, rng):
+    del rng  # deterministic objective
+    return clip_contrastive.contrastive_loss(params, cfg, batch["image"], batch["text_tokens"],
+                                             dtype)
+
+  return Model(cfg=cfg, init=lambda rng: clip_contrastive.init_params(cfg, rng), loss=loss)
 
 
 def create_train_state(params, rng, tx) -> TrainState:
@@ -126,7 +149,7 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, labels, schedule, ust_s
                         state.params, updates, labels)
   metrics = {"loss": loss, "lr": schedule(state.step),
              "grad_norm": optim.trainable_grad_norm(grads, labels, state.step, ust_steps)}
-  metrics.update({k: aux[k] for k in LOSS_TERMS if k in aux})
+  metrics.update({k: aux[k] for k in LOSS_TERMS + EXTRA_TERMS if k in aux})
   extras = {}
   if num_extras and "soft_pos_mask" in aux:
     extras["soft_pos_mask"] = aux["soft_pos_mask"][:num_extras]

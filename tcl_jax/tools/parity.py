@@ -3,8 +3,10 @@
   python -m tcl_jax.tools.parity FIXTURE_DIR [--json OUT]
 
 FIXTURE_DIR is laid out like `shared/fixtures/tcl_tiny` (fixture.json, fixture.npz, tcl_reference.pth
-and the OpenAI-layout CLIP files); any dims work. Only those files are read. Exit status 0 only when
-every fixture quantity is within tolerance.
+and the OpenAI-layout CLIP files); any dims work. Only those files are read. When the directory also
+holds a training trajectory (trajectory.json/.npz), its steps are replayed through the training code
+(tcl_jax/tools/trajectory.py) and reported as `trajectory/*`. Exit status 0 only when every fixture
+quantity is within tolerance.
 """
 
 import argparse
@@ -13,6 +15,8 @@ import os
 import sys
 
 import numpy as np
+
+from tcl_jax.tools import trajectory
 
 # Tolerances of a faithful float32 port (the fixture README).
 TOL_MAX_ABS = 1e-4  # embeddings, simmaps, masks
@@ -39,21 +43,13 @@ def _rel(a, b):
   return float(diff / denom) if denom > 0 else float(diff)
 
 
-def compute(fixture_dir: str) -> list:
-  """Every comparable fixture array -> result dicts (name, metric, error, tolerance, ok)."""
-  import jax
-  import jax.numpy as jnp
-  jax.config.update("jax_default_matmul_precision", "highest")
+def load_fixture_model(fixture_dir: str, meta: dict):
+  """(TCLConfig, params) of the fixture's `tcl_reference.pth`, through our converter.
+
+  The fixture's heads are not width // 64, so they come from fixture.json (the original's
+  build_model would need the same override); so do the loss weights and decoder settings.
+  """
   from tcl_jax import convert
-  from tcl_jax.models import clip as clip_lib
-  from tcl_jax.models import tcl as tcl_lib
-
-  meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
-  ref = dict(np.load(os.path.join(fixture_dir, "fixture.npz")))
-  computed = {}  # name -> (metric, value)
-
-  # Weights through the converter. The fixture's heads are not width // 64, so they come from
-  # fixture.json (the original's build_model would need the same override).
   c = meta["clip"]
   cfg, params = convert.load_torch(
       os.path.join(fixture_dir, "tcl_reference.pth"),
@@ -67,6 +63,24 @@ def compute(fixture_dir: str) -> list:
       gumbel_tau=s2m.get("gumbel_tau", cfg.gumbel_tau),
       tcl_w=meta.get("tcl_w", cfg.tcl_w), area_w=meta.get("area_w", cfg.area_w),
       tv_w=meta.get("tv_w", cfg.tv_w))
+  return cfg, params
+
+
+def compute(fixture_dir: str) -> list:
+  """Every comparable fixture array -> result dicts (name, metric, error, tolerance, ok)."""
+  import jax
+  import jax.numpy as jnp
+  jax.config.update("jax_default_matmul_precision", "highest")
+  from tcl_jax import convert
+  from tcl_jax.models import clip as clip_lib
+  from tcl_jax.models import tcl as tcl_lib
+
+  meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
+  ref = dict(np.load(os.path.join(fixture_dir, "fixture.npz")))
+  computed = {}  # name -> (metric, value)
+
+  cfg, params = load_fixture_model(fixture_dir, meta)
+  c = meta["clip"]
 
   nhwc = lambda x: jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
 
@@ -148,13 +162,18 @@ def main(argv=None):
             f"shared/fixtures/tcl_tiny", file=sys.stderr)
       return 2
   results = compute(args.fixture_dir)
+  if trajectory.has_trajectory(args.fixture_dir):
+    results += trajectory.replay(args.fixture_dir)
   ok = all(r["ok"] for r in results)
   width = max(len(r["name"]) for r in results)
   print(f"{'quantity':<{width}}  {'metric':<7}  {'error':>10}  {'tolerance':>9}  ok")
   for r in results:
     err = "n/a" if r["error"] is None else f"{r['error']:.3g}"
     tol = "" if r["tolerance"] is None else f"{r['tolerance']:.0e}"
-    print(f"{r['name']:<{width}}  {r['metric'] or '-':<7}  {err:>10}  {tol:>9}  {'yes' if r['ok'] else 'NO'}")
+    first_bad = r.get("first_bad_step")
+    where = f"  (first out of tolerance at step {first_bad})" if first_bad is not None else ""
+    print(f"{r['name']:<{width}}  {r['metric'] or '-':<7}  {err:>10}  {tol:>9}  "
+          f"{'yes' if r['ok'] else 'NO'}{where}")
   n_ok = sum(r["ok"] for r in results)
   print(f"{n_ok}/{len(results)} quantities within tolerance")
   if args.json_out:
