@@ -2,14 +2,18 @@
 into numpy arrays without importing torch and without running pickled code.
 
 Pickle can call any importable function, so a checkpoint is untrusted code. This
-reader unpickles with an allow-list: only the handful of globals that torch's
+reader never imports or calls what a pickle names. Only the globals that torch's
 serializer emits for tensors (rebuild helpers, storage types, dtypes,
-``OrderedDict``) resolve, each to a local numpy re-implementation; anything else
-raises :class:`UnsafeCheckpointError`. TorchScript module classes (``__torch__.*``)
-become inert placeholders that only hold the state pickle hands them.
+``OrderedDict``) and a few plain values (builtin containers, numpy scalars) resolve,
+each to a local re-implementation. Classes of other libraries (a training
+checkpoint's OmegaConf ``config``, ``typing.Any``, ...) and TorchScript module
+classes (``__torch__.*``) become inert :class:`Placeholder` classes: pickle may make
+instances of them and hand them state, but can never call them. Globals of modules
+that only an attack would name (``os``, ``subprocess``, ``builtins.eval``, ...) and
+unknown torch globals raise :class:`UnsafeCheckpointError`.
 
-Public API: :func:`load_state_dict`, :func:`load_pickle`, :class:`TorchScriptObject`,
-:class:`UnsafeCheckpointError`.
+Public API: :func:`load_state_dict`, :func:`load_pickle`, :class:`Placeholder`,
+:class:`TorchScriptObject`, :class:`UnsafeCheckpointError`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["load_state_dict", "load_pickle", "TorchScriptObject", "UnsafeCheckpointError"]
+__all__ = ["load_state_dict", "load_pickle", "Placeholder", "TorchScriptObject",
+           "UnsafeCheckpointError"]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -109,17 +114,31 @@ def _identity(x, *_):
     return x
 
 
-class TorchScriptObject:
-    """Inert stand-in for a ``__torch__.*`` TorchScript class instance.
+class _Uncallable(type):
+    """Metaclass of placeholder classes: pickle may create instances (NEWOBJ, then
+    BUILD hands them state), but calling the class (REDUCE, INST, OBJ) is refused."""
 
-    ``type_name`` is the qualified class name; ``state`` is what pickle passed to
-    ``__setstate__`` (for modules: a dict of attributes, submodules and tensors).
+    def __call__(cls, *args, **kwargs):
+        raise UnsafeCheckpointError(
+            f"refusing to call '{cls.type_name}' from the checkpoint pickle (classes of "
+            "other libraries are only kept as inert placeholders; this file may be malicious)")
+
+
+class Placeholder(metaclass=_Uncallable):
+    """Inert stand-in for an instance of a class the pickle names but we never import.
+
+    ``type_name`` is the qualified class name; ``args`` what NEWOBJ passed; ``state``
+    what pickle passed to ``__setstate__`` (usually a dict of attributes).
     """
 
-    type_name = "__torch__"
+    type_name = "?"
+    args: tuple = ()
+    state: Any = None
 
-    def __init__(self):
-        self.state = None
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args = args + ((kwargs,) if kwargs else ())
+        return obj
 
     def __setstate__(self, state):
         self.state = state
@@ -129,8 +148,83 @@ class TorchScriptObject:
         return f"<{self.type_name} {keys}>"
 
 
-def _placeholder_class(qualname: str) -> type:
-    return type(qualname.rsplit(".", 1)[-1], (TorchScriptObject,), {"type_name": qualname})
+class TorchScriptObject(Placeholder):
+    """Inert stand-in for a ``__torch__.*`` TorchScript class instance; for modules,
+    ``state`` is a dict of attributes, submodules and tensors."""
+
+    type_name = "__torch__"
+
+
+def _placeholder_class(qualname: str, base: type) -> type:
+    return _Uncallable(qualname.rsplit(".", 1)[-1], (base,), {"type_name": qualname})
+
+
+# --- plain values in a training checkpoint's other entries ------------------
+
+def _plain_dict(default_factory=None):
+    # defaultdict(f) -> dict: SETITEMS fills it; the factory is never needed to read it.
+    return {}
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    # protocol 2 writes bytes as _codecs.encode(str, "latin1"); nothing else is decoded
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ValueError(f"unsupported bytes encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _bytes(*args):
+    return _latin1_bytes(*args) if args else b""
+
+
+class _NumpyDType(Placeholder):
+    """numpy.dtype(spec, align, copy) + BUILD(state): only read by _numpy_scalar."""
+
+    type_name = "numpy.dtype"
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    return _NumpyDType.__new__(_NumpyDType, spec)
+
+
+def _numpy_scalar(dtype, data):
+    """numpy's scalar(dtype, raw bytes) for numeric and bool dtypes (e.g. a np.mean metric)."""
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes):
+        raise ValueError("malformed numpy scalar")
+    dt = np.dtype(str(dtype.args[0]))
+    if dt.kind not in "biufc" or not dt.isbuiltin:
+        raise ValueError(f"unsupported numpy scalar dtype {dt}")
+    order = dtype.state[1] if isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "="
+    if order in "<>":
+        dt = dt.newbyteorder(order)
+    return np.frombuffer(data, dt, count=1)[0]
+
+
+# Builtin value types, as OmegaConf metadata names them (object_type=dict, ...) or as
+# protocol 2 rebuilds sets and empty bytes. Calling them with pickled values is harmless.
+_BUILTIN_TYPES = {
+    "dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
+    "str": str, "unicode": str, "int": int, "long": int, "float": float, "complex": complex,
+    "bool": bool, "object": object, "bytes": _bytes,
+}
+_VALUE_GLOBALS = {
+    ("collections", "defaultdict"): _plain_dict,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1.x
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2.x
+    **{(m, k): v for m in ("builtins", "__builtin__") for k, v in _BUILTIN_TYPES.items()},
+}
+# Modules whose other globals are refused rather than kept as placeholders. Placeholders
+# cannot run anything, so this is not what keeps code from running: it names an attack
+# (or a tensor type we cannot read) in the error instead of failing later.
+_REFUSED_MODULES = (
+    "torch", "__torch__", "numpy", "builtins", "__builtin__", "os", "posix", "nt", "sys",
+    "subprocess", "_posixsubprocess", "shutil", "pty", "socket", "webbrowser", "importlib",
+    "runpy", "pickle", "_pickle", "copyreg", "marshal", "ctypes", "code", "codeop", "codecs",
+    "_codecs", "operator", "functools", "types", "io", "_io", "tempfile", "multiprocessing",
+    "signal", "pdb", "inspect", "gc", "threading", "_thread", "asyncio", "collections",
+)
 
 
 _SAFE_GLOBALS = {
@@ -170,18 +264,26 @@ class _Unpickler(pickle._Unpickler):
         key = (module, name)
         if key in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[key]
+        if key in _VALUE_GLOBALS:
+            return _VALUE_GLOBALS[key]
+        qual = f"{module}.{name}"
         if self._torchscript:
             if key in _TORCHSCRIPT_GLOBALS:
                 return _TORCHSCRIPT_GLOBALS[key]
             if module == "__torch__" or module.startswith("__torch__."):
-                qual = f"{module}.{name}"
-                if qual not in self._classes:
-                    self._classes[qual] = _placeholder_class(qual)
-                return self._classes[qual]
-        raise UnsafeCheckpointError(
-            f"{self._path}: refusing to load global '{module}.{name}' from the checkpoint "
-            "pickle (only torch tensor/storage rebuild helpers, dtypes and OrderedDict are "
-            "allowed; this file may be malicious or use an unsupported tensor type)")
+                return self._placeholder(qual, TorchScriptObject)
+        if module.split(".")[0] in _REFUSED_MODULES:
+            raise UnsafeCheckpointError(
+                f"refusing to load global '{qual}' from the checkpoint pickle (only torch "
+                "tensor/storage rebuild helpers, dtypes, plain values and placeholders for "
+                "other libraries' classes are allowed; this file may be malicious or use an "
+                "unsupported tensor type)")
+        return self._placeholder(qual, Placeholder)
+
+    def _placeholder(self, qual: str, base: type) -> type:
+        if qual not in self._classes:
+            self._classes[qual] = _placeholder_class(qual, base)
+        return self._classes[qual]
 
     def persistent_load(self, pid):
         # torch writes ('storage', storage_type, key, location, numel) for every storage.
@@ -196,13 +298,12 @@ class _Unpickler(pickle._Unpickler):
         # placeholders and on OrderedDict (torch attaches `_metadata` that way).
         state = self.stack.pop()
         inst = self.stack[-1]
-        if isinstance(inst, TorchScriptObject):
+        if isinstance(inst, Placeholder):
             inst.__setstate__(state)
         elif type(inst) is collections.OrderedDict and isinstance(state, dict):
             inst.__dict__.update({str(k): v for k, v in state.items()})
         else:
-            raise UnsafeCheckpointError(
-                f"{self._path}: refusing to set state on a {type(inst).__name__} object")
+            raise UnsafeCheckpointError(f"refusing to set state on a {type(inst).__name__} object")
 
     dispatch[pickle.BUILD[0]] = _load_build
 
@@ -262,9 +363,9 @@ def _read_archive(path) -> tuple[Any, zipfile.ZipFile, str, bool]:
 
         obj = _Unpickler(z.read(prefix + "data.pkl"), read_storage, torchscript, path).load()
         return obj, z, prefix, torchscript
-    except UnsafeCheckpointError:
+    except UnsafeCheckpointError as e:
         z.close()
-        raise
+        raise UnsafeCheckpointError(f"{path}: {e}") from None
     except (zipfile.BadZipFile, EOFError, zlib.error, pickle.UnpicklingError, KeyError,
             OSError, TypeError, IndexError, AttributeError, ValueError) as e:
         z.close()
@@ -288,8 +389,9 @@ def load_pickle(path) -> Any:
     """Unpickle a checkpoint's ``data.pkl`` safely.
 
     Returns the raw structure (dicts / OrderedDicts / lists with numpy arrays in
-    place of tensors). For a TorchScript archive this is the root
-    :class:`TorchScriptObject` of the module tree.
+    place of tensors, :class:`Placeholder` instances for other libraries' objects).
+    For a TorchScript archive this is the root :class:`TorchScriptObject` of the
+    module tree.
     """
     obj, z, _, _ = _read_archive(path)
     z.close()
@@ -367,8 +469,9 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     """Load a checkpoint as ``{name: numpy array}`` in stored order.
 
     * plain ``torch.save(state_dict)``: that dict;
-    * ``torch.save({"model": sd, ...})`` / ``{"state_dict": sd}``: ``sd``; other dicts
-      are flattened with dotted keys, dropping non-tensor values;
+    * ``torch.save({"model": sd, ...})`` / ``{"state_dict": sd}``: ``sd`` (e.g. a
+      training checkpoint with optimizer state and a pickled config beside it); other
+      dicts are flattened with dotted keys, dropping non-tensor values;
     * TorchScript archive: the names ``scripted_module.state_dict()`` would give.
     """
     obj, z, prefix, _ = _read_archive(path)

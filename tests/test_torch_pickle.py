@@ -10,9 +10,12 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import omegaconf
 import pytest
 
+import torch_files
 from tcl_jax.torch_pickle import (
+    Placeholder,
     TorchScriptObject,
     UnsafeCheckpointError,
     load_pickle,
@@ -183,6 +186,104 @@ def test_build_on_tensor_is_refused(tmp_path):
            + pickle.EMPTY_DICT + pickle.BUILD + pickle.STOP)
     with pytest.raises(UnsafeCheckpointError, match="set state"):
         load_pickle(write_ckpt(tmp_path / "a.pt", pkl, {"0": b"\0" * 4}))
+
+
+def test_eval_is_refused_even_where_nothing_calls_it(tmp_path):
+    # Refused when named, not only when called (the REDUCE test above would also stop it).
+    pkl = (pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + s("config") + g("builtins", "eval")
+           + pickle.SETITEM + pickle.STOP)
+    with pytest.raises(UnsafeCheckpointError, match=r"'builtins\.eval'"):
+        load_pickle(write_ckpt(tmp_path / "a.pt", pkl))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os  # pylint: disable=import-outside-toplevel
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_real_reduce_payload_in_a_training_checkpoint_is_refused(tmp_path):
+    # pickled by the real pickler, as torch.save would, beside a valid model state_dict
+    marker = tmp_path / "pwned"
+    ckpt = torch_files.save({"model": torch_files.state_dict({"w": np.ones(2, np.float32)}),
+                             "config": _Payload(marker), "step": 3}, tmp_path / "checkpoint.pth")
+    assert b"system" in zipfile.ZipFile(ckpt).read("archive/data.pkl")  # payload is real
+    with pytest.raises(UnsafeCheckpointError, match=r"'(posix|os|nt)\.system'"):
+        load_state_dict(ckpt)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("opcodes", ["reduce", "inst", "obj"])
+def test_placeholder_classes_cannot_be_called(tmp_path, opcodes):
+    # A class of another library becomes a placeholder; every opcode that calls it is refused.
+    args = tup(s("arg"))
+    pkl = {"reduce": g("mylib.config", "Config") + args + pickle.REDUCE,
+           "inst": pickle.MARK + s("arg") + pickle.INST + b"mylib.config\nConfig\n",
+           "obj": pickle.MARK + g("mylib.config", "Config") + s("arg") + pickle.OBJ}[opcodes]
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to call 'mylib\.config\.Config'"):
+        load_pickle(write_ckpt(tmp_path / "a.pt", pickle.PROTO + b"\x02" + pkl + pickle.STOP))
+
+
+def test_placeholder_instances_hold_what_pickle_hands_them(tmp_path):
+    pkl = (pickle.PROTO + b"\x02" + g("mylib.config", "Config") + tup(s("a")) + pickle.NEWOBJ
+           + pickle.EMPTY_DICT + s("lr") + i(3) + pickle.SETITEM + pickle.BUILD + pickle.STOP)
+    obj = load_pickle(write_ckpt(tmp_path / "a.pt", pkl))
+    assert isinstance(obj, Placeholder) and not isinstance(obj, TorchScriptObject)
+    assert (obj.type_name, obj.args, obj.state) == ("mylib.config.Config", ("a",), {"lr": 3})
+
+
+def _training_checkpoint(tmp_path):
+    """The layout of the original's utils/checkpoint.py save_checkpoint (written by its main.py)."""
+    config = omegaconf.OmegaConf.create({
+        "model": {"type": "TCL", "clip_model": "ViT-B/16", "ie_freeze": 11, "tcl_w": 0.1},
+        "train": {"total_steps": 50000, "base_lr": 1.6e-3, "lr": "${train.base_lr}"},
+        "evaluate": {"task": ["voc", "context"]}, "output": "output/tcl", "seed": None})
+    omegaconf.OmegaConf.set_struct(config, True)
+    model = torch_files.state_dict({"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+                                    "s": np.array(2.5, np.float32)})
+    return torch_files.save({
+        "model": model,
+        "optimizer": {"state": {0: {"step": np.array(5.0, np.float32),
+                                    "exp_avg": np.full((2, 3), 0.5, np.float32)}},
+                      "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "amsgrad": False,
+                                        "foreach": None, "params": [0]}]},
+        "lr_scheduler": {"_milestones": [15000], "last_epoch": 5, "_last_lr": [1e-4]},
+        "scaler": {"scale": 65536.0, "_growth_tracker": 3},
+        "step": 5,
+        "config": config,
+        "metrics": {"val/voc_miou": 40.5, "val/avg_miou": np.mean([40.5, 30.25])},
+    }, tmp_path / "checkpoint.pth"), config, model
+
+
+def test_training_checkpoint_other_entries_are_inert(tmp_path, monkeypatch):
+    ckpt, config, model = _training_checkpoint(tmp_path)
+    ops = {(op.name, a) for op, a, _ in pickletools.genops(zipfile.ZipFile(ckpt).read("archive/data.pkl"))}
+    assert ("GLOBAL", "omegaconf.dictconfig DictConfig") in ops  # the real OmegaConf pickle
+
+    def never(*_):
+        raise AssertionError("omegaconf code ran while reading the checkpoint")
+    monkeypatch.setattr(omegaconf.base.Node, "__setstate__", never)
+    monkeypatch.setattr(omegaconf.base.Metadata, "__init__", never)
+    raw = load_pickle(ckpt)
+    cfg = raw["config"]
+    assert isinstance(cfg, Placeholder) and cfg.type_name == "omegaconf.dictconfig.DictConfig"
+    assert list(cfg.state["_content"]) == list(config)
+    node = cfg.state["_content"]["train"].state["_content"]["lr"]
+    assert node.type_name == "omegaconf.nodes.AnyNode" and node.state["_val"] == "${train.base_lr}"
+    assert cfg.state["_metadata"].state["flags"] == {"struct": True}
+    with pytest.raises(UnsafeCheckpointError, match="refusing to call"):
+        type(cfg)()
+    m = raw["metrics"]["val/avg_miou"]
+    assert type(m) is np.float64 and m == 35.375  # numpy scalars are values, not placeholders
+    assert raw["optimizer"]["state"][0]["exp_avg"].tolist() == [[0.5] * 3] * 2
+    assert raw["step"] == 5 and raw["scaler"]["scale"] == 65536.0
+    sd = load_state_dict(ckpt)  # the "model" entry only
+    assert list(sd) == ["w", "s"]
+    np.testing.assert_array_equal(sd["w"], model["w"])
+    assert sd["s"].shape == () and sd["s"] == 2.5
 
 
 # --- (d) strided / offset / dtype rebuild --------------------------------------
