@@ -1,5 +1,8 @@
-"""The one-image demo path: label maps, background threshold, overlay, CLI."""
+"""The one segmentation path behind the CLI, notebook and app: same labels as evaluation, bucketed
+compiles, legend, images in, CLI."""
 
+import logging
+import os
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ from PIL import Image
 
 from tcl_jax import convert
 from tcl_jax import demo
+from tcl_jax import evaluate
 from tcl_jax.models import tcl as tcl_lib
 
 SMALL = dict(img_scale=(256, 64), crop=64, stride=32)
@@ -21,40 +25,132 @@ def model():
   return cfg, tcl_lib.init_params(cfg, jax.random.key(0))
 
 
-def test_segment_background_threshold_bounds(model):
+def _image(h, w, seed=0):
+  return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def test_labels_are_the_evaluation_labels(model):
   cfg, params = model
-  img = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
-  none_bg = demo.segment(params, cfg, img, ["dog", "sky"], pamr=False, bg_thresh=0.0, **SMALL)
-  all_bg = demo.segment(params, cfg, img, ["dog", "sky"], pamr=False, bg_thresh=1.0, **SMALL)
-  assert none_bg.shape == (50, 70) and all_bg.shape == (50, 70)
-  assert set(np.unique(none_bg)) <= {1, 2} and (all_bg == 0).all()  # soft masks lie in (0, 1)
+  img, classes = _image(50, 70), ["dog", "sky", "tree"]
+  seg = demo.Segmenter(params, cfg, **SMALL)(img, classes, bg_thresh=0.0)
+  emb = evaluate.class_text_embedding(params, cfg, classes)
+  mask_fn = evaluate.make_mask_fn(params, cfg, emb, pamr=True, kp_w=0.3)
+  ref = evaluate.predict_image(img[..., ::-1].copy(), mask_fn, 3, SMALL["img_scale"], 64, 32,
+                               bg_thresh=0.0)
+  np.testing.assert_array_equal(seg.labels, ref)
+  assert len(np.unique(ref)) == 3  # every class wins somewhere: the comparison is not trivial
+  assert seg.scores.shape == seg.simmaps.shape == (3, 50, 70) and seg.masks.shape == (3, 50, 70)
+  np.testing.assert_array_equal(seg.masks.argmax(0) + 1, seg.labels)
+  assert (seg.scores > 0).all() and (seg.scores < 1).all()  # soft masks
+  assert -1 <= seg.simmaps.min() < 0 < seg.simmaps.max() <= 1  # cosine similarities
+  assert seg.note() is None and abs(sum(seg.shares().values()) - 100.0) < 1e-9
 
 
-def test_overlay_colours_foreground_only():
+def test_background_threshold_and_note(model):
+  cfg, params = model
+  s = demo.Segmenter(params, cfg, **SMALL)
+  img = _image(50, 70)
+  all_bg = s(img, ["dog", "sky"], pamr=False, bg_thresh=1.0)
+  assert (all_bg.labels == 0).all() and all_bg.shares()["background"] == 100.0
+  assert all_bg.note().startswith("every pixel is background")
+  # A threshold between the scores' extremes splits the pixels by the best score.
+  best = s(img, ["dog", "sky"], pamr=False, bg_thresh=0.0).scores.max(0)
+  mid = float(np.median(best))
+  part = s(img, ["dog", "sky"], pamr=False, bg_thresh=mid)
+  assert 0.3 < (part.labels == 0).mean() < 0.7
+  assert ((part.labels == 0) == (best <= mid)).mean() > 0.99  # (bilinear bg channel: edges differ)
+
+
+def test_similar_sizes_and_other_classes_do_not_recompile(model, caplog):
+  cfg, params = model
+  s = demo.Segmenter(params, cfg, **SMALL)
+  s(_image(50, 70), ["dog", "sky", "tree"], bg_thresh=0.4)
+
+  def compiles(fn):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+      fn()
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+  # Another size in the same 64-pixel buckets, other classes (same bucket of 8), other bg_thresh.
+  assert compiles(lambda: s(_image(52, 72, 1), ["cat", "grass"], bg_thresh=0.3)) == []
+  # The count is real: a size in another bucket compiles the post-processing.
+  assert compiles(lambda: s(_image(50, 140, 2), ["cat", "grass"], bg_thresh=0.3))
+
+
+def test_bad_inputs(model):
+  cfg, params = model
+  s = demo.Segmenter(params, cfg, **SMALL)
+  with pytest.raises(ValueError, match="RGB uint8"):
+    s(np.zeros((4, 4)), ["a"])
+  with pytest.raises(ValueError, match="at least one class"):
+    s(_image(20, 20), [])
+  with pytest.raises(ValueError, match="too elongated"):
+    s(_image(1, 3000), ["a"])
+  assert demo.parse_classes(" dog, ,grass ,") == ["dog", "grass"]
+
+
+def test_overlay_and_legend():
   img = np.full((2, 3, 3), 100, np.uint8)
   labels = np.array([[0, 1, 2], [0, 0, 21]])
   out = demo.overlay(img, labels, alpha=0.5)
   np.testing.assert_array_equal(out[0, 0], [100, 100, 100])
   np.testing.assert_array_equal(out[0, 1], np.round((100 + demo.PALETTE[0].astype(float)) / 2))
   np.testing.assert_array_equal(out[1, 2], out[0, 1])  # class 21 cycles to the first colour
-  with pytest.raises(ValueError, match="RGB image"):
-    demo.segment(None, None, np.zeros((4, 4)), ["a"])
+  leg = demo.legend(["dog", "grass"], 300)
+  assert leg.shape[1:] == (300, 3)
+  for colour in demo.colours(2):  # a swatch per class
+    assert (leg == colour).all(-1).sum() > 50
+  assert not (leg == demo.PALETTE[2]).all(-1).any()
+  assert (demo.legend(["dog", "grass"], 300) != demo.legend(["dog", "grasp"], 300)).any()
+  wrapped = demo.legend([f"class number {i}" for i in range(12)], 300)
+  assert wrapped.shape[0] > 3 * leg.shape[0]  # long lists wrap into rows
 
 
-def test_cli_writes_overlay_and_reports_bad_image(model, tmp_path):
+def test_sample_image_is_the_generated_one():
+  assert os.path.getsize(demo.SAMPLE_IMAGE) < 100_000
+  np.testing.assert_array_equal(np.asarray(Image.open(demo.SAMPLE_IMAGE)), demo.draw_sample())
+
+
+def test_read_image(tmp_path):
+  (tmp_path / "bad.jpg").write_bytes(b"not an image")
+  with pytest.raises(ValueError, match="cannot read .*bad.jpg as an image"):
+    demo.read_image(str(tmp_path / "bad.jpg"))
+  big, note = demo.read_image(demo.SAMPLE_IMAGE, max_side=250)
+  assert big.shape == (188, 250, 3) and note.startswith("downscaled the image from 500x375")
+  same, note = demo.load_image("sample", max_side=500)
+  assert same.shape == (375, 500, 3) and note is None
+  with pytest.raises(ValueError, match="no image file"):
+    demo.load_image(str(tmp_path / "missing.png"))
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "tcl_jax.demo", *args], capture_output=True,
+                        text=True)
+
+
+def test_cli(model, tmp_path):
   cfg, params = model
   convert.save_checkpoint(tmp_path / "ckpt", cfg, params)
-  Image.fromarray((np.random.default_rng(1).random((40, 48, 3)) * 255).astype(np.uint8)).save(
-      tmp_path / "img.png")
+  Image.fromarray(_image(40, 48, 1)).save(tmp_path / "img.png")
   out = tmp_path / "seg.png"
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.demo", f"--checkpoint={tmp_path / 'ckpt'}",
-                      f"--image={tmp_path / 'img.png'}", "--classes=dog, cat", f"--output={out}",
-                      "--no_pamr"], capture_output=True, text=True)
+  r = _run(f"--checkpoint={tmp_path / 'ckpt'}", f"--image={tmp_path / 'img.png'}",
+           "--classes=dog, cat", f"--output={out}", "--no_pamr", "--bg_thresh=1.0")
   assert r.returncode == 0, r.stderr
-  assert Image.open(out).size == (48, 40)
+  written = np.asarray(Image.open(out))
+  leg = demo.legend(["dog", "cat"], 48)
+  assert written.shape == (40 + leg.shape[0], 48, 3)
+  np.testing.assert_array_equal(written[40:], leg)
+  np.testing.assert_array_equal(written[:40], _image(40, 48, 1))  # all background: no colour
   shares = [float(l.split(":")[1].split("%")[0]) for l in r.stdout.splitlines() if "% of pixels" in l]
-  assert len(shares) == 3 and abs(sum(shares) - 100.0) < 0.5
-  (tmp_path / "bad.jpg").write_bytes(b"not an image")
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.demo", f"--checkpoint={tmp_path / 'ckpt'}",
-                      f"--image={tmp_path / 'bad.jpg'}", "--classes=dog"], capture_output=True, text=True)
-  assert r.returncode == 2 and r.stderr.startswith("error: cannot read image")
+  assert shares == [100.0, 0.0, 0.0]
+  assert "every pixel is background" in r.stdout
+
+  for args, msg in [((f"--image={out}",), "error: the following arguments are required: --checkpoint"),
+                    (("--checkpoint=x", "--image=y", "--classes= ,"), "error: --classes holds no"),
+                    ((f"--checkpoint={tmp_path / 'ckpt'}", f"--image={tmp_path / 'no.png'}",
+                      "--classes=dog"), "error: no image file at"),
+                    ((f"--checkpoint={tmp_path / 'nockpt'}", f"--image={out}", "--classes=dog"),
+                     "error: no checkpoint at")]:
+    r = _run(*args)
+    assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
