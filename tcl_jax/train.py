@@ -222,6 +222,37 @@ class _Preemption:
     return self.requested
 
 
+def _next_batch(train_iter, preemption: _Preemption):
+  """`next(train_iter)`, or None if a preemption notice arrives while waiting for it.
+
+  The read runs in a daemon thread: Python runs a signal handler only when the main thread runs
+  bytecode, never while it is blocked inside tf.data's C++ reads (a stalled file system), so a
+  SIGTERM would otherwise wait for data that may never come. An abandoned read stays blocked in
+  its thread until the process exits.
+  """
+  done, out = threading.Event(), []
+
+  def read():
+    try:
+      out.append((next(train_iter), None))
+    except BaseException as e:  # pylint: disable=broad-except
+      out.append((None, e))
+    done.set()
+
+  threading.Thread(target=read, name="next_batch", daemon=True).start()
+  t0, report_at = time.time(), 10.0
+  while not done.wait(0.2):
+    if preemption.requested:
+      return None
+    if time.time() - t0 >= report_at:
+      logging.info("Waiting for input data (%.0f s so far)", time.time() - t0)
+      report_at *= 2
+  batch, error = out[0]
+  if error is not None:
+    raise error
+  return batch
+
+
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
   host = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
@@ -441,7 +472,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       with _Preemption() as preemption:
         while step < total:
-          host_batch = next(train_iter)
+          before = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+          host_batch = _next_batch(train_iter, preemption)
+          if host_batch is None:  # SIGTERM while waiting for data: keep the steps done so far
+            if step > first_step:
+              check_finite(step, prev_metrics)
+              checkpointing.save(mngr, step, state, checkpointing.gather_input_states(before))
+            logging.warning("Preempted while waiting for input data: stopped at step %d.", step)
+            preempted = True
+            break
           batch = sharding.to_global({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
           if compiled is None:
             t0 = time.time()

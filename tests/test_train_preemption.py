@@ -77,3 +77,67 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path):
   assert "Initialising parameters" not in text  # resume wins over init_checkpoint
   ckpts = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert ckpts == [stopped, stopped + 2]
+
+
+def _bad_shard(path, n=16):
+  """A shard of `n` well-formed records whose image bytes are not an image."""
+  from tcl_jax.data import schema  # pylint: disable=g-import-not-at-top
+  with schema.ShardWriter(str(path)) as w:
+    for i in range(n):
+      w.write(schema.make_example(b"\x00not a jpeg" * 8, f"a photo {i}", f"bad-{i:02d}"))
+
+
+def test_all_bad_data_stops_with_one_line_naming_the_file(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  _bad_shard(data / "train-00000-of-00001.tfrecord")
+  env = dict(os.environ, XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  t0 = time.time()
+  proc = subprocess.run(
+      [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py",
+       f"--workdir={tmp_path / 'wd'}", "--config.total_steps=5", "--config.evals.tasks=",
+       "--config.synthetic.num_train_examples=16", f"--config.input.train_files=('{data}/*',)"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  took = time.time() - t0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert last == (f"error: input: no usable example in a full pass over 1 file "
+                  f"({data / 'train-00000-of-00001.tfrecord'}): 16 corrupt_image"), last
+  assert "Traceback" not in proc.stderr
+  # Each bad record is named once (rate-limited: the first 10) with its file and key.
+  named = re.findall(r"input: corrupt_image: (\S+), key '(bad-\d\d)'", proc.stderr)
+  assert len(named) == 10 and len({k for _, k in named}) == 10, proc.stderr[-3000:]
+  assert took < 120, took  # one pass over 16 records, not an endless loop of epochs
+
+
+def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):
+  # The only train file is a named pipe that no one writes: the input pipeline blocks opening
+  # it, as on a stalled file system, and the loop never gets a first batch.
+  data = tmp_path / "data"
+  data.mkdir()
+  fifo = data / "train-00000-of-00001.tfrecord"
+  os.mkfifo(fifo)
+  log_path = tmp_path / "run.log"
+  proc, fh = _start(tmp_path / "wd", log_path, "--config.total_steps=5",
+                    f"--config.input.train_files=('{data}/*',)")
+  try:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+      if "Waiting for input data" in open(log_path).read():  # the loop's note after 10 s
+        break
+      time.sleep(0.5)
+    text = open(log_path).read()
+    assert proc.poll() is None and "Waiting for input data" in text, text[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rc = proc.wait(timeout=60)
+    took = time.time() - t0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    fh.close()
+  text = open(log_path).read()
+  assert rc == 0, text[-3000:]
+  assert "Preempted while waiting for input data: stopped at step 0." in text, text[-3000:]
+  assert took < 20, took

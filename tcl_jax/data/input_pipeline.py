@@ -47,6 +47,17 @@ The counts travel with each example through ``scan`` ops, so ``counters()``
 reflects exactly what lies before the last delivered batch, and survives
 ``get_state``/``set_state``.
 
+Bad data is also named: a WARNING line per bad shard or record (reason, file,
+and the record's key, or its number in the file when it has no parseable key),
+each once per process and at most ``BadDataLog.burst`` lines a minute (see
+:class:`BadDataLog`). Records dropped by ``ignore_errors`` leave only a gap in
+the running index, so each element's file (and key) is kept in a hash table
+until the element is seen past the step that can drop it.
+
+A full pass over the files that yields not a single batch (every record bad,
+or fewer good records than one batch) raises ``ValueError`` naming the files,
+instead of starting the next epoch forever.
+
 Tokenization: captions are tokenized per batch in the pipeline with
 ``tcl_jax.tokenizer.tokenize`` via ``tf.numpy_function``. Storing ids at
 write time (``convert --tokenize`` + ``tokens_from_record=True``) is also
@@ -58,7 +69,10 @@ decoded images/s), so the default keeps records tokenizer-independent.
 from __future__ import annotations
 
 import glob as _glob
+import threading
+import time
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -71,6 +85,64 @@ _R = {r: i for i, r in enumerate(REASONS)}
 # element kinds in the raw stream
 _REC, _EOF_OK, _EOF_BAD, _END = 0, 1, 2, 3
 _TFRECORD_OVERHEAD = 16  # length (8) + length crc (4) + data crc (4)
+
+
+class BadDataLog:
+    """Names bad data on the log: each (reason, file, key) once per process, at
+    most ``burst`` lines per ``period`` seconds; the next line after a full
+    window says how many were held back. The counters count everything."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0):
+        self.burst, self.period = burst, period
+        self._seen = set()
+        self._window = (-float("inf"), 0)  # (start, lines written in it)
+        self._held_back = 0
+        self._lock = threading.Lock()
+
+    def report(self, reason: str, path: str, which: str = "") -> None:
+        """``which``: the record in the file (its key or number), if any."""
+        item = (reason, path, which)
+        with self._lock:
+            if item in self._seen:
+                return
+            start, lines = self._window
+            now = time.monotonic()
+            if now - start >= self.period:
+                start, lines = now, 0
+            if lines >= self.burst:
+                self._held_back += 1
+                return
+            self._window = (start, lines + 1)
+            self._seen.add(item)
+            held, self._held_back = self._held_back, 0
+        logging.warning("input: %s: %s%s%s", reason, path, f", {which}" if which else "",
+                        f" [{held} more bad records/files not named: rate limit]" if held else "")
+
+
+BAD_DATA_LOG = BadDataLog()
+
+
+def _report_bad(reasons, names):
+    """numpy_function body; ``names``: path, path + NUL + record number in the
+    file, or path + NUL + record number + NUL + key (as bytes)."""
+    for r, n in zip(reasons.tolist(), names.tolist()):
+        path, recno, key = (n.decode("utf-8", "replace").split("\0", 2) + ["", ""])[:3]
+        BAD_DATA_LOG.report(REASONS[r], path, f"key {key!r}" if key else
+                            f"record {recno} (counting from 0)" if recno else "")
+    return np.int64(0)
+
+
+def _log_bad(reasons, names):
+    """Reports the bad elements (if any) from a ``scan`` step; returns 0 (add it to
+    something the step outputs so that the call cannot be pruned)."""
+    return tf.cond(tf.size(reasons) > 0,
+                   lambda: tf.numpy_function(_report_bad, [reasons, names], tf.int64,
+                                             stateful=True),
+                   lambda: tf.constant(0, tf.int64))
+
+
+def _table():
+    return tf.lookup.experimental.MutableHashTable(tf.int64, tf.string, default_value=b"")
 
 
 def list_files(file_pattern_or_list) -> list[str]:
@@ -107,20 +179,24 @@ def _file_size(path: str) -> int | None:
 
 
 def _read_file(path, size):
-    """Records of one file followed by a sentinel saying whether all of it was read."""
+    """Records of one file followed by a sentinel saying whether all of it was read:
+    (record, kind, name); a record's name is its path + NUL + its number in the file."""
     recs = tf.data.TFRecordDataset(path).ignore_errors()
     recs = recs.map(lambda r: (r, tf.constant(_REC)))
     eof = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(_EOF_OK)))
 
-    def account(total, elem):
+    def account(state, elem):
+        total, n_recs = state
         rec, kind = elem
         is_rec = tf.equal(kind, _REC)
         n = tf.cast(tf.strings.length(rec), tf.int64) + _TFRECORD_OVERHEAD
         total = total + tf.where(is_rec, n, tf.constant(0, tf.int64))
         kind = tf.where(is_rec, kind, tf.where(tf.equal(total, size), _EOF_OK, _EOF_BAD))
-        return total, (rec, kind)
+        name = tf.where(is_rec, tf.strings.join([path, tf.strings.as_string(n_recs)], "\0"), path)
+        return (total, n_recs + tf.cast(is_rec, tf.int64)), (rec, kind, name)
 
-    return recs.concatenate(eof).scan(tf.constant(0, tf.int64), account)
+    zero = tf.constant(0, tf.int64)
+    return recs.concatenate(eof).scan((zero, zero), account)
 
 
 def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: int,
@@ -131,7 +207,7 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
                        cycle_length: int = 16, num_parallel_calls: int | None = None,
                        threads: int | None = None, tokens_from_record: bool = False,
                        context_length: int = 77, prefetch: int = 2,
-                       with_metadata: bool = True) -> tuple[tf.data.Dataset, int]:
+                       with_metadata: bool = True) -> tuple[tf.data.Dataset, list[str], int]:
     """One epoch of per-host training batches as a ``tf.data.Dataset``.
 
     ``augment``: True / an ``AugmentConfig`` -> training augmentation (the
@@ -143,6 +219,8 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
     ``kind`` and ``counts`` used by :class:`DataIterator` (which also drops the
     final partial batch that carries the end-of-epoch marker). Prefer
     :func:`make_train_iterator` unless you manage epochs yourself.
+
+    Returns (dataset, this host's files, number of files that cannot be read).
     """
     import jax  # only for the process defaults
 
@@ -166,6 +244,9 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
     files = [files[i] for i in rng.permutation(len(files))]
     sizes = [_file_size(f) for f in files]
     readable = [(f, s) for f, s in zip(files, sizes) if s is not None]
+    for f, s in zip(files, sizes):
+        if s is None:
+            BAD_DATA_LOG.report("unreadable_shard", f)
     shuffle_seed = int(rng.integers(0, 2**31 - 1))
     paths = tf.constant([f for f, _ in readable] or [""], tf.string)
     lens = tf.constant([s for _, s in readable] or [0], tf.int64)
@@ -176,19 +257,24 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     # The end marker (index = number of raw elements) flushes the counters.
-    ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(_END))))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(
+        (tf.constant(b""), tf.constant(_END), tf.constant(b""))))
     ds = ds.enumerate()
     if start_position:
         ds = ds.skip(start_position)
 
     spec = schema.parse_spec(with_tokens=tokens_from_record, context_length=context_length)
+    # Names of the elements that the next ignore_errors may drop, until seen past it.
+    names_by_idx, names_by_ordinal = _table(), _table()
 
     def parse(idx, elem):
-        rec, kind = elem
-        # Non-records (sentinels) parse as an empty Example: every feature default.
-        ex = tf.io.parse_single_example(tf.where(tf.equal(kind, _REC), rec, b""), spec)
+        rec, kind, name = elem
+        with tf.control_dependencies([names_by_idx.insert(idx[None], name[None])]):
+            # Non-records (sentinels) parse as an empty Example: every feature default.
+            ex = tf.io.parse_single_example(tf.where(tf.equal(kind, _REC), rec, b""), spec)
         ex["idx"] = idx
         ex["kind"] = kind
+        ex["name"] = name
         return ex
 
     ds = ds.map(parse, num_parallel_calls=par, deterministic=True).ignore_errors()
@@ -199,11 +285,21 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
         no_image = rec & tf.equal(tf.strings.length(ex[schema.IMAGE]), 0)
         no_caption = rec & ~no_image & tf.equal(
             tf.strings.length(tf.strings.strip(ex[schema.CAPTION])), 0)
-        add = tf.stack([ex["idx"] - last - 1,  # records lost to parse errors
+        bad_shard = tf.equal(ex["kind"], _EOF_BAD)
+        lost = tf.range(last + 1, ex["idx"])  # records lost to parse errors
+        add = tf.stack([tf.size(lost, tf.int64),
                         tf.cast(no_caption, tf.int64), tf.cast(no_image, tf.int64),
-                        tf.constant(0, tf.int64),
-                        tf.cast(tf.equal(ex["kind"], _EOF_BAD), tf.int64)])
-        counts = counts + add
+                        tf.constant(0, tf.int64), tf.cast(bad_shard, tf.int64)])
+        own = tf.stack([no_caption, no_image, bad_shard])
+        reasons = tf.concat([tf.fill(tf.shape(lost), _R["bad_record"]), tf.boolean_mask(
+            [_R["empty_caption"], _R["missing_image"], _R["bad_shard"]], own)], 0)
+        seen = tf.concat([lost, ex["idx"][None]], 0)
+        names = names_by_idx.lookup(seen)
+        with tf.control_dependencies([names_by_idx.remove(seen)]):
+            own_name = tf.strings.join([ex["name"], ex[schema.KEY]], "\0")
+            logged = _log_bad(reasons, tf.concat(
+                [names[:-1], tf.boolean_mask(tf.fill([3], own_name), own)], 0))
+        counts = counts + add + 0 * logged
         valid = (rec & ~no_image & ~no_caption) | tf.equal(ex["kind"], _END)
         ordinal = ordinal + tf.cast(valid, tf.int64)
         out = dict(ex, counts=counts, ordinal=ordinal, valid=valid)
@@ -218,6 +314,8 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
 
     def decode(ex):
         is_end = tf.equal(ex["kind"], _END)
+        keep_name = names_by_ordinal.insert(
+            ex["ordinal"][None], tf.strings.join([ex["name"], ex[schema.KEY]], "\0")[None])
         if augment:
             ex_seed = tf.random.experimental.stateless_fold_in(base_seed, ex["idx"])
             fn = lambda: train_augment_pixels(ex[schema.IMAGE], ex_seed, augment)  # noqa: E731
@@ -225,8 +323,9 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
             fn = lambda: (decode_center(ex[schema.IMAGE], image_size),  # noqa: E731
                           tf.constant(False))
         # pixel scale; flipped (if still to do) and normalised per batch
-        img, flip = tf.cond(is_end, lambda: (tf.zeros([image_size, image_size, 3]),
-                                             tf.constant(False)), fn)
+        with tf.control_dependencies([keep_name]):
+            img, flip = tf.cond(is_end, lambda: (tf.zeros([image_size, image_size, 3]),
+                                                 tf.constant(False)), fn)
         out = {"image": tf.ensure_shape(img, [image_size, image_size, 3]), "flip": flip,
                "caption": ex[schema.CAPTION], "key": ex[schema.KEY], "idx": ex["idx"],
                "kind": ex["kind"], "counts": ex["counts"], "ordinal": ex["ordinal"]}
@@ -238,7 +337,12 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
 
     def count_decode_failures(state, ex):
         last, failed = state
-        failed = failed + ex["ordinal"] - last - 1
+        lost = tf.range(last + 1, ex["ordinal"])
+        seen = tf.concat([lost, ex["ordinal"][None]], 0)
+        names = names_by_ordinal.lookup(seen)
+        with tf.control_dependencies([names_by_ordinal.remove(seen)]):
+            logged = _log_bad(tf.fill(tf.shape(lost), _R["corrupt_image"]), names[:-1])
+        failed = failed + tf.size(lost, tf.int64) + 0 * logged
         out = {k: v for k, v in ex.items() if k != "ordinal"}
         out["counts"] = ex["counts"] + tf.one_hot(
             _R["corrupt_image"], len(REASONS), dtype=tf.int64) * failed
@@ -282,12 +386,13 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
     if threads:
         opts.threading.private_threadpool_size = threads
     opts.threading.max_intra_op_parallelism = 1
-    return ds.with_options(opts), len(files) - len(readable)
+    return ds.with_options(opts), files, len(files) - len(readable)
 
 
 def make_train_dataset(file_pattern_or_list, **kwargs) -> tf.data.Dataset:
     """One epoch of per-host batches as a ``tf.data.Dataset``; arguments as
-    :func:`build_epoch_dataset` (which also returns the unreadable-file count)."""
+    :func:`build_epoch_dataset` (which also returns the file list and the
+    unreadable-file count)."""
     return build_epoch_dataset(file_pattern_or_list, **kwargs)[0]
 
 
@@ -311,14 +416,34 @@ class DataIterator:
         self._base = np.zeros(len(REASONS) + 1, np.int64)  # + unreadable_shard
         self._cur = np.zeros(len(REASONS), np.int64)
         self._it = None
+        self._host_files, self._unreadable = [], 0
+        self._full_pass, self._delivered = False, 0  # of the epoch being read
 
     def _start(self):
-        ds, unreadable = build_epoch_dataset(self._files, epoch=self._epoch,
-                                            start_position=self._position, **self._kwargs)
+        ds, self._host_files, self._unreadable = build_epoch_dataset(
+            self._files, epoch=self._epoch, start_position=self._position, **self._kwargs)
         if self._position == 0:  # counted once per epoch, at its start
-            self._base[-1] += unreadable
+            self._base[-1] += self._unreadable
+        self._full_pass, self._delivered = self._position == 0, 0
         self._cur[:] = 0
         self._it = ds.as_numpy_iterator()
+
+    def _no_batch_in_a_full_pass(self, last) -> ValueError:
+        """The error for an epoch that yielded nothing (else the next one would
+        start, and so on forever); ``last``: its final (end-marker) batch."""
+        usable = int((last["kind"] != _END).sum())
+        counts = dict(zip(REASONS, last["counts"][-1].tolist()), unreadable_shard=self._unreadable)
+        bad = ", ".join(f"{n} {r}" for r, n in counts.items() if n) or "no records"
+        files = self._host_files
+        named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        import jax  # only for the process default
+
+        hosts = self._kwargs.get("process_count") or jax.process_count()
+        batch = self._kwargs["global_batch_size"] // hosts
+        what = ("no usable example" if not usable else
+                f"only {usable} usable examples, fewer than one batch of {batch},")
+        return ValueError(f"input: {what} in a full pass over {len(files)} file"
+                          f"{'s' if len(files) != 1 else ''} ({named}): {bad}")
 
     def __iter__(self):
         return self
@@ -336,6 +461,8 @@ class DataIterator:
             end = b is None or bool((b["kind"] == _END).any())
             if end:
                 if b is not None:
+                    if self._full_pass and not self._delivered:
+                        raise self._no_batch_in_a_full_pass(b)
                     self._base[:-1] += b["counts"][-1]
                 self._epoch += 1
                 self._position = 0
@@ -344,6 +471,7 @@ class DataIterator:
                 continue
             self._position = int(b["idx"][-1]) + 1
             self._cur = b["counts"][-1].copy()
+            self._delivered += 1
             out = {"image": b["image"], "text_tokens": b["text_tokens"]}
             if self._with_keys:
                 out["key"] = b["key"]
