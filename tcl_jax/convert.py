@@ -1,12 +1,16 @@
 """Convert PyTorch checkpoints (official TCL, OpenAI CLIP) to tcl_jax parameters, without torch.
 
-  python -m tcl_jax.convert SRC --output DIR [--ie_freeze N] [--text_heads N] [--vision_heads N]
+  python -m tcl_jax.convert SRC [--clip ViT-B-16.pt] --output DIR [--ie_freeze N] [--text_heads N]
+      [--vision_heads N]
 
-Detects (a) the official TCL layout (`{"model": state_dict}` with `clip_text_encoder.*`,
-`clip_image_encoder.*`, `masker.*`, `tcl[if]_loss.logit_scale`), (b) OpenAI CLIP (a TorchScript
-archive like `ViT-B-16.pt`, or a plain state_dict). The model dims are read off tensor shapes as
-the original's `build_model` does (heads = width // 64 unless overridden). A CLIP-only source gets
-a masker initialised from the CLIP as the original does. The output directory holds
+Detects (a) the official TCL layout (`{"model": state_dict}` with `masker.*` and, in a full file,
+`clip_text_encoder.*`, `clip_image_encoder.*`, `tcl[if]_loss.logit_scale`; the original's training
+checkpoints `checkpoint.pth` / `ckpt_*.pth` hold it under "model" too), (b) OpenAI CLIP (a
+TorchScript archive like `ViT-B-16.pt`, or a plain state_dict). The released `tcl.pth` holds only
+the learned weights: `--clip` supplies the frozen CLIP towers and the model dims from OpenAI's file,
+and every key the TCL file holds overrides them and is checked. The model dims are read off tensor
+shapes as the original's `build_model` does (heads = width // 64 unless overridden). A CLIP-only
+source gets a masker initialised from the CLIP as the original does. The output directory holds
 `config.json` and an orbax checkpoint of the parameters under `params/`.
 """
 
@@ -29,6 +33,15 @@ from tcl_jax.models import tcl as tcl_lib
 SKIPPED_PREFIXES = ("pamr.",)
 # Non-parameter entries some OpenAI checkpoints carry (the original's build_model deletes them).
 SKIPPED_KEYS = ("input_resolution", "context_length", "vocab_size")
+# What the original's loader lets a TCL checkpoint lack (utils/checkpoint.py's whitelist): the
+# frozen CLIP towers, built from OpenAI's file instead, and the two loss temperatures.
+CLIP_PREFIXES = ("clip_text_encoder.", "clip_image_encoder.")
+LOSS_SCALE_KEYS = ("tcli_loss.logit_scale", "tclf_loss.logit_scale")
+# InfoNCE / ExtendedInfoNCE start at logit_scale = log(1 / T_init), T_init 0.07 (models/tcl/mi.py).
+INITIAL_LOGIT_SCALE = np.float32(np.log(1 / 0.07))
+NO_CLIP = ("this TCL checkpoint has no CLIP towers (clip_text_encoder.*, clip_image_encoder.*), "
+           "like the official tcl.pth: pass OpenAI's ViT-B/16 file with --clip ViT-B-16.pt "
+           "(clip= in Python)")
 
 # Layout changes torch -> flax, and their inverses (flax -> torch, e.g. to name gradients).
 _T, _CONV, _ID = "linear", "conv", "identity"
@@ -45,7 +58,12 @@ _TO_TORCH = {
 
 
 class ConversionError(ValueError):
-  """A checkpoint that does not fit the model; the message lists every problem."""
+  """A checkpoint that does not fit the model; the one-line message lists the problems."""
+
+
+def _listing(problems, limit=12):
+  more = f"; ... and {len(problems) - limit} more" if len(problems) > limit else ""
+  return "; ".join(problems[:limit]) + more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +175,7 @@ def to_torch_state_dict(cfg: tcl_lib.TCLConfig, tree) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def detect_layout(sd: dict) -> str:
-  if any(k.startswith("clip_image_encoder.") for k in sd) and any(k.startswith("masker.") for k in sd):
+  if any(k.startswith("masker.") for k in sd):
     return "tcl"
   if "visual.proj" in sd and "token_embedding.weight" in sd:
     return "openai"
@@ -260,13 +278,53 @@ def _unflatten(flat: dict) -> dict:
   return tree
 
 
-def convert_state_dict(sd: dict, *, ie_freeze: Optional[int] = None,
+def _clip_in_tcl_layout(clip_sd: dict, clip_cfg) -> dict:
+  """OpenAI CLIP keys -> the TCL checkpoint's names for the same tensors. Keys with no TCL name
+  stay (marked) so that the conversion lists them as unexpected."""
+  tcl_names = clip_key_map(clip_cfg, "tcl")
+  rename = {oai: tcl_names[path][0] for path, (oai, _) in clip_key_map(clip_cfg, "openai").items()}
+  out = {}
+  for k, v in clip_sd.items():
+    if k in rename:
+      out[rename[k]] = v
+    elif k not in SKIPPED_KEYS and k != "logit_scale":
+      out[f"{k} (in the CLIP file)"] = v
+  return out
+
+
+def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Optional[int] = None,
                        vision_heads: Optional[int] = None, text_heads: Optional[int] = None,
                        seed: int = 0, **tcl_overrides):
   """state_dict (name -> numpy) -> (TCLConfig, params). Fails listing every missing, unexpected
-  or mis-shaped key."""
+  or mis-shaped key.
+
+  `clip`: an OpenAI CLIP state_dict that supplies the CLIP towers and the model dims for a TCL
+  state_dict that lacks them (the official tcl.pth); the TCL state_dict's own keys win.
+  """
   layout = detect_layout(sd)
-  clip_cfg = infer_clip_config(sd, layout, vision_heads=vision_heads, text_heads=text_heads)
+  if clip is not None:
+    if layout != "tcl":
+      raise ConversionError("--clip (clip=) completes a TCL checkpoint; this source is a CLIP")
+    try:
+      clip_layout = detect_layout(clip)
+    except ConversionError as e:
+      raise ConversionError(f"the --clip file: {e}") from None
+    if clip_layout != "openai":
+      raise ConversionError("the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), "
+                            "not a TCL checkpoint")
+    clip_cfg = infer_clip_config(clip, "openai", vision_heads=vision_heads, text_heads=text_heads)
+    sd = {**_clip_in_tcl_layout(clip, clip_cfg), **sd}  # the TCL file's own keys win
+  else:
+    if layout == "tcl" and not all(any(k.startswith(p) for k in sd) for p in CLIP_PREFIXES):
+      raise ConversionError(NO_CLIP)
+    clip_cfg = infer_clip_config(sd, layout, vision_heads=vision_heads, text_heads=text_heads)
+  notes = []
+  if layout == "tcl":
+    absent = [k for k in LOSS_SCALE_KEYS if k not in sd]
+    if absent:
+      sd = dict(sd, **{k: INITIAL_LOGIT_SCALE for k in absent})
+      notes.append(f"note: the checkpoint has no {', '.join(absent)}; using the original's initial "
+                   f"value log(1/0.07) = {INITIAL_LOGIT_SCALE:.4f} (it matters only for training)")
   cfg = infer_tcl_config(sd, clip_cfg, layout, dict(tcl_overrides, ie_freeze=ie_freeze))
   shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
   used, problems = set(), []
@@ -281,8 +339,10 @@ def convert_state_dict(sd: dict, *, ie_freeze: Optional[int] = None,
   unexpected = sorted(set(sd) - used - ignored)
   problems += [f"unexpected key {k}" for k in unexpected]
   if problems:
-    head = f"cannot convert this {layout} checkpoint to {_dims(cfg)}: {len(problems)} problem(s)"
-    raise ConversionError(head + "\n  " + "\n  ".join(problems))
+    raise ConversionError(f"cannot convert this {layout} checkpoint to {_dims(cfg)}: "
+                          f"{len(problems)} problem(s): {_listing(problems)}")
+  for note in notes:
+    print(note, file=sys.stderr)
   params = _unflatten(flat)
   if layout == "openai":
     params = tcl_lib.init_params(cfg, jax.random.key(seed), clip_params=params["clip"])
@@ -295,10 +355,15 @@ def _dims(cfg):
           f"text (width {c.transformer_width}, {c.transformer_layers} layers), ie_freeze {cfg.ie_freeze}")
 
 
-def load_torch(path, **overrides):
-  """Read a PyTorch checkpoint file (no torch needed, no pickled code run) -> (TCLConfig, params)."""
+def load_torch(path, clip=None, **overrides):
+  """Read a PyTorch checkpoint file (no torch needed, no pickled code run) -> (TCLConfig, params).
+
+  `clip`: OpenAI's CLIP file (e.g. ViT-B-16.pt), needed when `path` is a TCL file without the CLIP
+  towers such as the official tcl.pth.
+  """
   sd = torch_pickle.load_state_dict(path)
-  return convert_state_dict(sd, **overrides)
+  clip_sd = None if clip is None else torch_pickle.load_state_dict(clip)
+  return convert_state_dict(sd, clip=clip_sd, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +427,7 @@ def load_training_checkpoint(workdir, step: Optional[int] = None):
 
 def load_any(path, **overrides):
   """A converted tcl_jax checkpoint directory, a training workdir (latest step), or a PyTorch
-  file converted on the fly -> (cfg, params)."""
+  file converted on the fly (`clip=` OpenAI's file for the official tcl.pth) -> (cfg, params)."""
   if os.path.isdir(path):
     if os.path.isdir(os.path.join(path, "checkpoints")):
       return load_training_checkpoint(path)
@@ -374,8 +439,12 @@ def load_any(path, **overrides):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m tcl_jax.convert", description=__doc__.split("\n")[0])
-  ap.add_argument("src", help="official tcl.pth, OpenAI CLIP .pt (TorchScript) or a state_dict file")
+  ap.add_argument("src", help="official tcl.pth, a TCL training checkpoint, OpenAI CLIP .pt "
+                              "(TorchScript) or a state_dict file")
   ap.add_argument("--output", required=True, help="output directory (config.json + params/)")
+  ap.add_argument("--clip", default=None,
+                  help="OpenAI's CLIP file (ViT-B-16.pt): the CLIP towers and model dims for a TCL "
+                       "file without them (the official tcl.pth); the TCL file's own keys win")
   ap.add_argument("--ie_freeze", type=int, default=None,
                   help="for CLIP-only sources: first CLIP block copied into the masker "
                        "(default: vision_layers - 1, the paper's 11 for ViT-B/16)")
@@ -384,12 +453,17 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="decoder init seed for CLIP-only sources")
   args = ap.parse_args(argv)
   try:
-    cfg, params = load_torch(args.src, ie_freeze=args.ie_freeze, vision_heads=args.vision_heads,
-                             text_heads=args.text_heads, seed=args.seed)
-    save_checkpoint(args.output, cfg, params)
-  except (ValueError, OSError) as e:
+    cfg, params = load_torch(args.src, clip=args.clip, ie_freeze=args.ie_freeze,
+                             vision_heads=args.vision_heads, text_heads=args.text_heads,
+                             seed=args.seed)
+  except (ValueError, OSError) as e:  # a wrong path or a file that does not fit: usage error
     print(f"error: {e}", file=sys.stderr)
     return 2
+  try:
+    save_checkpoint(args.output, cfg, params)
+  except (ValueError, OSError) as e:
+    print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
+    return 1
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"converted {args.src} -> {args.output}: {_dims(cfg)}, {n / 1e6:.1f}M parameters")
   return 0

@@ -195,7 +195,7 @@ def _numpy_scalar(dtype, data):
     if dt.kind not in "biufc" or not dt.isbuiltin:
         raise ValueError(f"unsupported numpy scalar dtype {dt}")
     order = dtype.state[1] if isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "="
-    if order in "<>":
+    if order in ("<", ">"):
         dt = dt.newbyteorder(order)
     return np.frombuffer(data, dt, count=1)[0]
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import omegaconf
 import pytest
 
+import torch_files
 from tcl_jax import convert
 from tcl_jax import torch_pickle
 from tcl_jax.models import tcl as tcl_lib
@@ -22,6 +24,33 @@ needs_fixture = pytest.mark.skipif(
 def _leaves(tree):
   return {"/".join(p.key for p in path): np.asarray(x)
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_same(a, b):
+  la, lb = _leaves(a), _leaves(b)
+  assert la.keys() == lb.keys()
+  for k in la:
+    assert la[k].dtype == lb[k].dtype, k
+    np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+def _heads():
+  """The fixture's heads are not width // 64 (see tools/parity.py): they come from fixture.json."""
+  c = json.loads((FIXTURE / "fixture.json").read_text())["clip"]
+  return {"vision_heads": c.get("vision_heads", c["vision_width"] // 64),
+          "text_heads": c["transformer_heads"]}
+
+
+def _fixture_sd():
+  return torch_pickle.load_state_dict(FIXTURE / "tcl_reference.pth")
+
+
+def _minimal(tmp_path, drop=("clip_",), name="tcl.pth", edit=None):
+  """The fixture's TCL file as the official release holds it: `{"model": sd}` without the keys
+  that start with `drop` (the CLIP towers; also the loss scales), optionally edited."""
+  sd = {k: v for k, v in _fixture_sd().items() if not k.startswith(drop)}
+  sd.update(edit or {})
+  return torch_files.save({"model": torch_files.state_dict(sd)}, tmp_path / name)
 
 
 @needs_fixture
@@ -94,6 +123,136 @@ def test_tampered_state_dicts_fail_listing_every_problem():
   assert "pamr" not in msg  # known buffers are skipped by name
   with pytest.raises(convert.ConversionError, match="unrecognised checkpoint layout"):
     convert.convert_state_dict({"foo.weight": np.zeros(3)})
+
+
+@needs_fixture
+@pytest.mark.parametrize("clip_file", ["clip_openai_jit.pt", "clip_openai.pt"])
+def test_minimal_tcl_file_with_clip_file_equals_full_file(tmp_path, capsys, clip_file):
+  _, full = convert.load_torch(FIXTURE / "tcl_reference.pth", **_heads())
+  capsys.readouterr()
+  minimal = _minimal(tmp_path)
+  assert not any(k.startswith("clip_") for k in torch_pickle.load_state_dict(minimal))
+  cfg, params = convert.load_torch(minimal, clip=FIXTURE / clip_file, **_heads())
+  assert cfg == convert.load_torch(FIXTURE / "tcl_reference.pth", **_heads())[0]
+  _assert_same(params, full)
+  assert capsys.readouterr().err == ""  # nothing filled in, nothing said
+
+  # Without the loss temperatures too: they take the original's initial value, said in one line.
+  minimal = _minimal(tmp_path, drop=("clip_", "tcli_loss.", "tclf_loss."))
+  _, params = convert.load_torch(minimal, clip=FIXTURE / clip_file, **_heads())
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith("note:"), err
+  assert "tcli_loss.logit_scale" in err[0] and "tclf_loss.logit_scale" in err[0]
+  for k in ("tcli_logit_scale", "tclf_logit_scale"):
+    # InfoNCE(T_init=0.07): nn.Parameter(torch.ones([]) * np.log(1 / 0.07)), a float32
+    assert params[k].dtype == np.float32 and params[k] == np.float32(np.log(1 / 0.07))
+    assert full[k] != params[k]  # the fixture's own values differ: the test can tell
+  _assert_same({k: v for k, v in params.items() if not k.endswith("logit_scale")},
+               {k: v for k, v in full.items() if not k.endswith("logit_scale")})
+
+
+@needs_fixture
+def test_keys_of_the_tcl_file_win_over_the_clip_file(tmp_path):
+  heads = _heads()
+  _, full = convert.load_torch(FIXTURE / "tcl_reference.pth", **heads)
+  # A CLIP file unlike the TCL file's CLIP: every tensor shifted by one.
+  other = {k: v + 1 for k, v in torch_pickle.load_state_dict(FIXTURE / "clip_openai.pt").items()}
+  other_clip = torch_files.save(torch_files.state_dict(other), tmp_path / "other_clip.pt")
+  _, from_other = convert.load_torch(other_clip, **heads)
+  # A full TCL file keeps its own CLIP towers.
+  _, params = convert.load_torch(FIXTURE / "tcl_reference.pth", clip=other_clip, **heads)
+  _assert_same(params, full)
+  # Key by key: the text tower comes from the CLIP file only where the TCL file lacks it.
+  no_text = _minimal(tmp_path, drop=("clip_text_encoder.",))
+  _, params = convert.load_torch(no_text, clip=other_clip, **heads)
+  _assert_same(params["clip"]["text"], from_other["clip"]["text"])
+  _assert_same(params["clip"]["visual"], full["clip"]["visual"])
+  _assert_same(params["masker"], full["masker"])
+  assert not np.array_equal(params["clip"]["text"]["text_projection"],
+                            full["clip"]["text"]["text_projection"])
+
+
+@needs_fixture
+def test_keys_of_the_tcl_file_are_checked_against_the_clip_file(tmp_path):
+  heads = _heads()
+  bad = _minimal(tmp_path, drop=("clip_image_encoder.",), edit={
+      "clip_text_encoder.text_projection": np.zeros((64, 65), np.float32),  # overrides: checked
+      "masker.image_encoder.decoder.image_proj.proj": np.zeros((128, 65), np.float32),
+      "masker.extra_head.weight": np.zeros((3,), np.float32)})
+  with pytest.raises(convert.ConversionError) as e:
+    convert.load_torch(bad, clip=FIXTURE / "clip_openai_jit.pt", **heads)
+  msg = str(e.value)
+  assert "\n" not in msg and "3 problem(s)" in msg, msg
+  assert "shape mismatch for clip_text_encoder.text_projection: checkpoint (64, 65)" in msg
+  assert "shape mismatch for masker.image_encoder.decoder.image_proj.proj" in msg
+  assert "unexpected key masker.extra_head.weight" in msg
+  # Keys of the CLIP file that TCL has no place for are listed too.
+  extra = dict(torch_pickle.load_state_dict(FIXTURE / "clip_openai.pt"),
+               **{"visual.extra": np.ones(2)})
+  clip = torch_files.save(torch_files.state_dict(extra), tmp_path / "clip_extra.pt")
+  with pytest.raises(convert.ConversionError,
+                     match=r"1 problem\(s\): unexpected key visual\.extra \(in the CLIP file\)"):
+    convert.load_torch(_minimal(tmp_path), clip=clip, **heads)
+  # --clip must be OpenAI's CLIP, and it completes TCL files only.
+  with pytest.raises(convert.ConversionError, match="must be OpenAI's CLIP"):
+    convert.load_torch(_minimal(tmp_path), clip=FIXTURE / "tcl_reference.pth", **heads)
+  with pytest.raises(convert.ConversionError, match="completes a TCL checkpoint"):
+    convert.load_torch(FIXTURE / "clip_openai.pt", clip=FIXTURE / "clip_openai.pt", **heads)
+
+
+@needs_fixture
+def test_original_training_checkpoint_converts_like_its_model(tmp_path):
+  """checkpoint.pth / ckpt_*.pth as the original's main.py writes them (utils/checkpoint.py)."""
+  config = omegaconf.OmegaConf.create({
+      "model": {"type": "TCL", "clip_model": "ViT-B/16", "ie_freeze": 3, "tcl_w": 0.1},
+      "train": {"total_steps": 50000, "base_lr": 1.6e-3}, "output": "output/tcl"})
+  sd = _fixture_sd()
+  adam = {i: {"step": np.array(5.0, np.float32), "exp_avg": np.zeros_like(v)}
+          for i, v in enumerate(v for k, v in sd.items() if k.startswith("masker."))}
+  ckpt = torch_files.save({
+      "model": torch_files.state_dict(sd),
+      "optimizer": {"state": adam, "param_groups": [{"lr": 1e-4, "params": list(adam)}]},
+      "lr_scheduler": {"_milestones": [15000], "last_epoch": 5}, "scaler": {"scale": 65536.0},
+      "step": 5, "config": config, "metrics": {"val/avg_miou": np.mean([40.5, 30.25])},
+  }, tmp_path / "ckpt_5_miou35.38.pth")
+  _, full = convert.load_torch(FIXTURE / "tcl_reference.pth", **_heads())
+  _, params = convert.load_torch(ckpt, **_heads())
+  _assert_same(params, full)
+
+
+@needs_fixture
+def test_cli_converts_a_minimal_file_with_clip(tmp_path):
+  minimal = _minimal(tmp_path, drop=("clip_", "tcli_loss.", "tclf_loss."))
+  out = tmp_path / "ckpt"
+  r = subprocess.run([sys.executable, "-m", "tcl_jax.convert", str(minimal),
+                      "--clip", str(FIXTURE / "clip_openai_jit.pt"), "--text_heads", "2",
+                      "--output", str(out)], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  assert "converted" in r.stdout
+  note = [ln for ln in r.stderr.splitlines() if "logit_scale" in ln]
+  assert len(note) == 1 and note[0].startswith("note:"), r.stderr
+  _, params = convert.load_checkpoint(out)
+  _, ref = convert.load_torch(minimal, clip=FIXTURE / "clip_openai_jit.pt", **_heads())
+  _assert_same(params, ref)
+
+
+@needs_fixture
+def test_cli_mistakes_end_in_one_line(tmp_path):
+  def run(*args):
+    r = subprocess.run([sys.executable, "-m", "tcl_jax.convert", *map(str, args), "--text_heads",
+                        "2", "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+  msg = run(_minimal(tmp_path))  # the official tcl.pth without --clip
+  assert "--clip" in msg and "ViT-B/16" in msg
+  msg = run(_minimal(tmp_path, edit={"masker.sim2mask.w": np.zeros(2, np.float32)}),
+            "--clip", FIXTURE / "clip_openai.pt")
+  assert "shape mismatch for masker.sim2mask.w" in msg
+  msg = run(_minimal(tmp_path), "--clip", tmp_path / "ViT-B-16.pt")
+  assert "not found" in msg and str(tmp_path / "ViT-B-16.pt") in msg
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):

@@ -260,7 +260,8 @@ def _training_checkpoint(tmp_path):
 
 def test_training_checkpoint_other_entries_are_inert(tmp_path, monkeypatch):
     ckpt, config, model = _training_checkpoint(tmp_path)
-    ops = {(op.name, a) for op, a, _ in pickletools.genops(zipfile.ZipFile(ckpt).read("archive/data.pkl"))}
+    pkl = zipfile.ZipFile(ckpt).read("archive/data.pkl")
+    ops = {(op.name, a) for op, a, _ in pickletools.genops(pkl)}
     assert ("GLOBAL", "omegaconf.dictconfig DictConfig") in ops  # the real OmegaConf pickle
 
     def never(*_):
