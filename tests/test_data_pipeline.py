@@ -95,7 +95,19 @@ def test_tokens_from_record_match_pipeline_tokens(tmp_path):
     np.testing.assert_array_equal(a["text_tokens"], tokenize(caps))
 
 
-def test_bad_data_is_skipped_and_counted(tmp_path):
+def _no_image_example(key):
+    """An Example without the image feature at all (not just empty bytes)."""
+    import tensorflow as tf
+
+    feats = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+             for k, v in ((schema.CAPTION, b"a caption"), (schema.KEY, key.encode()))}
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+@pytest.fixture
+def bad_mix(tmp_path):
+    """(files, good keys, per-epoch counters, named bad data): one shard with every kind of bad
+    record, a truncated one and a missing one."""
     good = _png(np.zeros((32, 32, 3), np.uint8))
     p1 = str(tmp_path / "a.tfrecord")
     with schema.ShardWriter(p1) as w:
@@ -106,6 +118,8 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
         w.write(schema.make_example(good, "   ", "empty-cap"))
         w.write(b"this is not a tf.Example proto \x00\x01")  # valid framing, bad payload
         w.write(schema.make_example(good, "good 5", "a5"))
+        w.write(schema.make_example(b"", "empty image", "no-img"))
+        w.write(_no_image_example("no-img-feature"))
     p2 = str(tmp_path / "b.tfrecord")
     with schema.ShardWriter(p2) as w:
         for i in range(3):
@@ -114,12 +128,108 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     with open(p2, "wb") as f:
         f.write(data[:-10])  # truncate the last record
     missing = str(tmp_path / "c.tfrecord")
+    counts = {"bad_record": 1, "empty_caption": 1, "missing_image": 2, "corrupt_image": 2,
+              "bad_shard": 1, "unreadable_shard": 1}
+    named = {("corrupt_image", p1, "key 'bad-img'"), ("corrupt_image", p1, "key 'bad-img2'"),
+             ("empty_caption", p1, "key 'empty-cap'"), ("missing_image", p1, "key 'no-img'"),
+             ("missing_image", p1, "key 'no-img-feature'"),
+             ("bad_record", p1, "record 8 (counting from 0)"),  # no key: its number in the file
+             ("bad_shard", p2, ""), ("unreadable_shard", missing, "")}
+    keys = ["a0", "a1", "a2", "a3", "a4", "a5", "b0", "b1"]
+    return [p1, p2, missing], keys, counts, named
 
-    it = _iter([p1, p2, missing], global_batch_size=1)
+
+def test_bad_data_is_skipped_and_counted(bad_mix):
+    files, good, counts, _ = bad_mix
+    it = _iter(files, global_batch_size=1)
     keys = sorted(b["key"][0].decode() for b in it)
-    assert keys == ["a0", "a1", "a2", "a3", "a4", "a5", "b0", "b1"]
-    assert it.counters() == {"bad_record": 1, "empty_caption": 1, "missing_image": 0,
-                             "corrupt_image": 2, "bad_shard": 1, "unreadable_shard": 1}
+    assert keys == good
+    assert it.counters() == counts
+
+
+def test_bad_data_with_batches_and_counters_restored(bad_mix):
+    files, good, counts, _ = bad_mix
+    kw = dict(global_batch_size=4, num_epochs=2, seed=1)
+    ref = _iter(files, **kw)
+    batches = [next(ref) for _ in range(3)]  # the 2 batches of epoch 0, the first of epoch 1
+    assert [b["image"].shape[0] for b in batches] == [4, 4, 4]
+    assert sorted(k.decode() for b in batches[:2] for k in b["key"]) == good
+    state = json.loads(json.dumps(ref.get_state()))
+    # epoch 0's counts are complete; epoch 1's so far are in too
+    assert state["epoch"] == 1 and all(state["counts"][r] >= n for r, n in counts.items())
+    last = next(ref)
+    with pytest.raises(StopIteration):
+        next(ref)
+    assert ref.counters() == {r: 2 * n for r, n in counts.items()}
+
+    it = _iter(files, **kw)
+    it.set_state(state)
+    assert it.counters() == state["counts"]  # restored before any batch is read
+    resumed = list(it)
+    assert len(resumed) == 1
+    np.testing.assert_array_equal(resumed[0]["key"], last["key"])
+    assert it.counters() == {r: 2 * n for r, n in counts.items()}
+
+
+def test_bad_data_is_named_once_with_its_file_and_key(bad_mix, caplog, monkeypatch):
+    from tcl_jax.data import input_pipeline
+
+    files, good, counts, named = bad_mix
+    monkeypatch.setattr(input_pipeline, "BAD_DATA_LOG", input_pipeline.BadDataLog(burst=100))
+    caplog.set_level("WARNING")
+    it = _iter(files, global_batch_size=2, num_epochs=3)
+    assert len(list(it)) == 3 * len(good) // 2
+    assert it.counters() == {r: 3 * n for r, n in counts.items()}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("input: ")]
+    # Three epochs, yet each bad record / shard is named once.
+    assert len(lines) == len(named), lines
+    got = set()
+    for line in lines:
+        reason, rest = line[len("input: "):].split(": ", 1)
+        path, _, which = rest.partition(", ")
+        got.add((reason, path, which))
+    assert got == named
+
+
+def test_bad_data_log_is_rate_limited(caplog):
+    from tcl_jax.data.input_pipeline import BadDataLog
+
+    caplog.set_level("WARNING")
+    log = BadDataLog(burst=2, period=0.5)
+    for i in range(5):
+        log.report("corrupt_image", "/d/x.tfrecord", f"key 'k{i}'")
+    log.report("corrupt_image", "/d/x.tfrecord", "key 'k0'")  # named already: never again
+    assert [r.getMessage() for r in caplog.records] == [
+        "input: corrupt_image: /d/x.tfrecord, key 'k0'",
+        "input: corrupt_image: /d/x.tfrecord, key 'k1'"]
+    import time
+
+    time.sleep(0.6)  # a new window: the next line says what the last one held back
+    log.report("bad_shard", "/d/y.tfrecord")
+    assert caplog.records[-1].getMessage() == (
+        "input: bad_shard: /d/y.tfrecord [3 more bad records/files not named: rate limit]")
+
+
+def test_no_usable_record_in_a_full_pass_raises_naming_the_files(tmp_path):
+    paths = []
+    for s in range(2):
+        paths.append(str(tmp_path / f"bad{s}.tfrecord"))
+        with schema.ShardWriter(paths[-1]) as w:
+            for i in range(8):
+                w.write(schema.make_example(b"\x00not an image", f"cap {i}", f"k{s}{i}"))
+    for epochs in (1, None):  # endless iteration used to restart epochs forever
+        it = _iter(paths, num_epochs=epochs)
+        with pytest.raises(ValueError) as e:
+            next(it)
+        assert str(e.value) == (f"input: no usable example in a full pass over 2 files "
+                                f"({paths[0]}, {paths[1]}): 16 corrupt_image")
+    # Good records, but fewer than one batch: no batch can ever be made either.
+    with schema.ShardWriter(paths[0]) as w:
+        for i in range(3):
+            w.write(schema.make_example(_png(np.zeros((8, 8, 3), np.uint8)), "ok", f"g{i}"))
+    with pytest.raises(ValueError, match=r"only 3 usable examples, fewer than one batch of 4, "
+                                         r"in a full pass over 2 files .*: 8 corrupt_image"):
+        next(_iter(paths))
 
 
 def test_determinism_same_seed_same_batches(synth):

@@ -434,7 +434,7 @@ class DataIterator:
         usable = int((last["kind"] != _END).sum())
         counts = dict(zip(REASONS, last["counts"][-1].tolist()), unreadable_shard=self._unreadable)
         bad = ", ".join(f"{n} {r}" for r, n in counts.items() if n) or "no records"
-        files = self._host_files
+        files = sorted(self._host_files)
         named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         import jax  # only for the process default
 
