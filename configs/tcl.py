@@ -7,7 +7,10 @@ The original trains on 16 V100s with 64 images each (global batch 1024); the rat
 linearly, lr = base_lr * global_batch / 4096 (7.5e-5 here) and likewise min_lr (1e-5). Variants:
 
   --config=configs/tcl.py:fsdp=4        params and optimizer state sharded 4 ways
-  --config=configs/tcl.py:smoke         tiny random model, 2 steps (wiring check)
+  --config=configs/tcl.py:smoke         2 steps of the recipe's model (random weights) at 64 images
+                                        per device on in-memory batches: a wiring and memory
+                                        check that needs no data or weights; on N devices add
+                                        --config.batch_size=64*N
 """
 
 import ml_collections
@@ -52,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The model's input normalization (the original uses ImageNet mean/std); used to draw images.
   config.input.image_mean = (0.485, 0.456, 0.406)
   config.input.image_std = (0.229, 0.224, 0.225)
+  # True: random in-memory batches of the same shapes instead of files (tcl_jax.data.in_memory).
+  config.input.in_memory = False
   # Extra keyword arguments for tcl_jax.data.input_pipeline.make_train_iterator.
   config.input.options = ml_collections.ConfigDict()
 
@@ -70,17 +75,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = common.distributed_config()
   config.checkpoint = common.checkpoint_config(keep=3, keep_best=1)
 
-  if arg.smoke:
+  if arg.smoke:  # the recipe's model and shapes; nothing read from disk
     config.total_steps = 2
-    config.batch_size = 8
+    config.batch_size = 64  # the paper's per-GPU batch, for one device
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.eval_every_steps = 0
     config.eval_at_end = False
     config.image_log_every_steps = 0
     config.init_checkpoint = ""
-    config.model = common.tcl_model(common.clip_tiny(), ie_freeze=3)
-    config.input.image_size = 96
+    config.input.in_memory = True
     config.optim = common.tcl_optim(warmup_steps=1, ust_steps=1)
     config.evals.tasks = ""
   return config

@@ -606,7 +606,7 @@ def evaluate_tasks(params, cfg, eval_config, *, progress: bool = True) -> dict:
         text_cache[key] = class_text_embedding(params, cfg, key, template, class_pad)
       mask_fn = make_mask_fn(params, cfg, text_cache[key], pamr=pamr, kp_w=kp_w)
       results[t] = evaluate_dataset(ds, mask_fn, opts, bg_thresh=bg_thresh, progress=progress)
-      logging.info("[%s] mIoU of %d images: %s (%d skipped)", t, results[t]["num_images"],
+      logging.info("[%s] mIoU of %d images: %s%% (%d skipped)", t, results[t]["num_images"],
                    results[t]["miou"], results[t]["num_skipped"])
   mious = [r["miou"] for r in results.values() if r["miou"] is not None]
   results["average"] = float(np.mean(mious)) if mious else None
@@ -636,11 +636,12 @@ def format_task_table(task: str, r: dict) -> str:
 def format_summary(results: dict) -> str:
   tasks = [k for k in results if k != "average"]
   width = max([len("average")] + [len(t) for t in tasks])
-  lines = [f"{'task':<{width}}   mIoU  images  skipped"]
+  lines = [f"{'task':<{width}}  mIoU (%)  images  skipped"]
   for t in tasks:
     r = results[t]
-    lines.append(f"{t:<{width}}  {_fmt(r['miou'])}  {r['num_images']:6d}  {r['num_skipped']:7d}")
-  lines.append(f"{'average':<{width}}  {_fmt(results['average'])}")
+    lines.append(f"{t:<{width}}  {_fmt(r['miou']):>8}  {r['num_images']:6d}  "
+                 f"{r['num_skipped']:7d}")
+  lines.append(f"{'average':<{width}}  {_fmt(results['average']):>8}")
   return "\n".join(lines)
 
 
@@ -659,20 +660,51 @@ def _define_flags():
   from ml_collections import config_flags
   if "checkpoint" in flags.FLAGS:
     return
-  config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation config file.",
-                                   lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "tcl_jax checkpoint directory (or a PyTorch TCL file).")
+  config_flags.DEFINE_config_file("config", None, "Evaluation config file (default: "
+                                  "configs/eval.py).", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A converted tcl_jax checkpoint directory, a training "
+                      "workdir (its latest step), or a PyTorch TCL file.")
   flags.DEFINE_string("workdir", None, "Folder for results.json.")
+
+
+def config_for_checkpoint(config, checkpoint: str, given: set):
+  """`config` with, for a training workdir, the run's own evaluation settings (config.json's
+  `evals`: tasks, data_root, img_scale, crop, stride, ...) in place of those not `given` on the
+  command line, so that evaluating a run reproduces its training-time numbers without flags."""
+  path = os.path.join(checkpoint, "config.json")
+  if not (os.path.isdir(os.path.join(checkpoint, "checkpoints")) and os.path.isfile(path)):
+    return config
+  with open(path) as f:
+    evals = json.load(f).get("evals") or {}
+  config = config.copy_and_resolve_references()
+  taken = []
+  for k, v in evals.items():
+    if k in config and k not in given and v not in ("", None):
+      if k == "data_root":  # as the training loop expands it (train._expand)
+        v = v.format(workdir=os.path.abspath(checkpoint))
+      config[k] = type(config[k])(v) if isinstance(config[k], tuple) else v
+      taken.append(f"{k}={config[k]}")
+  if taken:
+    logging.info("From %s: %s", path, ", ".join(taken))
+  return config
 
 
 def main(argv):
   from absl import flags
+  from tcl_jax import config_files
   FLAGS = flags.FLAGS
   if len(argv) > 1:
-    raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+    config_files.usage_error(f"unexpected arguments {argv[1:]}")
   if not FLAGS.checkpoint:
-    raise SystemExit("error: --checkpoint is required")
-  config = FLAGS.config
+    config_files.usage_error("--checkpoint is required (a converted checkpoint directory, a "
+                             "training workdir or a PyTorch TCL file)")
+  if not os.path.exists(FLAGS.checkpoint):
+    config_files.usage_error(f"--checkpoint={FLAGS.checkpoint} does not exist")
+  if FLAGS.workdir and os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    config_files.usage_error(f"--workdir={FLAGS.workdir} is a file; give a directory")
+  config_files.quiet_orbax_info()
+  given = {f.split(".")[0] for f in config_files.overrides(sys.argv)}
+  config = config_for_checkpoint(FLAGS.config, FLAGS.checkpoint, given)
   try:
     # Check every task's data before loading the model.
     for t in parse_tasks(config.tasks):
@@ -680,10 +712,9 @@ def main(argv):
   except (seg_data.DataError, ValueError) as e:
     raise SystemExit(f"error: {e}")
   from tcl_jax import convert
-  loader = getattr(convert, "load_any", convert.load_checkpoint)
   try:
-    cfg, params = loader(FLAGS.checkpoint)
-  except (FileNotFoundError, ValueError) as e:
+    cfg, params = convert.load_any(FLAGS.checkpoint)
+  except (ValueError, OSError) as e:
     raise SystemExit(f"error: cannot load checkpoint {FLAGS.checkpoint}: {e}")
   results = evaluate_tasks(params, cfg, config, progress=True)
   for t, r in results.items():
@@ -698,8 +729,10 @@ def main(argv):
 
 def run():
   from absl import app
+  from tcl_jax import config_files
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(config_files.parse_flags,
+                                                default_config="configs/eval.py"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ with explicit in/out shardings and the state donated. The per-step rng is
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import threading
@@ -301,11 +302,23 @@ def _expand(path: str, workdir: str) -> str:
 
 
 def make_train_iterator(config, workdir: str):
-  """The input pipeline's iterator: this host's share of each global batch."""
+  """The input pipeline's iterator: this host's share of each global batch (in-memory batches
+  with `config.input.in_memory`)."""
+  inp = config.input
+  if inp.get("in_memory"):
+    from tcl_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+    return in_memory.InMemoryIterator(
+        global_batch_size=config.batch_size, image_size=inp.image_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        context_length=config.model.clip.context_length)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tcl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from tcl_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
-  inp = config.input
   patterns = [_expand(p, workdir) for p in inp.train_files]
+  for p in patterns:  # a wrong path is the likeliest mistake: name it before reading anything
+    if not any(tf.io.gfile.exists(f) for f in input_pipeline.list_files(p)):
+      where = "" if "://" in p or os.path.isabs(p) else f" (relative to {os.getcwd()})"
+      raise ValueError(f"config.input.train_files: no file matches {p!r}{where}")
   kwargs = inp.get("options", ml_collections.ConfigDict()).to_dict()
   if inp.get("augment") is not None:  # AugmentConfig fields over the original's defaults
     kwargs["augment"] = augment_lib.AugmentConfig(image_size=inp.image_size,
@@ -354,10 +367,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_enter = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  resume_step = check_resume(config, workdir)  # before config.json is rewritten
+  if resume_step is not None and resume_step >= config.total_steps:
+    logging.info("%s is at step %d of total_steps=%d: nothing to train", workdir, resume_step,
+                 config.total_steps)
 
   # ---------------------------------------------------------------- logging
   is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  # A run with nothing to train writes no (empty) TensorBoard events file.
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief or (
+      resume_step is not None and resume_step >= config.total_steps))
   if is_chief:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
@@ -463,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.flush()
         raise NonFiniteLossError(msg)
 
-    history, pending, logged = [], [], []
+    history, pending, logged, saved = [], [], [], []
     prev_metrics = None
     step = first_step
     compiled = None
@@ -536,11 +555,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if (every(config.checkpoint_every_steps, step) or step == total or stop
               or eval_metrics is not None):
             check_finite(step, metrics)
-            best = ({"miou": eval_metrics["eval/average_miou"]}
-                    if eval_metrics and "eval/average_miou" in eval_metrics else None)
+            best = ({"miou": eval_metrics[AVERAGE_MIOU]}
+                    if eval_metrics and AVERAGE_MIOU in eval_metrics else None)
             timed = report.timed("checkpoint") if report else contextlib.nullcontext()
             with timed:
-              checkpointing.save(mngr, step, state, input_state_now(), metrics=best)
+              if checkpointing.save(mngr, step, state, input_state_now(), metrics=best):
+                saved.append(step)
           if stop:
             logging.warning("Preempted: checkpoint at step %d written, exiting.", step)
             preempted = True
@@ -551,16 +571,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       writer.flush()
     if not preempted:
       logging.info("Training done: %d steps in %.1fs", step - first_step, time.time() - t_start)
+  if is_chief:
+    print(format_run_summary(workdir, first_step, step, time.time() - t_enter, history, logged,
+                             saved), flush=True)
   return state, history + logged
 
 
+def check_resume(config, workdir: str) -> int | None:
+  """The latest checkpoint step in `workdir` (None: a new run), read from the files so that it
+  runs before config.json is rewritten.
+
+  Refuses (ValueError) to extend a finished run with a larger total_steps: the cosine decay is
+  laid out over total_steps, so the lr would jump back up mid-run while warmup and UST keep their
+  old lengths. (Resuming an unfinished run with another total_steps is allowed: that is how a
+  preempted run is shortened or lengthened on purpose.)
+  """
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    return None
+  latest = max(steps)
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      finished_at = json.load(f).get("total_steps")
+  except (OSError, ValueError):
+    finished_at = None
+  if finished_at is not None and latest >= finished_at and config.total_steps > finished_at:
+    raise ValueError(
+        f"{workdir} holds a finished run (step {latest} of total_steps={finished_at}); "
+        f"continuing it to total_steps={config.total_steps} would restart the decay of its lr "
+        f"schedule mid-run. Train in a new --workdir with --config.init_checkpoint={workdir} "
+        "to start from its weights")
+  return latest
+
+
+def format_run_summary(workdir: str, first_step: int, last_step: int, wall_s: float,
+                       history: list[dict], evals: list[dict], saved: list[int]) -> str:
+  """The table printed at the end of a run: steps, wall time, the last logged losses, the last
+  mIoU per task (%), the checkpoints written."""
+  rows = [("workdir", workdir),
+          ("steps", f"{first_step} -> {last_step} ({last_step - first_step} in this run)"),
+          ("wall time", f"{wall_s:.1f} s")]
+  train_logs = [h for h in history if "loss" in h]
+  if train_logs:
+    last = train_logs[-1]
+    for k in ["loss"] + sorted(k for k in last if k.endswith("_loss")):
+      rows.append((f"train/{k}", f"{last[k]:.4f}  (step {last['step']})"))
+  if evals:
+    last = evals[-1]
+    for k, v in last.items():
+      if k != "step":
+        rows.append((k, f"{v:.2f}  (step {last['step']})"))
+  rows.append(("checkpoints written",
+               ", ".join(map(str, saved)) + f"  (in {workdir}/checkpoints)" if saved else "none"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(["Run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+AVERAGE_MIOU = "eval/average_miou_percent"  # TensorBoard tag; also the best-checkpoint metric
+
+
 def _eval_scalars(results: dict) -> dict[str, float]:
-  """{"eval/<task>/miou", "eval/average_miou"} from evaluate_tasks' result (None -> skipped)."""
+  """{"eval/<task>/miou_percent", "eval/average_miou_percent"} from evaluate_tasks' result (None
+  -> skipped); the unit is in the name because TensorBoard shows nothing else."""
   out = {}
   for task, r in results.items():
     if task == "average":
       if r is not None:
-        out["eval/average_miou"] = float(r)
+        out[AVERAGE_MIOU] = float(r)
     elif isinstance(r, dict) and r.get("miou") is not None:
-      out[f"eval/{task}/miou"] = float(r["miou"])
+      out[f"eval/{task}/miou_percent"] = float(r["miou"])
   return out

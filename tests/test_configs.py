@@ -5,6 +5,7 @@ import os
 
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
 import pytest
 
 from conftest import REPO, load_config_module
@@ -28,7 +29,7 @@ def test_config_loads_and_locks(name, arg):
   config.lock()
   with pytest.raises(AttributeError):
     config.no_such_field_anywhere = 1
-  if "model" in config:  # training configs build a valid TCLConfig
+  if "model" in config and config.get("model_kind", "tcl") == "tcl":  # a valid TCLConfig
     cfg = tcl_lib.TCLConfig.from_dict(config.model.to_dict())
     assert cfg.clip.image_resolution == config.input.image_size
     assert config.batch_size > 0 and config.total_steps > 0
@@ -52,6 +53,31 @@ def test_paper_recipe_values():
   assert (c.evals.pamr, c.evals.bg_thresh, c.evals.kp_w) == (True, 0.4, 0.3)
   assert len(c.input.train_files) == 2  # gcc3m + gcc12m
   assert c.mesh.axes == ("data",) and c.mesh.axis_types == "auto"
+
+
+def test_smoke_is_the_recipe_on_in_memory_batches(tmp_path):
+  """configs/tcl.py:smoke: the recipe's model, image size and per-device batch, with batches made
+  in memory (no data files or weights read; nothing written)."""
+  from tcl_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  recipe, c = load_config_module("tcl").get_config(), load_config_module("tcl").get_config("smoke")
+  assert c.model == recipe.model and c.input.image_size == recipe.input.image_size == 224
+  assert c.batch_size == recipe.batch_size // 16 == 64  # per V100 in the paper
+  assert c.init_checkpoint == "" and c.evals.tasks == "" and c.total_steps == 2
+  it = train.make_train_iterator(c, str(tmp_path))
+  first = next(it)
+  assert first["image"].shape == (64, 224, 224, 3) and first["image"].dtype == "float32"
+  assert first["text_tokens"].shape == (64, 77) and first["text_tokens"].dtype == "int32"
+  sot, eot = tokenizer.tokenize("")[0, :2]
+  assert (first["text_tokens"][:, 0] == sot).all() and (first["text_tokens"] == eot).sum() == 64
+  assert os.listdir(tmp_path) == []
+  state = it.get_state()
+  second = next(it)
+  assert not np.array_equal(first["image"], second["image"])
+  it.set_state(state)  # resume: the same next batch
+  again = next(it)
+  np.testing.assert_array_equal(again["image"], second["image"])
+  np.testing.assert_array_equal(again["text_tokens"], second["text_tokens"])
 
 
 def test_fsdp_arg_adds_an_fsdp_axis():

@@ -41,6 +41,7 @@ def small_clip():
 def small_config(**overrides) -> ml_collections.ConfigDict:
   """configs/tcl.py:smoke with an even smaller CLIP (32 px, 2 + 1 layers)."""
   c = tcl_config.get_config("smoke")
+  c.batch_size = 8  # FakeIterator(8, ...)
   c.model.clip = small_clip()
   c.model.ie_freeze = 1
   c.input.image_size = 32
@@ -346,10 +347,11 @@ def test_non_finite_stop_keeps_last_good_and_best_checkpoints(tmp_path, monkeypa
   events.Reload()
   tags = events.Tags()["tensors"]
   for tag in ("train/loss", "train/tcli_loss", "train/grad_norm", "train/lr", "steps_per_sec",
-              "eval/voc20/miou", "eval/average_miou", "train/masks", "input/bad_record"):
+              "eval/voc20/miou_percent", "eval/average_miou_percent", "train/masks",
+              "input/bad_record"):
     assert tag in tags, tag
-  assert "eval/context59/miou" not in tags  # None results are skipped
-  assert [e.step for e in events.Tensors("eval/voc20/miou")] == [1, 2, 3]
+  assert "eval/context59/miou_percent" not in tags  # None results are skipped
+  assert [e.step for e in events.Tensors("eval/voc20/miou_percent")] == [1, 2, 3]
   assert [e.step for e in events.Tensors("train/masks")] == [2]
 
 

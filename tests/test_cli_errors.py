@@ -1,0 +1,136 @@
+"""Every command-line mistake ends in one `error: ...` line on stderr and exit status 2 (usage) or
+1 (a run that failed), never a traceback (tcl_jax/config_files.py has the convention).
+
+Usage errors are found before TensorFlow or JAX is imported: those runs put a `tensorflow` and a
+`jax` on the path that fail on import, so any import of them would show up as a traceback.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def no_heavy_imports(tmp_path_factory):
+  """A PYTHONPATH entry whose tensorflow and jax packages raise when imported."""
+  root = tmp_path_factory.mktemp("poisoned")
+  for name in ("tensorflow", "jax"):
+    os.makedirs(root / name)
+    (root / name / "__init__.py").write_text(f"raise ImportError('{name} was imported')\n")
+  return str(root)
+
+
+def _run(module, *args, cwd=REPO, pythonpath=None, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+  if pythonpath:
+    env["PYTHONPATH"] = pythonpath
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _usage_error(proc) -> str:
+  """The one stderr line of a usage error (exit status 2, nothing else printed)."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert proc.stdout == ""
+  return lines[0]
+
+
+def _runtime_error(proc) -> str:
+  """The last stderr line of a failed run (exit status 1; log lines may precede it)."""
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return proc.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m tcl_jax.main
+# ------------------------------------------------------------------------------------------------
+
+def test_main_config_file_not_found(no_heavy_imports, tmp_path):
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/nosuch.py", f"--workdir={tmp_path}",
+                           pythonpath=no_heavy_imports))
+  assert line == (f"error: --config=configs/nosuch.py: config file configs/nosuch.py not found "
+                  f"(in {REPO} or in this checkout, {REPO})")
+
+
+def test_main_misspelt_field_prints_the_hint(no_heavy_imports, tmp_path):
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
+                           f"--workdir={tmp_path}", "--config.totl_steps=5",
+                           pythonpath=no_heavy_imports))
+  assert line == ("error: --config.totl_steps: the config has no field 'totl_steps'; did you mean "
+                  "--config.total_steps?")
+
+
+def test_main_field_of_another_group_points_to_it(no_heavy_imports, tmp_path):
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path}",
+                           "--config.tasks=voc", pythonpath=no_heavy_imports))
+  assert line == ("error: --config.tasks: the config has no field 'tasks'; did you mean "
+                  "--config.evals.tasks?")
+
+
+def test_main_from_another_directory_finds_configs(no_heavy_imports, tmp_path):
+  # The README's relative config path resolves against the checkout; proven by the config's
+  # fields being known (the hint) although the cwd has no configs/.
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py:steps=3",
+                           "--workdir=wd", "--config.model.ie_freez=2", cwd=tmp_path,
+                           pythonpath=no_heavy_imports))
+  assert line == ("error: --config.model.ie_freez: config.model has no field 'ie_freez'; did you "
+                  "mean --config.model.ie_freeze?")
+
+
+def test_main_bad_config_arg_value_and_missing_flag(no_heavy_imports, tmp_path):
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py:smok", f"--workdir={tmp_path}",
+                           pythonpath=no_heavy_imports))
+  assert line == ("error: --config=configs/tcl.py:smok: KeyError: unknown config arg 'smok'; "
+                  "known: ['fsdp', 'smoke']")
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path}",
+                           "--config.total_steps=ten", pythonpath=no_heavy_imports))
+  assert line == ("error: flag --config.total_steps=ten: invalid literal for int() with base 10: "
+                  "'ten'")
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", pythonpath=no_heavy_imports))
+  assert line == "error: --workdir is required"
+
+
+def test_main_workdir_that_is_a_file(no_heavy_imports, tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("x")
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={path}",
+                           pythonpath=no_heavy_imports))
+  assert line == f"error: --workdir={path} is a file; give a directory (it is created if missing)"
+
+
+def test_main_train_files_matching_nothing(tmp_path):
+  pattern = str(tmp_path / "nowhere" / "train-*.tfrecord")
+  proc = _run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path / 'wd'}",
+              f"--config.input.train_files=('{pattern}',)")
+  assert _runtime_error(proc) == f"error: config.input.train_files: no file matches '{pattern}'"
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m tcl_jax.evaluate (checks made before any data or model is read)
+# ------------------------------------------------------------------------------------------------
+
+def test_evaluate_usage_errors(tmp_path):
+  line = _usage_error(_run("tcl_jax.evaluate", "--config.tasks=voc"))
+  assert line.startswith("error: --checkpoint is required")
+  line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path / 'nope'}"))
+  assert line == f"error: --checkpoint={tmp_path / 'nope'} does not exist"
+  line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.task=voc"))
+  assert line == ("error: --config.task: the config has no field 'task'; did you mean "
+                  "--config.tasks?")
+
+
+def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tmp_path):
+  # The default --config (configs/eval.py) is found from any directory: the run gets as far as
+  # looking for the data (a runtime failure, exit status 1).
+  proc = _run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.tasks=voc20",
+              "--config.data_root=nodata", cwd=tmp_path)
+  assert _runtime_error(proc) == (
+      "error: voc20: data root nodata/VOCdevkit/VOC2012 does not exist (set --config.data_root "
+      "to the folder holding VOCdevkit/VOC2012)")
