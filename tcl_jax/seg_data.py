@@ -21,6 +21,8 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from tcl_jax.data import synthetic
+
 IGNORE_INDEX = 255
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +189,11 @@ TASKS = {
     "t_voc20": _voc("t_voc20", "PascalVOCDataset20", VOC20_CLASSES, True, split="train"),
     "t_context59": _context("t_context59", "PascalContextDataset59", CONTEXT59_CLASSES, True,
                             split="train"),
+    # The miniature's shapes world (tcl_jax/data/synthetic.py) in the VOC layout, with a
+    # background class (so a bg_thresh channel, as VOC) and one class per colour-shape pair.
+    "shapes": TaskSpec("shapes", "PascalVOCDataset", "shapes/VOC2012", "JPEGImages",
+                       "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt",
+                       synthetic.CLASSES, False, "shapes"),
 }
 
 BENCHMARKS = ("voc", "voc20", "context", "context59", "coco_stuff", "coco_object", "cityscapes",
@@ -392,6 +399,7 @@ def write_synthetic_segmentation(root: str, task: str, num_images: int = 2, seed
   `<id>_labelTrainIds.png` and TCL's `<id>_instanceTrainIds.png`.
   Cityscapes: `<city>/<city>_..._leftImg8bit.png` and `..._gtFine_labelTrainIds.png`.
   ADE20K: `ADE_val_*.jpg` and PNG labels 0..150 (0 = other, ignored through reduce_zero_label).
+  Shapes (the miniature's world): VOC layout, JPEG scenes and their exact palette PNG labels.
   """
   spec = get_task(task)
   layout = spec.layout
@@ -399,7 +407,17 @@ def write_synthetic_segmentation(root: str, task: str, num_images: int = 2, seed
   base = os.path.join(root, spec.root)
   sizes = _sizes(rng, num_images)
 
-  if layout in ("voc", "context"):
+  if layout == "shapes":  # scenes of the shapes world's evaluation stream, 96 x 96
+    ids = [f"shapes_{i:06d}" for i in range(num_images)]
+    for i, stem in enumerate(ids):
+      rgb, label, _, _ = synthetic.scene(seed, synthetic.STREAM_EVAL, i)
+      _save_image(os.path.join(base, spec.img_dir, stem + ".jpg"), rgb)
+      _save_png(os.path.join(base, spec.ann_dir, stem + ".png"), label, palette=True)
+    split_dir = os.path.join(base, os.path.dirname(spec.split))
+    os.makedirs(split_dir, exist_ok=True)
+    with open(os.path.join(split_dir, "val.txt"), "w") as f:
+      f.write("".join(s + "\n" for s in ids))
+  elif layout in ("voc", "context"):
     n_values = 21 if layout == "voc" else 60
     prefix = "2007_" if layout == "voc" else "2008_"
     ids = [f"{prefix}{i:06d}" for i in range(1, num_images + 1)]

@@ -288,7 +288,7 @@ def test_task_specs_classes():
 
 def test_synthetic_layouts_and_reader(tmp_path):
   root = str(tmp_path)
-  for task in sd.BENCHMARKS:
+  for task in sd.BENCHMARKS + ("shapes",):
     sd.write_synthetic_segmentation(root, task, num_images=2, seed=0)
   names = {t: sd.SegDataset(t, root).names for t in sd.TASKS}
   assert names["voc"] == ["2007_000001.jpg", "2007_000002.jpg"] == names["t_voc20"]
@@ -310,7 +310,7 @@ def test_synthetic_layouts_and_reader(tmp_path):
       assert s.label.shape == s.image.shape[:2] and 48 <= min(s.label.shape)
       values = set(np.unique(s.label).tolist())
       top = {"voc": 20, "context": 59, "coco_stuff": 170, "coco_object": 80, "cityscapes": 18,
-             "ade20k": 150}[task if task.startswith("coco") else sd.TASKS[task].layout]
+             "ade20k": 150, "shapes": 12}[task if task.startswith("coco") else sd.TASKS[task].layout]
       assert max(values - {255}) <= top
       if task == "coco_object":
         assert 255 not in values

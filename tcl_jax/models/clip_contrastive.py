@@ -1,0 +1,32 @@
+"""A CLIP trained from scratch with CLIP's own objective: the loop's second model kind.
+
+`config.model_kind = "clip"` (configs/miniature_clip.py) makes `tcl_jax.train.build_model` return
+this model: parameters {"clip": {"visual", "text"}, "logit_scale"}, loss = symmetric InfoNCE
+between the pooled image and text embeddings of the global batch, temperature learned from
+1/0.07 (CLIP's initialisation; clamped at 100 as TCL's own scales).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcl_jax import losses
+from tcl_jax.models import clip as clip_lib
+
+
+def init_params(cfg: clip_lib.CLIPConfig, rng) -> dict:
+  return {"clip": clip_lib.init_clip_params(cfg, rng),
+          "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
+
+
+def contrastive_loss(params, cfg: clip_lib.CLIPConfig, images, text_tokens,
+                     compute_dtype=jnp.float32):
+  """(loss, aux) of a batch: images [B, H, W, 3] normalized, text_tokens int [B, L]."""
+  image_emb = clip_lib.encode_image(params["clip"], cfg, images, compute_dtype)
+  text_emb = clip_lib.encode_text(params["clip"], cfg, text_tokens, compute_dtype)
+  loss = losses.info_nce(image_emb, text_emb, params["logit_scale"])
+  # Retrieval accuracy in the batch (image -> its own caption), a readable sign of learning.
+  sims = losses.l2_normalize(image_emb.astype(jnp.float32)) @ losses.l2_normalize(
+      text_emb.astype(jnp.float32)).T
+  acc = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0]))
+  return loss, {"clip_loss": loss, "i2t_accuracy": jax.lax.stop_gradient(acc)}

@@ -1,0 +1,186 @@
+"""TCL in miniature: the shapes world, the CLIP model kind, the shipped CLIP file, and (slow) the
+default run's claim that TCL training beats its frozen-CLIP baseline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config_module
+from tcl_jax import seg_data
+from tcl_jax.data import synthetic
+
+
+# ----------------------------------------------------------------------------------------------
+# The world
+# ----------------------------------------------------------------------------------------------
+
+def _bbox_fill(mask):
+  ys, xs = np.nonzero(mask)
+  return mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+
+
+def test_labels_match_the_drawn_objects():
+  fills = {s: [] for s in synthetic.SHAPES}
+  named_counts = []
+  for i in range(150):
+    rgb, label, objects, caption = synthetic.scene(7, synthetic.STREAM_TRAIN, i)
+    assert rgb.shape == (96, 96, 3) and label.shape == (96, 96) and label.dtype == np.uint8
+    present = {synthetic.CLASSES[v] for v in np.unique(label) if v}
+    assert set(objects) <= present and 1 <= len(present) <= 3
+    for name in present:  # every labelled pixel has its class's colour (within the jitter)
+      colour = np.asarray(synthetic.COLORS[name.split(" ")[0]])
+      pix = rgb[label == synthetic.CLASSES.index(name)].astype(int)
+      assert np.abs(pix - colour).max() <= 20
+      assert (pix == pix[0]).all()  # one object, one fill
+    # Background pixels are far from every object colour.
+    bg = rgb[label == 0].astype(int)
+    for colour in synthetic.COLORS.values():
+      assert np.abs(bg - np.asarray(colour)).max(axis=1).min() > 20
+    # The caption names only visible objects, each once, with its colour and shape.
+    named = [o for o in synthetic.CLASSES[1:] if f"a {o}" in caption]
+    assert named and set(named) <= set(objects)
+    named_counts.append(len(named) / len(objects))
+  for i in range(150):
+    _, label, objects, _ = synthetic.scene(7, synthetic.STREAM_EVAL, i)
+    if len(np.unique(label)) == 2:  # a lone object is whole: compare its region with its shape
+      fills[objects[0].split(" ")[1]].append(_bbox_fill(label > 0))
+  assert min(fills["square"]) > 0.97
+  assert 0.72 < np.mean(fills["circle"]) < 0.85
+  assert 0.4 < np.mean(fills["triangle"]) < 0.6
+  assert 0 < np.mean(np.asarray(named_counts) < 1) < 0.5  # some captions name only some objects
+
+
+def test_world_is_deterministic_in_the_seed():
+  a, b, c = (synthetic.scene(s, synthetic.STREAM_TRAIN, 3) for s in (0, 0, 1))
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert a[3] == b[3]
+  assert not np.array_equal(a[0], c[0])
+  # The evaluation stream is not the training stream.
+  assert not np.array_equal(a[0], synthetic.scene(0, synthetic.STREAM_EVAL, 3)[0])
+
+
+def test_segmentation_set_reads_back_as_the_scenes(tmp_path):
+  root = str(tmp_path)
+  seg_data.write_synthetic_segmentation(root, "shapes", num_images=5, seed=2)
+  ds = seg_data.SegDataset("shapes", root)
+  assert ds.spec.classes == synthetic.CLASSES and ds.spec.with_bg
+  assert ds.spec.text_classes[0] == "red circle"
+  samples = list(ds)
+  assert len(samples) == 5 and ds.num_skipped == 0
+  for i, s in enumerate(samples):
+    rgb, label, _, _ = synthetic.scene(2, synthetic.STREAM_EVAL, i)
+    np.testing.assert_array_equal(s.label, label)  # palette PNG: exact
+    assert np.abs(s.image[..., ::-1].astype(int) - rgb).mean() < 4  # JPEG, BGR as mmseg reads
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the CLIP model kind and its weights file
+# ----------------------------------------------------------------------------------------------
+
+def _numpy_symmetric_info_nce(img, txt, scale):
+  img = img / np.linalg.norm(img, axis=1, keepdims=True)
+  txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+  logits = img @ txt.T * scale
+  def ce(l):
+    l = l - l.max(1, keepdims=True)
+    return np.mean(np.log(np.exp(l).sum(1)) - np.diag(l))
+  return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def test_clip_kind_loss_is_symmetric_info_nce():
+  from tcl_jax import tokenizer
+  from tcl_jax import train
+  from tcl_jax.models import clip as clip_lib
+  config = load_config_module("miniature_clip").get_config()
+  model = train.build_model(config)
+  params = model.init(jax.random.key(1))
+  images = jax.random.normal(jax.random.key(2), (4, 96, 96, 3))
+  tokens = tokenizer.tokenize([synthetic.scene(0, 0, i)[3] for i in range(4)])
+  loss, aux = model.loss(params, {"image": images, "text_tokens": tokens}, None)
+  img = np.asarray(clip_lib.encode_image(params["clip"], model.cfg, images))
+  txt = np.asarray(clip_lib.encode_text(params["clip"], model.cfg, tokens))
+  want = _numpy_symmetric_info_nce(img.astype(np.float64), txt.astype(np.float64), 1 / 0.07)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+  assert float(aux["clip_loss"]) == float(loss) and 0 <= float(aux["i2t_accuracy"]) <= 1
+
+
+def test_clip_kind_trains_every_parameter_through_the_loop(tmp_path):
+  from tcl_jax import train
+  config = load_config_module("miniature_clip").get_config("steps=2")
+  config.batch_size = 8
+  config.log_every_steps = 1
+  config.synthetic.num_train_examples = 32
+  config.synthetic.num_shards = 2
+  config.input.options.shuffle_buffer = 32
+  model = train.build_model(config)
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  before = jax.device_get(model.init(init_rng))
+  state, history = train.train_and_evaluate(config, str(tmp_path), model=model)
+  assert int(state.step) == 2
+  assert {"clip_loss", "i2t_accuracy"} <= set(history[-1])
+  after = jax.device_get(state.params)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+  assert all(jax.tree.leaves(changed))  # no frozen tower, no UST group in stage 1
+
+
+def test_clip_file_round_trip_keeps_every_world_token(tmp_path):
+  from tcl_jax import miniature
+  from tcl_jax import tokenizer
+  from tcl_jax.models import clip as clip_lib
+  from tcl_jax.models import tcl
+  cfg = tcl.tiny_config().clip
+  params = jax.device_get(clip_lib.init_clip_params(cfg, jax.random.key(0)))
+  path = str(tmp_path / "clip.npz")
+  miniature.save_clip(params, path, {"command": "x"})
+  loaded = miniature.load_clip(path)
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  # The text of the world (captions, evaluation prompts) encodes exactly as before.
+  texts = [synthetic.scene(5, 0, i)[3] for i in range(64)] + ["a photo of a blue triangle."]
+  tokens = tokenizer.tokenize(texts)
+  np.testing.assert_array_equal(clip_lib.encode_text(loaded, cfg, tokens),
+                                clip_lib.encode_text(params, cfg, tokens))
+  np.testing.assert_array_equal(loaded["visual"]["conv1"]["kernel"],
+                                params["visual"]["conv1"]["kernel"])
+  assert os.path.getsize(path) < 5 * 2**20
+
+
+def test_shipped_clip_matches_the_config():
+  from tcl_jax import miniature
+  from tcl_jax.models import tcl
+  cfg = load_config_module("synthetic").get_config()
+  clip = miniature.load_clip(os.path.join(REPO, cfg.miniature.clip_weights))
+  expected = jax.eval_shape(lambda: tcl.init_params(tcl.tiny_config(), jax.random.key(0))["clip"])
+  assert jax.tree.map(np.shape, clip) == jax.tree.map(lambda s: s.shape, expected)
+  with np.load(miniature.ASSET) as z:
+    assert json.loads(str(z["meta"]))["command"] == miniature.REBUILD_COMMAND
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the claim (slow)
+# ----------------------------------------------------------------------------------------------
+
+# The full default run (600 steps) exceeds this margin comfortably (README: +XX points).
+SHORT_STEPS, MARGIN = 200, 5.0
+
+
+@pytest.mark.slow
+def test_short_miniature_beats_the_frozen_clip_baseline(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as the README's command
+  r = subprocess.run(
+      [sys.executable, "-m", "tcl_jax.main", f"--config=configs/synthetic.py:steps={SHORT_STEPS}",
+       f"--workdir={tmp_path}", "--config.miniature.num_mask_images=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(tmp_path / "miniature.json") as f:
+    out = json.load(f)
+  chance = 100 / len(synthetic.CLASSES)
+  assert out["baseline_miou"] > chance, out
+  assert out["tcl_miou"] >= out["baseline_miou"] + MARGIN, out
+  assert "frozen-CLIP baseline" in r.stdout
+  assert os.path.getsize(tmp_path / "miniature_masks.png") > 0
