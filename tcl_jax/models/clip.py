@@ -7,6 +7,7 @@ Parameter names follow the PyTorch keys (`resblocks_3` for `resblocks.3`, `ln_1`
 import dataclasses
 from typing import Any, Optional
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,30 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def attention_implementation(dtype) -> str:
+  """'cudnn' (the fused flash-attention kernel) for 16-bit compute on an NVIDIA GPU, else 'xla'."""
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def attention(q, k, v, *, causal: bool, implementation: Optional[str] = None):
+  """softmax(q k^T / sqrt(dh)) v on [B, L, heads, dh] with `jax.nn.dot_product_attention`.
+
+  `implementation` None picks `attention_implementation(q.dtype)`. cuDNN rejects some shapes and
+  setups (head dim > 128 before Hopper, no cuDNN, ROCm) at trace time; those fall back to 'xla',
+  which computes the logits and the softmax in float32 whatever the input dtype.
+  """
+  impl = implementation or attention_implementation(q.dtype)
+  if impl != "xla":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+      logging.log_first_n(logging.WARNING, "attention: %s unavailable for %s %s (%s); using xla",
+                          1, impl, q.shape, q.dtype, e)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
 class MultiheadAttention(nn.Module):
   """torch.nn.MultiheadAttention (fused in_proj, out_proj) on [B, L, D]."""
   width: int
@@ -74,8 +99,7 @@ class MultiheadAttention(nn.Module):
       return out_proj(v)
     dh = self.width // self.heads
     shape = (b, l, self.heads, dh)
-    y = jax.nn.dot_product_attention(
-        q.reshape(shape), k.reshape(shape), v.reshape(shape), is_causal=causal)
+    y = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), causal=causal)
     return out_proj(y.reshape(b, l, d))
 
 

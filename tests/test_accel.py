@@ -1,0 +1,112 @@
+"""Attention kernels: cuDNN's fused attention where it applies (bf16 on NVIDIA GPUs), XLA elsewhere.
+
+On CPU: the XLA path against plain numpy attention, the selection rule, and the fallback when
+cuDNN is unavailable. On a GPU (run with JAX_PLATFORMS=cuda, e.g. bench/gpu.sh): cuDNN against
+XLA at ViT-B/16 and text-tower shapes, forward and gradients, and the whole TCL loss.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tcl_jax.models import clip as clip_lib
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
+
+
+def _qkv(shape, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in ks]
+
+
+def _numpy_attention(q, k, v, causal):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if causal:
+    l = q.shape[1]
+    logits = np.where(np.tril(np.ones((l, l), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_attention_is_softmax_attention(causal):
+  q, k, v = _qkv((2, 37, 3, 16), jnp.float32)
+  y = clip_lib.attention(q, k, v, causal=causal, implementation="xla")
+  np.testing.assert_allclose(np.asarray(y), _numpy_attention(q, k, v, causal), atol=2e-6)
+  # bf16 inputs: logits and softmax stay float32 inside, so only input/output rounding remains.
+  qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  yb = clip_lib.attention(qb, kb, vb, causal=causal, implementation="xla")
+  assert yb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(yb, np.float32), _numpy_attention(qb, kb, vb, causal),
+                             atol=2e-2)
+
+
+def test_selection_uses_cudnn_only_for_16_bit_on_gpu():
+  expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  assert clip_lib.attention_implementation(jnp.bfloat16) == expected
+  assert clip_lib.attention_implementation(jnp.float16) == expected
+  assert clip_lib.attention_implementation(jnp.float32) == "xla"
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN is present on this GPU")
+def test_cudnn_request_without_cudnn_falls_back_to_xla():
+  q, k, v = _qkv((2, 37, 3, 16), jnp.bfloat16)
+  f = jax.jit(lambda q, k, v: clip_lib.attention(q, k, v, causal=True, implementation="cudnn"))
+  want = clip_lib.attention(q, k, v, causal=True, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(f(q, k, v), np.float32), np.asarray(want, np.float32))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@on_gpu
+@pytest.mark.parametrize("shape,causal", [((8, 197, 12, 64), False),  # ViT-B/16 image tower
+                                          ((8, 77, 8, 64), True)])  # text tower
+def test_cudnn_matches_xla_on_gpu(shape, causal):
+  q, k, v = _qkv(shape, jnp.bfloat16, seed=1)
+  ct = _qkv(shape, jnp.bfloat16, seed=2)[0]
+
+  def run(impl):
+    f = lambda q, k, v: jnp.sum(clip_lib.attention(q, k, v, causal=causal, implementation=impl)
+                                .astype(jnp.float32) * ct)
+    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    hlo = fn.lower(q, k, v).compile().as_text()
+    return fn(q, k, v), hlo
+
+  (y_c, g_c), hlo_c = run("cudnn")
+  (y_x, g_x), hlo_x = run("xla")
+  assert "fmha" in hlo_c.lower() and "fmha" not in hlo_x.lower()  # cuDNN fused attention ran
+  assert _rel(y_c, y_x) < 1e-2
+  for a, b in zip(g_c, g_x):
+    assert _rel(a, b) < 2e-2
+
+
+@on_gpu
+def test_tcl_loss_and_grads_same_with_cudnn_and_xla_on_gpu(monkeypatch):
+  from tcl_jax.models import tcl as tcl_lib
+  cfg = tcl_lib.tiny_config()
+  params = tcl_lib.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((4, 96, 96, 3)), jnp.float32)
+  tokens = np.zeros((4, 77), np.int32)
+  tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, rng.integers(300, 40000, (4, 5)), 49407
+
+  def loss_and_grads():
+    f = lambda tr: tcl_lib.tcl_loss(dict(tr, clip=params["clip"]), cfg, images, jnp.asarray(tokens),
+                                    rng=jax.random.key(1), compute_dtype=jnp.bfloat16)[0]
+    tr = {k: v for k, v in params.items() if k != "clip"}
+    return jax.jit(jax.value_and_grad(f))(tr)
+
+  loss_c, g_c = loss_and_grads()
+  monkeypatch.setattr(clip_lib, "attention_implementation", lambda dtype: "xla")
+  loss_x, g_x = loss_and_grads()
+  assert abs(float(loss_c) - float(loss_x)) <= 2e-2 * abs(float(loss_x))
+  for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_x)):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if np.linalg.norm(b) > 0 and a.size > 1:
+      assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.99
