@@ -10,8 +10,8 @@ release `tcl.pth` also needs `--clip ViT-B-16.pt`); `--image` a path, an http(s)
 (tcl_jax/evaluate.py: keep-ratio resize to short side 448, ImageNet normalisation, sliding 448
 windows, PAMR and the KP branch, a constant background channel at `bg_thresh`, bilinear resize
 back, argmax). Jitted programs are keyed on bucketed shapes (windows are always crop-sized, their
-count is padded, post-processing sizes are padded to 64-pixel buckets, class lists to multiples of
-8, bg_thresh is traced), so another image of a similar size reuses them.
+count is padded, post-processing sizes are padded to 64-pixel buckets, class lists to powers of
+two, bg_thresh is traced), so another image of a similar size reuses them.
 
 In Python: `seg = Segmenter(params, cfg)(rgb_uint8, ["dog", "grass"])` -> `seg.labels` (0 =
 background), `seg.masks`, `seg.scores`, `seg.simmaps`, `seg.shares()`;
@@ -44,9 +44,13 @@ PALETTE = np.array([
 
 SAMPLE_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sample.png")
 SAMPLE_CLASSES = "sky, grass, house, sun, tree"
-# Class lists are padded with copies of the first class to a multiple of this (fewer compiles);
-# a copy ties with the first class and argmax keeps the first, so copies never win a pixel.
-CLASS_BUCKET = 8
+
+
+def class_bucket(n: int) -> int:
+  """Class lists are padded to the next power of two with copies of the first class (few compiles,
+  at most twice the per-class work, e.g. PAMR's); a copy ties with the first class and argmax
+  keeps the first, so copies never win a pixel."""
+  return 1 << max(n - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +123,8 @@ class Segmenter:
   def text_embedding(self, classes: Sequence[str]):
     key = tuple(classes)
     if key not in self._text:
-      self._text[key] = evaluate.class_text_embedding(self.params, self.cfg, key, self.template,
-                                                      class_pad=CLASS_BUCKET)
+      padded = key + key[:1] * (class_bucket(len(key)) - len(key))
+      self._text[key] = evaluate.class_text_embedding(self.params, self.cfg, padded, self.template)
     return self._text[key]
 
   def __call__(self, image_rgb: np.ndarray, classes: Sequence[str], *, pamr: bool = True,

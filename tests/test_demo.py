@@ -72,10 +72,12 @@ def test_similar_sizes_and_other_classes_do_not_recompile(model, caplog):
       fn()
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
 
-  # Another size in the same 64-pixel buckets, other classes (same bucket of 8), other bg_thresh.
-  assert compiles(lambda: s(_image(52, 72, 1), ["cat", "grass"], bg_thresh=0.3)) == []
+  # Another size in the same 64-pixel buckets, other classes (4 = the same power of two), another
+  # bg_thresh.
+  assert compiles(lambda: s(_image(52, 72, 1), ["cat", "grass", "a", "b"], bg_thresh=0.3)) == []
   # The count is real: a size in another bucket compiles the post-processing.
-  assert compiles(lambda: s(_image(50, 140, 2), ["cat", "grass"], bg_thresh=0.3))
+  assert compiles(lambda: s(_image(50, 140, 2), ["cat", "grass", "a", "b"], bg_thresh=0.3))
+  assert [demo.class_bucket(n) for n in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16]
 
 
 def test_bad_inputs(model):
