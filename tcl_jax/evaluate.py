@@ -682,8 +682,10 @@ def config_for_checkpoint(config, checkpoint: str, given: set):
     if k in config and k not in given and v not in ("", None):
       if k == "data_root":  # as the training loop expands it (train._expand)
         v = v.format(workdir=os.path.abspath(checkpoint))
-      config[k] = type(config[k])(v) if isinstance(config[k], tuple) else v
-      taken.append(f"{k}={config[k]}")
+      v = type(config[k])(v) if isinstance(config[k], tuple) else v
+      if v != config[k]:
+        config[k] = v
+        taken.append(f"{k}={v}")
   if taken:
     logging.info("From %s: %s", path, ", ".join(taken))
   return config

@@ -3,6 +3,7 @@ random-weights tiny TCL saved as a checkpoint directory."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -126,3 +127,42 @@ def test_cli_missing_data_is_one_line_error(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: unknown segmentation task 'nope'")
+
+
+def test_cli_on_a_training_workdir_reproduces_the_training_time_eval(tmp_path):
+  """`--checkpoint=<workdir>` with no other flag evaluates as the run did: its config.json's
+  evals (tasks, data root, the small synthetic scales, PAMR off) and its latest parameters."""
+  from conftest import load_config_module  # pylint: disable=g-import-not-at-top
+  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  tcl_config = load_config_module("tcl")
+  workdir = tmp_path / "run"
+  sd.write_synthetic_segmentation(str(workdir / "data" / "seg"), "voc", num_images=2, seed=0)
+  config = tcl_config.get_config("smoke")
+  with config.unlocked():
+    config.model = tcl_config.common.tcl_model(tcl_config.common.clip_tiny(), ie_freeze=3)
+  config.input.image_size = 96
+  config.batch_size = 8
+  config.total_steps = 1
+  config.eval_at_end = True
+  config.checkpoint.async_save = False
+  # Random weights: at bg_thresh 0.1 the scores (not only the background) decide the labels, so
+  # the numbers depend on the scales (4.41 here, 3.87 at configs/eval.py's; 14.87 at bg 0.4).
+  config.evals.update(dict(tasks="voc", data_root="{workdir}/data/seg", img_scale=(256, 96),
+                           crop=96, stride=48, pamr=False, batch=2, bg_thresh=0.1))
+  _, history = train.train_and_evaluate(config, str(workdir))
+  trained = [h for h in history if "eval/voc/miou_percent" in h]
+  assert [h["step"] for h in trained] == [1]
+
+  proc = _run_cli(f"--checkpoint={workdir}", f"--workdir={tmp_path / 'out'}", timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "out" / "results.json") as f:
+    res = json.load(f)
+  assert list(res) == ["voc", "average"]
+  assert res["voc"]["num_images"] == 2
+  assert res["voc"]["miou"] == trained[0]["eval/voc/miou_percent"] > 0
+  assert (f"From {workdir}/config.json: tasks=voc, data_root={workdir}/data/seg, pamr=False, "
+          "bg_thresh=0.1, img_scale=(256, 96), crop=96, stride=48, batch=2") in proc.stderr
+  assert "mIoU (%)" in proc.stdout
+  # Loading the workdir does not print orbax's INFO lines (about 26 of them).
+  info = [line for line in proc.stderr.splitlines() if re.match(r"I\d{4} ", line)]
+  assert info and all(" evaluate.py:" in line for line in info), info

@@ -96,3 +96,13 @@ def test_smoke_at_the_recipes_dims(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "0 -> 1 (1 in this run)" in proc.stdout
   assert "parameters by group" in proc.stderr
+
+
+def test_pytest_m_slow_selects_the_slow_tests():
+  """The README's `pytest -m slow`: the command line's -m replaces pyproject's `-m 'not slow'`."""
+  proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow",
+                         "tests/test_main_run.py"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert proc.stdout.splitlines()[0] == "tests/test_main_run.py::test_smoke_at_the_recipes_dims"
+  assert "1/5 tests collected (4 deselected)" in proc.stdout
