@@ -1,165 +1,369 @@
-"""Benchmark the jitted TCL loss + gradient (the training step without the optimizer update).
+"""Training and evaluation throughput of tcl_jax on this host's devices, with MFU.
 
-  python -m tcl_jax.bench [--preset tiny,vitb16] [--steps 5] [--dtype float32|bfloat16] [--remat]
-  python -m tcl_jax.bench --train vitb16 --batch 8 --steps 4   # the full training step
+  python -m tcl_jax.bench                          # ViT-B/16 dims, the full training step + eval
+  python -m tcl_jax.bench --batch 64 --remat       # per-device batch, rematerialised blocks
+  python -m tcl_jax.bench --max-batch              # the largest per-device batch that fits
+  python -m tcl_jax.bench --torch-ref DIR          # + the original PyTorch TCL, same device/batch
+  python -m tcl_jax.bench --json out.json
 
-`--train` runs `train_and_evaluate` (configs/tcl.py, random weights, synthetic in-memory batches,
-no eval/checkpoint) over all visible devices, e.g. 8 fake CPU devices with
-XLA_FLAGS=--xla_force_host_platform_device_count=8, and reports time to first step and steps/s.
+Training: the jitted `tcl_jax.train.train_step` (forward, backward, clipping, AdamW update) on a
+data-parallel mesh over all local devices, random weights and in-memory random batches, the
+masker backbone trainable (after UST). Compute is bfloat16 on accelerators and float32 on CPU
+(`--dtype` overrides), parameters float32. Reported: step time (mean over `--steps` steps after
+two warm-up steps), images/s, compile time, peak device memory, and MFU = model FLOPs per step /
+(step time x devices x the chip's peak bf16 FLOP/s). Model FLOPs come from XLA's cost analysis of
+the lowered step with remat off and XLA attention (cuDNN's fused attention is opaque to it), so
+remat's recomputation does not count as useful work. On CPU no MFU is given.
 
-Presets: `tiny` = the shared fixture's dims, batch 4 at 96x96; `vitb16` = real ViT-B/16 dims
-(random weights), batch 4 at 224x224, ie_freeze 11. Compile time is reported apart from the median
-step time. Reference (the original PyTorch TCL, forward+backward, same dims and batch, on the 2-core
-CPU of the development machines): 0.057 s/step (tiny), 9.2 s/step (ViT-B/16).
+Evaluation: `generate_masks` (the zero-shot protocol's per-window call, float32 as evaluate.py
+runs it) on batches of 448x448 windows with 21 classes (VOC + background), with and without PAMR.
+
+`--torch-ref DIR` times the original (tcl_jax.bench_torch; needs torch and einops) first, in a
+subprocess, on the same device and per-device batch, and reports our images/s over its images/s.
+Without it no ratio is printed: a figure measured on another machine is not a ratio.
+
+Needs only jax, flax, optax and numpy: no TensorFlow, clu, ml_collections or dataset.
 """
 
 import argparse
+import functools
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tcl_jax import optim
+from tcl_jax import sharding
+from tcl_jax import train
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
 
-TORCH_CPU_REFERENCE_S = {"tiny": 0.057, "vitb16": 9.2}
+# Dense bf16 peak FLOP/s per chip (vendor datasheets, no sparsity), matched in order against
+# jax's device_kind: more specific names first.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+    ("V100", 125e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+)
+
+# The original's forward+backward on CPU (shared/reference/time_reference.py), for context only.
+ORIGINAL_CPU_REFERENCE = ("original PyTorch TCL, ViT-B/16 dims, batch 4 at 224x224, float32 "
+                          "forward+backward: 9.2 s/step on a 2-core Intel Xeon (Sapphire Rapids) VM")
 
 
-def preset(name: str):
+class Fields(dict):
+  """A dict that reads like an ml_collections.ConfigDict (attributes, .get, .to_dict): the few
+  config fields train/optim/sharding read, without needing ml_collections here."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+  def to_dict(self):
+    return {k: v.to_dict() if isinstance(v, Fields) else v for k, v in self.items()}
+
+
+# configs/common.py:tcl_optim() (tests/test_bench.py keeps the two equal), with UST off so that
+# the masker backbone trains as after step 30k: the full step.
+OPTIM = Fields(base_lr=3e-4, min_lr=4e-5, lr_scale_reference_batch=4096, warmup_steps=15000,
+               warmup_start_factor=1e-4, ust_steps=0, weight_decay=0.05, clip_grad=5.0,
+               b1=0.9, b2=0.999, eps=1e-6, frozen_regex=r"^clip/", ust_regex=r"^masker/backbone/")
+MESH = Fields(shape=(-1,), axes=("data",), axis_types="auto", param_rules=((".*", "replicate"),))
+
+
+def preset(name: str) -> tuple[tcl_lib.TCLConfig, int]:
+  """(model config, training resolution): `vitb16` = the paper's dims (configs/tcl.py), `tiny` =
+  the shared fixture's (tests)."""
   if name == "tiny":
-    return tcl_lib.tiny_config(), 4, 96
+    return tcl_lib.tiny_config(), 96
   if name == "vitb16":
-    cfg = tcl_lib.TCLConfig(
-        clip=clip_lib.CLIPConfig(embed_dim=512, image_resolution=224, vision_layers=12,
-                                 vision_width=768, vision_patch_size=16, vision_heads=12,
-                                 context_length=77, vocab_size=49408, transformer_width=512,
-                                 transformer_heads=8, transformer_layers=12),
-        ie_freeze=11)
-    return cfg, 4, 224
+    return tcl_lib.TCLConfig(clip=clip_lib.CLIPConfig(), ie_freeze=11), 224
   raise ValueError(f"unknown preset {name!r} (tiny, vitb16)")
 
 
-def run(name: str, steps: int, dtype, remat: bool) -> dict:
-  cfg, batch, res = preset(name)
-  params = tcl_lib.init_params(cfg, jax.random.key(0))
-  frozen = params["clip"]
-  trainable = {k: v for k, v in params.items() if k != "clip"}
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((batch, res, res, 3)), jnp.float32)
-  tokens = np.zeros((batch, cfg.clip.context_length), np.int32)
-  tokens[:, 0] = 49406
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def device_label() -> str:
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
+  return f"{jax.device_count()} x {d.device_kind}"
+
+
+def peak_flops_per_chip() -> float | None:
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return None
+  for key, flops in PEAK_BF16_FLOPS:
+    if key.lower() in d.device_kind.lower():
+      return flops
+  return None
+
+
+def _random_batch(batch: int, res: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((batch, 77), np.int32)
+  tokens[:, 0], tokens[:, 9] = 49406, 49407
   tokens[:, 1:9] = rng.integers(300, 40000, (batch, 8))
-  tokens[:, 9] = 49407
-  tokens = jnp.asarray(tokens)
+  return {"image": rng.standard_normal((batch, res, res, 3), np.float32), "text_tokens": tokens}
 
-  def loss_and_grad(tr, clip_params, key):
-    f = lambda t: tcl_lib.tcl_loss(dict(t, clip=clip_params), cfg, images, tokens, rng=key,
-                                   compute_dtype=dtype, remat=remat)
-    (loss, _), grads = jax.value_and_grad(f, has_aux=True)(tr)
-    return loss, grads
 
-  t0 = time.perf_counter()
-  compiled = jax.jit(loss_and_grad).lower(trainable, frozen, jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(steps + 1):
+def _peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats()
+  return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+
+
+def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True):
+  """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
+  (with `materialize=False` the inputs are ShapeDtypeStructs: enough to lower the step)."""
+  config = Fields(model=Fields(cfg.to_dict()), compute_dtype=dtype, remat=remat, optim=OPTIM)
+  model = train.build_model(config)
+  mesh = sharding.make_mesh(MESH)
+  batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
+  init_rng, state_rng = jax.random.split(jax.random.key(0))
+  abstract_params = jax.eval_shape(model.init, init_rng)
+  tx, schedule = optim.make_optimizer(OPTIM, abstract_params, total_steps=50_000,
+                                      global_batch_size=global_batch)
+  labels = optim.param_labels(abstract_params, OPTIM.frozen_regex, OPTIM.ust_regex)
+  create = functools.partial(train.create_train_state, tx=tx)
+  abstract_state = jax.eval_shape(create, abstract_params, state_rng)
+  state_sharding = sharding.state_shardings(mesh, abstract_state, MESH)
+  step = train.make_jit_train_step(model=model, tx=tx, labels=labels, schedule=schedule,
+                                   config=config, state_sharding=state_sharding,
+                                   batch_sharding=batch_sharding, repl=repl)
+  if not materialize:
+    spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    host = _random_batch(global_batch, res)
+    return (mesh, step, jax.tree.map(spec, abstract_state, state_sharding),
+            jax.tree.map(lambda x: spec(x, batch_sharding), host))
+  with jax.set_mesh(mesh):
+    params = jax.jit(model.init, out_shardings=state_sharding.params)(init_rng)
+    state = jax.jit(create, out_shardings=state_sharding)(params, state_rng)
+    batch = sharding.to_global(_random_batch(global_batch, res), batch_sharding)
+  return mesh, step, state, batch
+
+
+def model_flops(preset_name: str, per_device_batch: int, dtype: str) -> float:
+  """Model FLOPs of one training step on the global batch: XLA's cost analysis of the lowered
+  (unoptimised) step, remat off, XLA attention. No compilation."""
+  cfg, res = preset(preset_name)
+  with clip_lib.force_attention("xla"):
+    mesh, step, state, batch = _setup(cfg, res, per_device_batch * jax.device_count(), dtype,
+                                      remat=False, materialize=False)
+    with jax.set_mesh(mesh):
+      cost = step.lower(state, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def train_bench(preset_name: str = "vitb16", per_device_batch: int = 8, steps: int = 10,
+                dtype: str = "auto", remat: bool = False) -> dict:
+  """The full training step: compile time, step time, images/s, peak memory, MFU."""
+  cfg, res = preset(preset_name)
+  dtype = train.resolve_compute_dtype(dtype).name
+  n = jax.device_count()
+  global_batch = per_device_batch * n
+  mesh, step, state, batch = _setup(cfg, res, global_batch, dtype, remat)
+  with jax.set_mesh(mesh):
     t0 = time.perf_counter()
-    loss, grads = compiled(trainable, frozen, jax.random.key(i))
-    jax.block_until_ready((loss, grads))
-    if i:  # the first call also pays one-off runtime setup
-      times.append(time.perf_counter() - t0)
-  med = float(np.median(times))
-  ref = TORCH_CPU_REFERENCE_S[name]
-  return {"preset": name, "batch": batch, "resolution": res, "dtype": jnp.dtype(dtype).name,
-          "remat": remat, "compile_s": round(compile_s, 2), "median_step_s": round(med, 4),
-          "torch_cpu_reference_s": ref, "ratio_vs_torch": round(med / ref, 3),
-          "loss": float(loss), "device": jax.devices()[0].device_kind,
-          "cpu_count": jax.local_device_count() if jax.default_backend() != "cpu" else __import__("os").cpu_count()}
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    for _ in range(2):  # warm-up (first-run allocations, autotuning)
+      state, metrics, _ = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics, _ = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / steps
+  flops = model_flops(preset_name, per_device_batch, dtype)
+  peak = peak_flops_per_chip()
+  return {"what": "train_step", "preset": preset_name, "device": device_label(),
+          "devices": n, "per_device_batch": per_device_batch, "global_batch": global_batch,
+          "resolution": res, "dtype": dtype, "remat": remat, "compile_s": compile_s,
+          "step_s": step_s, "images_per_s": global_batch / step_s,
+          "peak_memory_gib": _peak_memory_gib(),
+          # XLA's buffer assignment for the step (per device): arguments + outputs + temporaries
+          "step_memory_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
+          "model_flops_per_step": flops,
+          "flops_source": "XLA cost analysis of the lowered step (remat off, XLA attention)",
+          "mfu": flops / (step_s * n * peak) if peak else None,
+          "loss": float(jax.device_get(metrics["loss"]))}
 
 
-class _RandomBatches:
-  """In-memory random batches for the training benchmark (no input pipeline cost)."""
-
-  def __init__(self, batch, res, seed=0):
-    self.batch, self.res, self.i, self.seed = batch, res, 0, seed
-
-  def __next__(self):
-    rng = np.random.default_rng([self.seed, self.i])
-    self.i += 1
-    tokens = np.zeros((self.batch, 77), np.int32)
-    tokens[:, 0] = 49406
-    tokens[:, 1:9] = rng.integers(300, 40000, (self.batch, 8))
-    tokens[:, 9] = 49407
-    return {"image": rng.standard_normal((self.batch, self.res, self.res, 3), np.float32),
-            "text_tokens": tokens}
-
-  def get_state(self):
-    return {"i": self.i}
-
-  def set_state(self, state):
-    self.i = int(state["i"])
-
-  def counters(self):
-    return {}
+def fits(preset_name: str, per_device_batch: int, dtype: str, remat: bool) -> bool:
+  """Whether the training step compiles and runs at this per-device batch."""
+  try:
+    train_bench(preset_name, per_device_batch, steps=1, dtype=dtype, remat=remat)
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      return False
+    raise
 
 
-def run_train(name: str, steps: int, batch: int) -> dict:
-  """Full train steps (forward, backward, AdamW update) through the training loop."""
-  import os
-  import tempfile
-  from tcl_jax import config_files
-  from tcl_jax import train
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tcl.py")
-  config = config_files.load_module(path).get_config()
-  cfg, _, res = preset(name)
-  config.model = cfg.to_dict()
-  config.init_checkpoint = ""
-  config.total_steps = steps
-  config.batch_size = batch
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 10 ** 9
-  config.eval_every_steps = 0
-  config.eval_at_end = False
-  config.image_log_every_steps = 0
-  config.input.image_size = res
-  with tempfile.TemporaryDirectory() as workdir:
-    _, history = train.train_and_evaluate(config, workdir, train_iter=_RandomBatches(batch, res))
-  # log_every_steps=1: one history entry per step, stamped with the loop's wall time.
-  t = [h["loop_time_s"] for h in history if "loop_time_s" in h]
-  rate = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else None
-  return {"preset": name, "mode": "train_step", "global_batch": batch, "resolution": res,
-          "devices": jax.device_count(), "steps": steps,
-          "time_to_first_step_s": round(t[0], 2) if t else None,
-          "steps_per_sec_after_first": round(rate, 4) if rate else None}
+def max_batch(preset_name: str, dtype: str, remat: bool, start: int = 8, multiple: int = 8) -> int:
+  """Largest per-device batch (a multiple of `multiple`) whose step fits: doubling from `start`,
+  then bisection. 0 when not even `start` fits."""
+  lo, hi = 0, start
+  while fits(preset_name, hi, dtype, remat):
+    lo, hi = hi, hi * 2
+  while hi - lo > multiple:
+    mid = (lo + hi) // 2 // multiple * multiple
+    lo, hi = (mid, hi) if fits(preset_name, mid, dtype, remat) else (lo, mid)
+  return lo
 
 
-def main(argv=None):
+def eval_bench(preset_name: str = "vitb16", windows: int = 8, steps: int = 5, res: int = 448,
+               num_classes: int = 21) -> list[dict]:
+  """448x448 windows/s of mask inference with and without PAMR (KP branch on, kp_w 0.3)."""
+  cfg, _ = preset(preset_name)
+  params = tcl_lib.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((windows, res, res, 3)), jnp.float32)
+  text = rng.standard_normal((num_classes, cfg.clip.embed_dim)).astype(np.float32)
+  text = jnp.asarray(text / np.linalg.norm(text, axis=-1, keepdims=True))
+  out = []
+  for apply_pamr in (False, True):
+    fn = functools.partial(tcl_lib.jit_generate_masks, params, cfg, apply_pamr=apply_pamr,
+                           kp_w=0.3)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(images, text))  # compile + first run
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      masks = fn(images, text)
+    jax.block_until_ready(masks)
+    dt = (time.perf_counter() - t0) / steps
+    out.append({"what": "eval_windows", "preset": preset_name, "device": device_label(),
+                "windows": windows, "resolution": res, "classes": num_classes,
+                "pamr": apply_pamr, "dtype": "float32", "first_call_s": first_s,
+                "batch_s": dt, "windows_per_s": windows / dt})
+  return out
+
+
+def torch_reference(ref_repo: str, per_device_batch: int, steps: int, res: int) -> dict:
+  """The original's training step in a subprocess (before JAX claims the device's memory)."""
+  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench_torch", "--ref-repo", ref_repo,
+                      "--batch", str(per_device_batch), "--steps", str(steps),
+                      "--resolution", str(res)], capture_output=True, text=True)
+  if r.returncode:
+    lines = r.stderr.strip().splitlines()
+    raise RuntimeError(lines[-1].removeprefix("error: ") if lines
+                       else f"bench_torch exited {r.returncode}")
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _fmt(v, spec):
+  return "-" if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m tcl_jax.bench", description=__doc__.split("\n")[0])
-  ap.add_argument("--preset", default="tiny,vitb16", help="comma list of tiny, vitb16")
-  ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--remat", action="store_true")
-  ap.add_argument("--train", default=None, help="preset for the full-train-step benchmark")
-  ap.add_argument("--batch", type=int, default=8, help="global batch for --train")
+  ap.add_argument("--preset", default="vitb16", choices=["vitb16", "tiny"])
+  ap.add_argument("--batch", type=int, default=None,
+                  help="per-device training batch (default 8 on accelerators, 2 on CPU)")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+  ap.add_argument("--remat", action="store_true", help="recompute transformer blocks in backward")
+  ap.add_argument("--max-batch", action="store_true",
+                  help="find the largest per-device batch that fits, then time it")
+  ap.add_argument("--eval-windows", type=int, default=None,
+                  help="448x448 windows per eval batch (default 8 on accelerators, 1 on CPU; "
+                       "0 skips the eval benchmark)")
+  ap.add_argument("--torch-ref", default=None, metavar="DIR",
+                  help="checkout of kakaobrain/tcl: also time the original (needs torch, einops)")
+  ap.add_argument("--json", dest="json_out", default=None)
   args = ap.parse_args(argv)
-  if args.train:
-    print(json.dumps(run_train(args.train, args.steps, args.batch)))
-    return
-  dtype = jnp.dtype(args.dtype)
-  print(f"# {platform.processor() or platform.machine()}, backend {jax.default_backend()}, "
-        f"jax {jax.__version__}")
-  print(f"{'preset':<8} {'batch':>5} {'res':>4} {'dtype':<9} {'compile s':>9} {'step s':>8} "
-        f"{'torch s':>8} {'ratio':>6}")
-  for name in args.preset.split(","):
-    r = run(name.strip(), args.steps, dtype, args.remat)
-    print(f"{r['preset']:<8} {r['batch']:>5} {r['resolution']:>4} {r['dtype']:<9} "
-          f"{r['compile_s']:>9.2f} {r['median_step_s']:>8.4f} {r['torch_cpu_reference_s']:>8.3f} "
-          f"{r['ratio_vs_torch']:>6.2f}")
+  if args.torch_ref and not os.path.isfile(os.path.join(args.torch_ref, "models", "tcl", "tcl.py")):
+    print(f"error: --torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl "
+          f"(no models/tcl/tcl.py)", file=sys.stderr)
+    return 2
+  if args.steps < 1 or (args.batch is not None and args.batch < 1):
+    print("error: --steps and --batch must be >= 1", file=sys.stderr)
+    return 2
+  on_cpu = jax.default_backend() == "cpu"
+  batch = args.batch or (2 if on_cpu else 8)
+  _, res = preset(args.preset)
+
+  results = []
+  theirs = None
+  if args.torch_ref:  # first: JAX keeps the device memory it takes until exit
+    try:
+      theirs = torch_reference(args.torch_ref, batch, args.steps, res)
+    except RuntimeError as e:
+      print(f"error: timing the original failed: {e}", file=sys.stderr)
+      return 1
+    results.append(theirs)
+
+  print(f"# {device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
+        + ("  (CPU: no MFU)" if on_cpu else ""))
+  try:
+    if args.max_batch:
+      batch = max_batch(args.preset, args.dtype, args.remat)
+      print(f"# largest per-device batch that fits: {batch}")
+      if not batch:
+        print("error: not even a per-device batch of 8 fits", file=sys.stderr)
+        return 1
+    ours = train_bench(args.preset, batch, args.steps, args.dtype, args.remat)
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      print(f"error: per-device batch {batch} does not fit in device memory; try --max-batch",
+            file=sys.stderr)
+      return 1
+    raise
+  results.append(ours)
+  print(f"train step  {ours['preset']} batch {ours['global_batch']} ({batch}/device) at "
+        f"{ours['resolution']}², {ours['dtype']}, remat {ours['remat']}: "
+        f"{ours['step_s']:.4f} s/step, {ours['images_per_s']:.1f} images/s, "
+        f"compile {ours['compile_s']:.1f} s, peak memory {_fmt(ours['peak_memory_gib'], '.2f')} GiB "
+        f"(step buffers {ours['step_memory_gib']:.2f} GiB/device), "
+        f"{ours['model_flops_per_step'] / 1e12:.3f} model TFLOP/step, "
+        f"MFU {_fmt(ours['mfu'] and 100 * ours['mfu'], '.1f')}%")
+  if theirs:
+    ours["ratio_vs_original"] = ours["images_per_s"] / theirs["images_per_s"]
+    print(f"original    same device, batch {theirs['batch']}, {theirs['precision']}: "
+          f"{theirs['step_s']:.4f} s/step, {theirs['images_per_s']:.1f} images/s  ->  "
+          f"tcl_jax / original = {ours['ratio_vs_original']:.2f}x (same run)")
+  elif on_cpu and args.preset == "vitb16":
+    print(f"reference   {ORIGINAL_CPU_REFERENCE} (another machine and step: no ratio; "
+          f"--torch-ref DIR measures the original here)")
+
+  windows = args.eval_windows if args.eval_windows is not None else (1 if on_cpu else 8)
+  if windows:
+    for r in eval_bench(args.preset, windows, steps=max(1, args.steps // 2)):
+      results.append(r)
+      print(f"eval        {r['windows']} windows of {r['resolution']}², {r['classes']} classes, "
+            f"PAMR {'on ' if r['pamr'] else 'off'}: {r['windows_per_s']:.2f} windows/s "
+            f"(first call {r['first_call_s']:.1f} s)")
+  for r in results:
     print(json.dumps(r))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

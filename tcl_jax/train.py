@@ -20,12 +20,9 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from tcl_jax import checkpointing
@@ -319,6 +316,7 @@ def make_train_iterator(config, workdir: str):
     if not any(tf.io.gfile.exists(f) for f in input_pipeline.list_files(p)):
       where = "" if "://" in p or os.path.isabs(p) else f" (relative to {os.getcwd()})"
       raise ValueError(f"config.input.train_files: no file matches {p!r}{where}")
+  import ml_collections  # pylint: disable=g-import-not-at-top
   kwargs = inp.get("options", ml_collections.ConfigDict()).to_dict()
   if inp.get("augment") is not None:  # AugmentConfig fields over the original's defaults
     kwargs["augment"] = augment_lib.AugmentConfig(image_size=inp.image_size,
@@ -335,6 +333,7 @@ def run_evaluation(params, model: Model, config, workdir: str) -> dict | None:
   if not evals or not evals.get("tasks"):
     return None
   from tcl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
   eval_config = ml_collections.ConfigDict(evals.to_dict())
   if "data_root" in eval_config:
     eval_config.data_root = _expand(eval_config.data_root, workdir)
@@ -345,7 +344,7 @@ def run_evaluation(params, model: Model, config, workdir: str) -> dict | None:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
                        model: Model | None = None, train_iter=None, devices=None
                        ) -> tuple[TrainState, list[dict]]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
@@ -373,6 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  config.total_steps)
 
   # ---------------------------------------------------------------- logging
+  # clu and ml_collections are imported where used: tcl_jax.bench imports this module for
+  # train_step on machines that have only jax, flax, optax and numpy.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   is_chief = jax.process_index() == 0
   # A run with nothing to train writes no (empty) TensorBoard events file.
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief or (

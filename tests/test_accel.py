@@ -49,6 +49,9 @@ def test_selection_uses_cudnn_only_for_16_bit_on_gpu():
   assert clip_lib.attention_implementation(jnp.bfloat16) == expected
   assert clip_lib.attention_implementation(jnp.float16) == expected
   assert clip_lib.attention_implementation(jnp.float32) == "xla"
+  with clip_lib.force_attention("cudnn"):
+    assert clip_lib.attention_implementation(jnp.float32) == "cudnn"
+  assert clip_lib.attention_implementation(jnp.float32) == "xla"
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN is present on this GPU")
@@ -87,7 +90,7 @@ def test_cudnn_matches_xla_on_gpu(shape, causal):
 
 
 @on_gpu
-def test_tcl_loss_and_grads_same_with_cudnn_and_xla_on_gpu(monkeypatch):
+def test_tcl_loss_and_grads_same_with_cudnn_and_xla_on_gpu():
   from tcl_jax.models import tcl as tcl_lib
   cfg = tcl_lib.tiny_config()
   params = tcl_lib.init_params(cfg, jax.random.key(0))
@@ -103,8 +106,8 @@ def test_tcl_loss_and_grads_same_with_cudnn_and_xla_on_gpu(monkeypatch):
     return jax.jit(jax.value_and_grad(f))(tr)
 
   loss_c, g_c = loss_and_grads()
-  monkeypatch.setattr(clip_lib, "attention_implementation", lambda dtype: "xla")
-  loss_x, g_x = loss_and_grads()
+  with clip_lib.force_attention("xla"):
+    loss_x, g_x = loss_and_grads()
   assert abs(float(loss_c) - float(loss_x)) <= 2e-2 * abs(float(loss_x))
   for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_x)):
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()

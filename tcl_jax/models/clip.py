@@ -4,6 +4,7 @@ Parameter names follow the PyTorch keys (`resblocks_3` for `resblocks.3`, `ln_1`
 `mlp.c_fc`, ...) so the converter is a rename plus transposes. Images are NHWC.
 """
 
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -57,8 +58,25 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+_forced_attention: Optional[str] = None
+
+
+@contextlib.contextmanager
+def force_attention(implementation: str):
+  """Models traced inside use `implementation` ('xla' or 'cudnn') instead of the automatic choice
+  (the benchmark counts model FLOPs with 'xla': XLA's cost analysis sees no FLOPs in cuDNN's)."""
+  global _forced_attention
+  previous, _forced_attention = _forced_attention, implementation
+  try:
+    yield
+  finally:
+    _forced_attention = previous
+
+
 def attention_implementation(dtype) -> str:
   """'cudnn' (the fused flash-attention kernel) for 16-bit compute on an NVIDIA GPU, else 'xla'."""
+  if _forced_attention:
+    return _forced_attention
   if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "xla"
