@@ -2,7 +2,7 @@
 
   python -m tcl_jax.bench                          # ViT-B/16 dims, the full training step + eval
   python -m tcl_jax.bench --batch 64 --remat       # per-device batch, rematerialised blocks
-  python -m tcl_jax.bench --max-batch              # the largest per-device batch that fits
+  python -m tcl_jax.bench --max-batch              # at the largest per-device batch that fits
   python -m tcl_jax.bench --torch-ref DIR          # + the original PyTorch TCL, same device/batch
   python -m tcl_jax.bench --json out.json
 
@@ -212,27 +212,30 @@ def train_bench(preset_name: str = "vitb16", per_device_batch: int = 8, steps: i
           "loss": float(jax.device_get(metrics["loss"]))}
 
 
-def fits(preset_name: str, per_device_batch: int, dtype: str, remat: bool) -> bool:
-  """Whether the training step compiles and runs at this per-device batch."""
-  try:
-    train_bench(preset_name, per_device_batch, steps=1, dtype=dtype, remat=remat)
-    return True
-  except Exception as e:  # pylint: disable=broad-except
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      return False
-    raise
+def max_batch(preset_name: str, dtype: str, remat: bool, probe: int = 32, multiple: int = 8,
+              headroom: float = 0.9) -> int:
+  """Largest per-device batch (a multiple of `multiple`) predicted to fit in device memory.
 
-
-def max_batch(preset_name: str, dtype: str, remat: bool, start: int = 8, multiple: int = 8) -> int:
-  """Largest per-device batch (a multiple of `multiple`) whose step fits: doubling from `start`,
-  then bisection. 0 when not even `start` fits."""
-  lo, hi = 0, start
-  while fits(preset_name, hi, dtype, remat):
-    lo, hi = hi, hi * 2
-  while hi - lo > multiple:
-    mid = (lo + hi) // 2 // multiple * multiple
-    lo, hi = (mid, hi) if fits(preset_name, mid, dtype, remat) else (lo, mid)
-  return lo
+  One compilation at batch `probe`; XLA's buffer assignment then gives the step's memory as
+  fixed (parameters, optimizer state) + per-example (activations, the batch), which is linear in
+  the batch. `headroom` leaves room for fragmentation. Needs a device that reports its memory
+  limit (GPU, TPU).
+  """
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    raise ValueError("--max-batch needs a device that reports its memory limit (GPU, TPU)")
+  cfg, res = preset(preset_name)
+  dtype = train.resolve_compute_dtype(dtype).name
+  mesh, step, state, batch = _setup(cfg, res, probe * jax.device_count(), dtype, remat,
+                                    materialize=False)
+  with jax.set_mesh(mesh):
+    mem = step.lower(state, batch).compile().memory_analysis()
+  batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) / jax.device_count()
+  fixed = mem.argument_size_in_bytes - batch_bytes
+  per_example = (mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                 + batch_bytes) / probe
+  fit = (headroom * stats["bytes_limit"] - fixed) / per_example
+  return max(int(fit) // multiple * multiple, 0)
 
 
 def eval_bench(preset_name: str = "vitb16", windows: int = 8, steps: int = 5, res: int = 448,
@@ -288,7 +291,7 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
   ap.add_argument("--remat", action="store_true", help="recompute transformer blocks in backward")
   ap.add_argument("--max-batch", action="store_true",
-                  help="find the largest per-device batch that fits, then time it")
+                  help="time the largest per-device batch predicted to fit (GPU/TPU)")
   ap.add_argument("--eval-windows", type=int, default=None,
                   help="448x448 windows per eval batch (default 8 on accelerators, 1 on CPU; "
                        "0 skips the eval benchmark)")
@@ -319,20 +322,29 @@ def main(argv=None) -> int:
 
   print(f"# {device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
         + ("  (CPU: no MFU)" if on_cpu else ""))
-  try:
-    if args.max_batch:
+  if args.max_batch:
+    try:
       batch = max_batch(args.preset, args.dtype, args.remat)
-      print(f"# largest per-device batch that fits: {batch}")
-      if not batch:
-        print("error: not even a per-device batch of 8 fits", file=sys.stderr)
-        return 1
-    ours = train_bench(args.preset, batch, args.steps, args.dtype, args.remat)
-  except Exception as e:  # pylint: disable=broad-except
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      print(f"error: per-device batch {batch} does not fit in device memory; try --max-batch",
-            file=sys.stderr)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(f"# largest per-device batch predicted to fit: {batch}")
+    if not batch:
+      print("error: not even a per-device batch of 8 fits in device memory", file=sys.stderr)
       return 1
-    raise
+  ours = None
+  while ours is None:
+    try:
+      ours = train_bench(args.preset, batch, args.steps, args.dtype, args.remat)
+    except Exception as e:  # pylint: disable=broad-except
+      if not ("RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()):
+        raise
+      if not args.max_batch or batch <= 8:
+        print(f"error: per-device batch {batch} does not fit in device memory; try --max-batch",
+              file=sys.stderr)
+        return 1
+      batch = max(8, int(batch * 0.85) // 8 * 8)  # the prediction was optimistic
+      print(f"# out of memory; retrying at per-device batch {batch}")
   results.append(ours)
   print(f"train step  {ours['preset']} batch {ours['global_batch']} ({batch}/device) at "
         f"{ours['resolution']}², {ours['dtype']}, remat {ours['remat']}: "

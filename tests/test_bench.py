@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -101,3 +100,10 @@ def test_timing_the_original_without_torch_says_so(tmp_path):
   assert r.returncode == 1
   assert r.stderr.strip().splitlines()[-1].startswith(
       "error: timing the original failed: timing the original needs torch and einops")
+
+
+def test_max_batch_on_cpu_is_a_usage_error(capsys):
+  # CPU devices report no memory limit to predict from.
+  assert bench.main(["--preset", "tiny", "--max-batch", "--eval-windows", "0"]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "error: --max-batch needs a device that reports its memory limit (GPU, TPU)"]
