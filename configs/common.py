@@ -30,18 +30,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def mesh_config(fsdp: int = 1) -> ml_collections.ConfigDict:
-  """Data parallel over all devices; with fsdp > 1 also shard params/opt state `fsdp` ways.
+  """A data x fsdp mesh: batch split over all devices, params/opt state sharded `fsdp` ways.
 
   `param_rules` are (regex, tactic) pairs matched (re.search) against train-state paths such as
-  'params/masker/decoder/...' and 'opt_state/.../mu/masker/...'; the first match wins.
+  'params/masker/decoder/...' and 'opt_state/.../mu/masker/...'; the first match wins. "fsdp"
+  leaves are replicated while the fsdp axis has size 1, so the shape alone reshapes a run: on a
+  16-chip pod slice (v4-32, v5e-16), `--config.mesh.shape='(4,4)'` is 4-way data x 4-way FSDP,
+  `'(-1,1)'` pure data parallel (tcl_jax/sharding.py).
   """
-  if fsdp > 1:
-    return ml_collections.ConfigDict(dict(
-        shape=(-1, fsdp), axes=("data", "fsdp"), axis_types="auto",
-        param_rules=((".*", "fsdp"),), fsdp_min_size=2**16))
   return ml_collections.ConfigDict(dict(
-      shape=(-1,), axes=("data",), axis_types="auto",
-      param_rules=((".*", "replicate"),), fsdp_min_size=2**16))
+      shape=(-1, fsdp), axes=("data", "fsdp"), axis_types="auto",
+      param_rules=((".*", "fsdp"),), fsdp_min_size=2**16))
 
 
 def distributed_config() -> ml_collections.ConfigDict:

@@ -2,15 +2,17 @@
 
 The mesh comes from `config.mesh`:
 
-  mesh = dict(shape=(-1,), axes=("data",), axis_types="auto",
-              param_rules=((".*", "replicate"),), fsdp_min_size=2**16)
+  mesh = dict(shape=(-1, 1), axes=("data", "fsdp"), axis_types="auto",
+              param_rules=((".*", "fsdp"),), fsdp_min_size=2**16)
 
-`-1` is "all remaining devices". The batch is split over every mesh axis (data and, when present,
-fsdp), so each device sees `global_batch / num_devices` examples. Parameters and optimizer state
-follow `param_rules`: a list of (regex, tactic) pairs matched with `re.search` against the leaf's
-'a/b/c' path in the train state (so one rule covers a parameter and its AdamW moments); the first
-match wins. Tactics: "replicate", or "fsdp" (shard the largest dimension that the fsdp axis
-divides, for leaves of at least `fsdp_min_size` elements; others stay replicated).
+`-1` is "all remaining devices". The batch is split over every mesh axis (data and fsdp), so each
+device sees `global_batch / num_devices` examples. Parameters and optimizer state follow
+`param_rules`: a list of (regex, tactic) pairs matched with `re.search` against the leaf's 'a/b/c'
+path in the train state (so one rule covers a parameter and its AdamW moments); the first match
+wins. Tactics: "replicate", or "fsdp" (shard the largest dimension that the fsdp axis divides, for
+leaves of at least `fsdp_min_size` elements; others, and every leaf when the mesh has no fsdp axis
+or one of size 1, stay replicated). So the shape alone reshapes a run, e.g. on a 16-chip pod slice
+`--config.mesh.shape='(4,4)'` is 4-way data x 4-way FSDP, with no code or rule change.
 """
 
 import math
@@ -107,9 +109,7 @@ def state_shardings(mesh, abstract_tree, mesh_config):
     shape = getattr(x, "shape", ())
     if tactic == "replicate" or not shape:
       return NamedSharding(mesh, P())
-    if tactic == "fsdp":
-      if "fsdp" not in mesh.axis_names:
-        raise ValueError(f"rule for {name} asks for fsdp but the mesh has no fsdp axis")
+    if tactic == "fsdp":  # replicated when the mesh has no (or a size-1) fsdp axis
       return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, min_size))
     raise ValueError(f"unknown sharding tactic {tactic!r} for {name}")
 

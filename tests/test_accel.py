@@ -113,3 +113,82 @@ def test_tcl_loss_and_grads_same_with_cudnn_and_xla_on_gpu():
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if np.linalg.norm(b) > 0 and a.size > 1:
       assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.99
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU pod launcher and pod-slice meshes (8 fake CPU devices from conftest.py)
+# ------------------------------------------------------------------------------------------------
+
+def _launch(*args):
+  import os
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([os.path.join(repo, "launch", "tpu_pod.sh"), *args], capture_output=True,
+                        text=True, cwd=repo, timeout=60)
+
+
+@pytest.mark.parametrize("tpu,accel", [("v4-32", "v4-32"), ("v5e-16", "v5litepod-16")])
+def test_tpu_pod_dry_run_prints_the_commands(tpu, accel):
+  import shlex
+  r = _launch("--dry-run", "--create", tpu, "my-tpu", "us-central2-b", "gs://b/run",
+              "--config.mesh.shape=(2,4)", "--config.total_steps=10")
+  assert r.returncode == 0, r.stderr
+  lines = [shlex.split(l) for l in r.stdout.splitlines()]
+  assert [l[:4] for l in lines] == [["gcloud", "compute", "tpus", "tpu-vm"]] + [
+      ["git", "archive", "--format=tar.gz", "-o"]] + [["gcloud", "compute", "tpus", "tpu-vm"]] * 3
+  assert lines[0][4:6] == ["create", "my-tpu"] and f"--accelerator-type={accel}" in lines[0]
+  assert all("--worker=all" in l for l in lines[2:])
+  assert "pip install -q '.[tpu]'" in lines[3][-1]
+  # The training command every worker runs, as its shell will split it.
+  remote = shlex.split(lines[4][-1].removeprefix("--command="))
+  i = remote.index("tcl_jax.main")
+  assert remote[i + 1:] == ["--config=configs/tcl.py", "--workdir=gs://b/run",
+                            "--config.distributed.initialize=True", "--config.mesh.shape=(2,4)",
+                            "--config.total_steps=10"]
+  # Those flags, parsed as tcl_jax.main parses them, give a 2-way data x 4-way FSDP mesh.
+  import json
+  import subprocess
+  import sys
+  import ml_collections
+  parse = ("import json, sys; from tcl_jax import config_files, main; "
+           "config_files.parse_flags(sys.argv); "
+           "print(json.dumps(main.FLAGS.config.mesh.to_dict()))")
+  p = subprocess.run([sys.executable, "-c", parse, *remote[i + 1:]], capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  mesh_config = ml_collections.ConfigDict(json.loads(p.stdout.strip().splitlines()[-1]))
+  _check_pod_mesh(ml_collections.ConfigDict({"mesh": mesh_config}), data=2, fsdp=4)
+
+
+def _check_pod_mesh(config, data, fsdp):
+  from tcl_jax import sharding
+  from tcl_jax.models import tcl as tcl_lib
+  mesh = sharding.make_mesh(config.mesh)
+  assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {"data": data, "fsdp": fsdp}
+  params = jax.eval_shape(lambda k: tcl_lib.init_params(tcl_lib.tiny_config(), k),
+                          jax.random.key(0))
+  specs = sharding.state_shardings(mesh, params, config.mesh)
+  emb = specs["clip"]["text"]["token_embedding"]["embedding"].spec  # [49408, 64]
+  assert emb == (jax.sharding.PartitionSpec("fsdp", None) if fsdp > 1
+                 else jax.sharding.PartitionSpec())
+  assert specs["tcli_logit_scale"].spec == jax.sharding.PartitionSpec()
+  assert sharding.data_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+
+
+def test_default_pod_mesh_is_data_parallel_and_reshapes_by_config():
+  from conftest import load_config_module
+  config = load_config_module("tcl").get_config()
+  _check_pod_mesh(config, data=8, fsdp=1)  # every leaf replicated
+  config.mesh.shape = (2, 4)
+  _check_pod_mesh(config, data=2, fsdp=4)
+  config.mesh.shape = (-1, 2)
+  _check_pod_mesh(config, data=4, fsdp=2)
+
+
+def test_tpu_pod_usage_errors():
+  r = _launch("--dry-run", "--create", "v9-8", "t", "z", "gs://b/run")
+  (line,) = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and line.endswith(
+      "tpu_pod.sh: unknown TPU type v9-8 (v4-N, v5e-N, v5p-N, v6e-N)")
+  r = _launch("--dry-run", "only-one-arg")
+  assert r.returncode == 2 and "usage:" in r.stderr
