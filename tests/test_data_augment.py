@@ -1,5 +1,6 @@
 """TF augmentation ops against PIL / torchvision semantics."""
 
+import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -177,3 +178,114 @@ def test_auto_contrast_reduction_paths_agree():
         np.testing.assert_array_equal(hi, arr.reshape(-1, 3).max(0))
         pil = np.asarray(ImageOps.autocontrast(Image.fromarray(arr)))
         assert np.abs(A._compiled(A._auto_contrast, True)(x, 9.0, 1.0).numpy() - pil).max() <= 1
+
+
+# ----------------------------------------------------------------------------
+# RandAugment ops against timm 0.6's auto_augment.py (the original's RandAugment): the
+# reference below calls PIL exactly as timm's op functions do (timm itself needs torch). The
+# level -> argument rules are timm's "increasing" ones: rotate m/10*30 degrees, shear m/10*0.3,
+# translate m/10*0.45 of the size, enhance factor 1 + m/10*0.9 (each randomly negated), solarize
+# add int(m/10*110) below 128. Geometric ops: timm draws bilinear or bicubic at random; ours is
+# always bilinear, so the reference is bilinear. Fill: the ImageNet mean, as the original's hparams.
+# ----------------------------------------------------------------------------
+
+MAGNITUDES = ((9.0, 1.0), (9.0, -1.0), (4.3, 1.0))
+
+
+def _pil_affine(matrix):
+    return Image.fromarray(IMG).transform((IMG.shape[1], IMG.shape[0]), Image.AFFINE, matrix,
+                                          resample=Image.BILINEAR, fillcolor=A._FILL)
+
+
+def _pil_source(matrix, h, w):
+    """Where PIL's bilinear affine reads output pixel (y, x), in pixel-index coordinates: it
+    maps pixel centres (x + 0.5, y + 0.5), then subtracts the half pixel again."""
+    a0, a1, a2, b0, b1, b2 = matrix
+    y, x = np.mgrid[:h, :w] + 0.5
+    return b0 * x + b1 * y + b2 - 0.5, a0 * x + a1 * y + a2 - 0.5
+
+
+def _assert_warp_matches_pil(ours, ref, matrix, what):
+    """Interior (all 4 bilinear neighbours inside): within one grey level (float vs PIL's
+    integer rounding). Far outside: the fill, exactly. In between, a one-pixel band at the image
+    border differs by design: PIL clamps to the edge pixel there, ours (as TF's
+    ImageProjectiveTransform) blends with the fill."""
+    h, w = IMG.shape[:2]
+    sy, sx = _pil_source(matrix, h, w)
+    inside = (sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)
+    outside = (sy < -1) | (sy > h) | (sx < -1) | (sx > w)
+    assert inside.mean() > 0.5, what
+    diff = np.abs(ours - ref.astype(np.float32))
+    assert diff[inside].max() <= 1, (what, diff[inside].max())
+    assert diff[inside].mean() < 0.6, what  # rounding, not a systematic shift
+    np.testing.assert_array_equal(ours[outside], np.broadcast_to(A._FILL, ours[outside].shape))
+    np.testing.assert_array_equal(ref[outside], np.broadcast_to(A._FILL, ref[outside].shape))
+    assert (inside | outside).mean() > 0.9, what  # the border band is just that
+
+
+def test_rotate_matches_timm_pil():
+    for m, sign in MAGNITUDES:
+        degrees = sign * m / 10 * 30
+        ref = np.asarray(Image.fromarray(IMG).rotate(degrees, resample=Image.BILINEAR,
+                                                     fillcolor=A._FILL))
+        # PIL's rotate: the inverse rotation about the image centre (w/2, h/2) in its
+        # pixel-edge coordinates, as an affine matrix for the band test.
+        h, w = IMG.shape[:2]
+        a = -math.radians(degrees)
+        c, s = math.cos(a), math.sin(a)
+        matrix = (c, s, w / 2 - c * w / 2 - s * h / 2, -s, c, h / 2 + s * w / 2 - c * h / 2)
+        _assert_warp_matches_pil(_tf(A._rotate, m, sign), ref, matrix, f"rotate {degrees}")
+
+
+def test_shears_match_timm_pil():
+    for m, sign in MAGNITUDES:
+        f = sign * m / 10 * 0.3
+        for name, fn, matrix in (("ShearX", A._shear_x, (1, f, 0, 0, 1, 0)),
+                                 ("ShearY", A._shear_y, (1, 0, 0, f, 1, 0))):
+            _assert_warp_matches_pil(_tf(fn, m, sign), np.asarray(_pil_affine(matrix)), matrix,
+                                     f"{name} {f}")
+
+
+def test_translate_y_matches_timm_pil():
+    h = IMG.shape[0]
+    for m, sign in ((5.0, 1.0), (5.0, -1.0), (10.0, 1.0)):  # 0.45 * m / 10 * 40: whole pixels
+        px = sign * m / 10 * 0.45 * h
+        assert px == round(px)
+        ref = np.asarray(_pil_affine((1, 0, 0, 0, 1, px)))
+        np.testing.assert_array_equal(_tf(A._translate_y, m, sign), ref)
+    # Other magnitudes: ours moves by whole pixels (rounded), where PIL interpolates.
+    px = 9.0 / 10 * 0.45 * h  # 16.2
+    ref = np.asarray(_pil_affine((1, 0, 0, 0, 1, round(px))))
+    np.testing.assert_array_equal(_tf(A._translate_y, 9.0, 1.0), ref)
+
+
+def test_colour_ops_match_timm_pil():
+    from PIL import ImageEnhance
+
+    pil = Image.fromarray(IMG)
+    for m, sign in MAGNITUDES:
+        factor = 1 + sign * m / 10 * 0.9
+        for fn, enhancer in ((A._color, ImageEnhance.Color), (A._contrast, ImageEnhance.Contrast),
+                             (A._brightness, ImageEnhance.Brightness)):
+            ref = np.asarray(enhancer(pil).enhance(factor)).astype(np.float32)
+            diff = np.abs(_tf(fn, m, sign) - ref)
+            # PIL blends in float and truncates; ours rounds: one grey level at most.
+            assert diff.max() <= 1, (fn.__name__, factor, diff.max())
+            assert (diff == 0).mean() > 0.4, (fn.__name__, factor)
+        add = int(m / 10 * 110)
+        lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+        np.testing.assert_array_equal(_tf(A._solarize_add, m, sign),
+                                      np.asarray(pil.point(lut * 3)))
+
+
+def test_shear_rows_is_the_affine_it_replaces():
+    img = tf.constant(IMG, tf.float32)
+    for f in (0.27, -0.3, 0.05, 1.7):
+        want = A._affine(img, tf.constant([1.0, f, f / 2, 0.0, 1.0, 0.0]))
+        np.testing.assert_array_equal(A._shear_rows(img, tf.constant(f)).numpy(), want.numpy())
+        # ... and transposed, in ShearY (the same arithmetic in another kernel: a value that
+        # lands on .5 may round the other way)
+        want_y = A._affine(img, tf.constant([1.0, 0.0, 0.0, f, 1.0, f / 2])).numpy()
+        got_y = A._shear_y(img, tf.constant(abs(f) / 0.3 * 10),
+                           tf.constant(math.copysign(1, f))).numpy()
+        assert np.abs(got_y - want_y).max() <= 1 and (got_y != want_y).mean() < 0.01, f

@@ -28,7 +28,8 @@ Color/Contrast/Brightness/Sharpness (factor 1 +- m*0.09), ShearX/ShearY
 Differences from PIL: rotate/shear always resample bilinearly (timm picks
 bilinear or bicubic at random), translations are rounded to whole pixels,
 arithmetic is done in float then rounded, which can differ from PIL's LUTs by
-one grey level, and the crop is resized without PIL's antialiasing unless
+one grey level, within one pixel of the border rotate/shear blend with the
+fill colour where PIL clamps to the edge pixel, and the crop is resized without PIL's antialiasing unless
 ``antialias=True`` (a speed trade-off, see ``AugmentConfig``).
 
 Every random draw is a stateless op keyed by the per-example ``seed`` (a
@@ -375,14 +376,15 @@ def _sharpness(img, m, sign):
 
 
 def _shear_rows(img, f):
-    """``_affine(img, [1, f, 0, 0, 1, 0])``: each row read at x + f * y. Rows
+    """``_affine(img, [1, f, f / 2, 0, 1, 0])``: row y read at x + f * (y + 0.5),
+    as PIL's affine transform (timm's ShearX), which maps pixel centres. Rows
     stay put (the vertical weight is 0), so 2 gathers instead of 4."""
     fill = tf.constant(_FILL, tf.float32)
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
     ys = tf.range(h)[:, None]
-    x = tf.clip_by_value(tf.cast(tf.range(w), tf.float32)[None, :] + f * tf.cast(ys, tf.float32),
-                         -1.0, tf.cast(w, tf.float32))
+    x = tf.clip_by_value(tf.cast(tf.range(w), tf.float32)[None, :] + f * tf.cast(ys, tf.float32)
+                         + f / 2, -1.0, tf.cast(w, tf.float32))
     x0 = tf.floor(x)
     fx = (x - x0)[..., None]
     wp = w + 3  # padded by 1 before and 2 after, as in _affine
@@ -399,7 +401,7 @@ def _shear_x(img, m, sign):
 
 def _shear_y(img, m, sign):
     f = sign * m / 10.0 * 0.3
-    # = _affine(img, [1, 0, 0, f, 1, 0]): a row shear of the transposed image
+    # = _affine(img, [1, 0, 0, f, 1, f / 2]): a row shear of the transposed image
     return tf.transpose(_shear_rows(tf.transpose(img, [1, 0, 2]), f), [1, 0, 2])
 
 
