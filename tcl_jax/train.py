@@ -367,7 +367,8 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   resume_step = check_resume(config, workdir)  # before config.json is rewritten
-  if resume_step is not None and resume_step >= config.total_steps:
+  idle = resume_step is not None and resume_step >= config.total_steps
+  if idle:
     logging.info("%s is at step %d of total_steps=%d: nothing to train", workdir, resume_step,
                  config.total_steps)
 
@@ -377,10 +378,10 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   is_chief = jax.process_index() == 0
-  # A run with nothing to train writes no (empty) TensorBoard events file.
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief or (
-      resume_step is not None and resume_step >= config.total_steps))
-  if is_chief:
+  # A run with nothing to train writes neither an (empty) TensorBoard events file nor a
+  # config.json that would no longer describe the checkpoints.
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief or idle)
+  if is_chief and not idle:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),

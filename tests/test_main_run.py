@@ -66,10 +66,12 @@ def _events(workdir):
 def test_restart_of_a_finished_run_is_a_no_op_without_an_events_file(finished_run):
   workdir, _ = finished_run
   before = _events(workdir)
+  config_json = os.stat(workdir / "config.json").st_mtime_ns
   proc = _main(workdir, *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "is at step 2 of total_steps=2: nothing to train" in proc.stderr
   assert _events(workdir) == before
+  assert os.stat(workdir / "config.json").st_mtime_ns == config_json  # not rewritten
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   assert "2 -> 2 (0 in this run)" in proc.stdout
 
