@@ -7,11 +7,12 @@ anywhere.
 
 `parse_flags` is the flags parser those programs hand to `absl.app.run`. Exit statuses, the same in
 every command-line program of the package (main, evaluate, convert, demo, app):
-  2  usage error: the command line is wrong (an unknown or missing flag, a config file or
-     `--config.<field>` that does not exist, a value of the wrong type, a --workdir that is a
-     file, a --checkpoint that does not exist); found before any heavy import;
-  1  runtime failure: the run started and something failed (data or checkpoint contents,
-     a non-finite loss, ...).
+  2  usage error, found before the work starts: the command line is wrong (an unknown or missing
+     flag, a config file or `--config.<field>` that does not exist, a value of the wrong type, a
+     --workdir that is a file) or names something that is missing or unreadable (a checkpoint,
+     an image, a data root). Flag and config mistakes are found before any heavy import;
+  1  runtime failure: the work started and failed (e.g. in training: no file matches the data
+     pattern, an init checkpoint that does not load, a non-finite loss).
 Either way the user sees one line, `error: ...`, on stderr, never a traceback.
 """
 

@@ -712,12 +712,12 @@ def main(argv):
     for t in parse_tasks(config.tasks):
       seg_data.SegDataset(t, config.data_root, 1)
   except (seg_data.DataError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+    config_files.usage_error(str(e))
   from tcl_jax import convert
   try:
     cfg, params = convert.load_any(FLAGS.checkpoint)
   except (ValueError, OSError) as e:
-    raise SystemExit(f"error: cannot load checkpoint {FLAGS.checkpoint}: {e}")
+    config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
   results = evaluate_tasks(params, cfg, config, progress=True)
   for t, r in results.items():
     if t != "average":

@@ -113,7 +113,7 @@ def test_main_train_files_matching_nothing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# python -m tcl_jax.evaluate (checks made before any data or model is read)
+# python -m tcl_jax.evaluate (checks made before any model work: all usage errors)
 # ------------------------------------------------------------------------------------------------
 
 def test_evaluate_usage_errors(tmp_path):
@@ -128,9 +128,9 @@ def test_evaluate_usage_errors(tmp_path):
 
 def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tmp_path):
   # The default --config (configs/eval.py) is found from any directory: the run gets as far as
-  # looking for the data (a runtime failure, exit status 1).
+  # looking for the data, which is missing (a usage error too: it is named by --config.data_root).
   proc = _run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.tasks=voc20",
               "--config.data_root=nodata", cwd=tmp_path)
-  assert _runtime_error(proc) == (
+  assert _usage_error(proc) == (
       "error: voc20: data root nodata/VOCdevkit/VOC2012 does not exist (set --config.data_root "
       "to the folder holding VOCdevkit/VOC2012)")

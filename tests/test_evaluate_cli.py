@@ -118,13 +118,13 @@ def test_cli_missing_data_is_one_line_error(tmp_path):
   proc = _run_cli("--config=configs/eval.py", f"--checkpoint={tmp_path}",
                   f"--config.data_root={tmp_path / 'nodata'}", "--config.tasks=voc20",
                   timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2  # a usage error: found before any work (tcl_jax/config_files.py)
   err = proc.stderr.strip().splitlines()[-1]
   assert err == (f"error: voc20: data root {tmp_path / 'nodata'}/VOCdevkit/VOC2012 does not "
                  f"exist (set --config.data_root to the folder holding VOCdevkit/VOC2012)")
   proc = _run_cli("--config=configs/eval.py", f"--checkpoint={tmp_path}",
                   "--config.tasks=voc,nope", timeout=120)
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "error: unknown segmentation task 'nope'")
 
