@@ -160,13 +160,6 @@ class Segmenter:
                         simmaps=maps[n:n + k, :h0, :w0], bg_thresh=float(bg_thresh))
 
 
-def segment(params, cfg, image_rgb: np.ndarray, classes: Sequence[str], *, pamr: bool = True,
-            kp_w: float = 0.3, bg_thresh: float = 0.4, **options) -> Segmentation:
-  """One-off `Segmenter(params, cfg, **options)(image_rgb, classes, ...)`."""
-  return Segmenter(params, cfg, **options)(image_rgb, classes, pamr=pamr, kp_w=kp_w,
-                                           bg_thresh=bg_thresh)
-
-
 def parse_classes(text: str) -> list:
   """'dog, grass,,sky ' -> ['dog', 'grass', 'sky']."""
   return [c.strip() for c in str(text or "").split(",") if c.strip()]
