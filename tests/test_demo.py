@@ -17,6 +17,8 @@ from tcl_jax import evaluate
 from tcl_jax.models import tcl as tcl_lib
 
 SMALL = dict(img_scale=(256, 64), crop=64, stride=32)
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                       "fixtures", "tcl_tiny")
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +158,18 @@ def test_cli(model, tmp_path):
                      "error: no checkpoint at")]:
     r = _run(*args)
     assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason=f"needs the reference fixtures {FIXTURE}")
+def test_load_model_completes_a_minimal_release_file_with_clip(tmp_path):
+  import torch_files  # tests/torch_files.py: writes PyTorch zip checkpoints without torch
+  from tcl_jax import torch_pickle
+  full = os.path.join(FIXTURE, "tcl_reference.pth")
+  sd = {k: v for k, v in torch_pickle.load_state_dict(full).items() if not k.startswith("clip_")}
+  minimal = torch_files.save({"model": torch_files.state_dict(sd)}, tmp_path / "tcl.pth")
+  with pytest.raises(ValueError, match="--clip"):
+    demo.load_model(str(minimal))
+  _, want = demo.load_model(full)
+  _, got = demo.load_model(str(minimal), os.path.join(FIXTURE, "clip_openai_jit.pt"))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b)
