@@ -52,7 +52,8 @@ def test_paper_recipe_values():
   assert [t for t in c.evals.tasks.split(",")] == ["t_voc20", "t_context59"]
   assert (c.evals.pamr, c.evals.bg_thresh, c.evals.kp_w) == (True, 0.4, 0.3)
   assert len(c.input.train_files) == 2  # gcc3m + gcc12m
-  assert c.mesh.axes == ("data",) and c.mesh.axis_types == "auto"
+  assert c.mesh.axes == ("data", "fsdp") and c.mesh.shape == (-1, 1)  # fsdp axis of size 1
+  assert c.mesh.axis_types == "auto"
 
 
 def test_smoke_is_the_recipe_on_in_memory_batches(tmp_path):
