@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=max(arg.steps // 10, 1), ust_steps=arg.steps // 3)
 
   config.evals = eval_configs.get_config()
-  config.evals.tasks = "shapes"
+  config.evals.tasks = "shapes,shapes12"  # as voc and voc20: with and without background
   config.evals.data_root = "{workdir}/data/seg"
   # The original README's setting without PAMR; one prompt, the form the captions use.
   config.evals.pamr = False

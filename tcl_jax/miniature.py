@@ -117,9 +117,9 @@ def _colourise(label: np.ndarray) -> np.ndarray:
 
 
 def mask_panel(param_sets: list, cfg, config, workdir: str, num_images: int) -> np.ndarray:
-  """[rows * H, (2 + len(param_sets)) * W, 3] uint8: per evaluation image, the image, its ground
-  truth, then the predicted class map of each parameter set (VOC palette colours), through the
-  evaluation's own pipeline."""
+  """uint8 grid, one row per evaluation image: the image, its ground truth, then the predicted
+  class map of each parameter set (VOC palette colours), through the evaluation's own pipeline;
+  upscaled x2."""
   from tcl_jax import evaluate  # pylint: disable=g-import-not-at-top
   from tcl_jax import seg_data  # pylint: disable=g-import-not-at-top
   ev = config.evals
@@ -141,7 +141,8 @@ def mask_panel(param_sets: list, cfg, config, workdir: str, num_images: int) -> 
                                       ev.bg_thresh if ds.spec.with_bg else None)
         cells.append(_colourise(pred))
       rows.append(np.concatenate(cells, axis=1))
-  return np.concatenate(rows, axis=0).astype(np.uint8)
+  panel = np.concatenate(rows, axis=0).astype(np.uint8)
+  return panel.repeat(2, axis=0).repeat(2, axis=1)  # 96-pixel cells are small on a screen
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,6 +150,7 @@ def mask_panel(param_sets: list, cfg, config, workdir: str, num_images: int) -> 
 # ------------------------------------------------------------------------------------------------
 
 def _miou(results) -> float | None:
+  """The mean over the evaluated tasks (shapes and shapes12: with and without background)."""
   return None if results is None else results.get("average")
 
 
@@ -207,7 +209,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     return None
 
   out = {"baseline_miou": _miou(baseline), "tcl_miou": _miou(final), "seed": int(config.seed),
-         "wall_s": round(time.time() - t0, 1)}
+         "wall_s": round(time.time() - t0, 1),
+         "per_task": {t: {"baseline_miou": baseline[t]["miou"], "tcl_miou": final[t]["miou"]}
+                      for t in final if t != "average"}}
   with open(os.path.join(workdir, "miniature.json"), "w") as f:
     json.dump(out, f, indent=1)
   if jax.process_index() == 0 and mini.num_mask_images:
@@ -221,11 +225,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     writer.write_scalars(config.total_steps, {"miniature/baseline_miou": out["baseline_miou"],
                                               "miniature/tcl_miou": out["tcl_miou"]})
     writer.close()
-  print(f"miniature (seed {out['seed']}): zero-shot mIoU on the shapes world, frozen-CLIP "
+  tasks = ", ".join(f"{t} {v['baseline_miou']:.2f} -> {v['tcl_miou']:.2f}"
+                    for t, v in out["per_task"].items())
+  print(f"miniature (seed {out['seed']}): zero-shot mIoU (%) on the shapes world, frozen-CLIP "
         f"baseline (TCL at step 0) {out['baseline_miou']:.2f}, after {config.total_steps} TCL "
-        f"steps {out['tcl_miou']:.2f} ({out['tcl_miou'] - out['baseline_miou']:+.2f} points); "
-        f"{out['wall_s']:.0f} s. Masks: {os.path.join(workdir, 'miniature_masks.png')} "
-        f"(image | truth | baseline | TCL)", flush=True)
+        f"steps {out['tcl_miou']:.2f} ({out['tcl_miou'] - out['baseline_miou']:+.2f} points; "
+        f"{tasks}); {out['wall_s']:.0f} s. Masks: "
+        f"{os.path.join(workdir, 'miniature_masks.png')} (image | truth | baseline | TCL)",
+        flush=True)
   return out
 
 

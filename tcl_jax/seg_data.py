@@ -189,11 +189,15 @@ TASKS = {
     "t_voc20": _voc("t_voc20", "PascalVOCDataset20", VOC20_CLASSES, True, split="train"),
     "t_context59": _context("t_context59", "PascalContextDataset59", CONTEXT59_CLASSES, True,
                             split="train"),
-    # The miniature's shapes world (tcl_jax/data/synthetic.py) in the VOC layout, with a
-    # background class (so a bg_thresh channel, as VOC) and one class per colour-shape pair.
+    # The miniature's shapes world (tcl_jax/data/synthetic.py) in the VOC layout, as the voc /
+    # voc20 pair: with a background class (a bg_thresh channel) and one class per colour-shape
+    # pair; and the same files scored on object pixels only (background ignored).
     "shapes": TaskSpec("shapes", "PascalVOCDataset", "shapes/VOC2012", "JPEGImages",
                        "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt",
                        synthetic.CLASSES, False, "shapes"),
+    "shapes12": TaskSpec("shapes12", "PascalVOCDataset20", "shapes/VOC2012", "JPEGImages",
+                         "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt",
+                         synthetic.CLASSES[1:], True, "shapes"),
 }
 
 BENCHMARKS = ("voc", "voc20", "context", "context59", "coco_stuff", "coco_object", "cityscapes",
