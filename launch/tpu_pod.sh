@@ -6,7 +6,7 @@
 #   --create TYPE  first create the slice (v4-32, v5e-16, v5p-..., v6e-...; gcloud's own names such
 #                  as v5litepod-16 work too), copy this checkout's HEAD to every worker, install it
 #                  there: ./setup.sh (needs Python >= 3.12 on the image), then the [tpu] extra
-#                  (pip install ".[tpu]": jax with libtpu).
+#                  (pip install -e ".[tpu]": jax with libtpu).
 #   --dry-run      print the gcloud commands instead of running them.
 #
 # Env: CONFIG (default configs/tcl.py), REPO_DIR (checkout on the workers, default ~/tcl_jax),
@@ -60,7 +60,7 @@ if [[ -n $TYPE ]]; then
     "${PROJECT_FLAG[@]}" --worker=all
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" --worker=all \
     --command="mkdir -p $REPO_DIR && tar -xzf tcl_jax.tgz -C $REPO_DIR && cd $REPO_DIR && \
-./setup.sh && .venv/bin/pip install -q '.[tpu]'"
+./setup.sh && .venv/bin/pip install -q -e '.[tpu]'"
 fi
 
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" --worker=all \

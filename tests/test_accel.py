@@ -138,7 +138,7 @@ def test_tpu_pod_dry_run_prints_the_commands(tpu, accel):
       ["git", "archive", "--format=tar.gz", "-o"]] + [["gcloud", "compute", "tpus", "tpu-vm"]] * 3
   assert lines[0][4:6] == ["create", "my-tpu"] and f"--accelerator-type={accel}" in lines[0]
   assert all("--worker=all" in l for l in lines[2:])
-  assert "pip install -q '.[tpu]'" in lines[3][-1]
+  assert "pip install -q -e '.[tpu]'" in lines[3][-1]
   # The training command every worker runs, as its shell will split it.
   remote = shlex.split(lines[4][-1].removeprefix("--command="))
   i = remote.index("tcl_jax.main")
