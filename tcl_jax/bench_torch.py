@@ -161,7 +161,7 @@ def main(argv=None):
     return 1
   try:
     print(json.dumps(run(args.ref_repo, args.batch, args.steps, args.resolution)))
-  except torch.OutOfMemoryError:
+  except torch.cuda.OutOfMemoryError:
     print(f"error: the original runs out of device memory at batch {args.batch}",
           file=sys.stderr)
     return 1
