@@ -416,6 +416,36 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_sigterm_while_waiting_for_data_checkpoints_the_steps_done(tmp_path):
+  # Two steps, then the input stalls (a file system that stops answering) and SIGTERM arrives:
+  # the run stops without a third batch and keeps steps 1-2 in a checkpoint whose input state is
+  # the one before the read that never finished.
+  import threading  # pylint: disable=g-import-not-at-top
+  n, release = 2, threading.Event()
+
+  class StallsAfterN(FakeIterator):
+
+    def __next__(self):
+      if self.i == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+        release.wait(120)
+      return super().__next__()
+
+  config = small_config(total_steps=10, checkpoint_every_steps=1000, log_every_steps=1)
+  it = StallsAfterN(8, 32)
+  try:
+    state, hist = train.train_and_evaluate(config, str(tmp_path), train_iter=it)
+    assert not release.is_set() and it.i == n  # returned while the read still waits
+  finally:
+    release.set()
+  assert int(state.step) == n and sorted(_losses(hist)) == [1, 2]
+  mngr = checkpointing.create_checkpoint_manager(str(tmp_path), config.checkpoint)
+  assert mngr.all_steps() == [n]
+  restored = mngr.restore(n, args=ocp.args.Composite(input=ocp.args.JsonRestore()))
+  assert restored["input"] == {"process_count": 1, "processes": {"0": {"i": n}}}
+  mngr.close()
+
+
 def test_non_finite_stop_keeps_last_good_and_best_checkpoints(tmp_path, monkeypatch):
   # state.step == 3 is the 4th update: steps 1..3 are good and checkpointed, step 4 is NaN.
   config = small_config(total_steps=8, checkpoint_every_steps=1, log_every_steps=1,
