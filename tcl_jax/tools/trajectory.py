@@ -108,6 +108,10 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
                                       global_batch_size=config.batch_size)
   labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
+  if devices is None:
+    # As many devices as divide the recorded batch (a global batch must split evenly).
+    devices = jax.devices()
+    devices = devices[:max(d for d in range(1, len(devices) + 1) if config.batch_size % d == 0)]
   mesh = sharding.make_mesh(config.mesh, devices)
   batch_sharding = sharding.data_sharding(mesh)
   repl = sharding.repl_sharding(mesh)
