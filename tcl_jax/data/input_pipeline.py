@@ -132,11 +132,12 @@ def _report_bad(reasons, names):
     return np.int64(0)
 
 
-def _log_bad(reasons, names):
-    """Reports the bad elements (if any) from a ``scan`` step; returns 0 (add it to
-    something the step outputs so that the call cannot be pruned)."""
-    return tf.cond(tf.size(reasons) > 0,
-                   lambda: tf.numpy_function(_report_bad, [reasons, names], tf.int64,
+def _log_bad_if(pred, reasons_and_names):
+    """In a ``scan`` step: reports ``reasons_and_names()`` (built only where ``pred``
+    holds, so that clean elements run none of it); returns 0 for a control
+    dependency of what the step outputs."""
+    return tf.cond(pred,
+                   lambda: tf.numpy_function(_report_bad, list(reasons_and_names()), tf.int64,
                                              stateful=True),
                    lambda: tf.constant(0, tf.int64))
 
@@ -286,20 +287,23 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
         no_caption = rec & ~no_image & tf.equal(
             tf.strings.length(tf.strings.strip(ex[schema.CAPTION])), 0)
         bad_shard = tf.equal(ex["kind"], _EOF_BAD)
-        lost = tf.range(last + 1, ex["idx"])  # records lost to parse errors
-        add = tf.stack([tf.size(lost, tf.int64),
-                        tf.cast(no_caption, tf.int64), tf.cast(no_image, tf.int64),
+        lost = ex["idx"] - last - 1  # records lost to parse errors
+        add = tf.stack([lost, tf.cast(no_caption, tf.int64), tf.cast(no_image, tf.int64),
                         tf.constant(0, tf.int64), tf.cast(bad_shard, tf.int64)])
-        own = tf.stack([no_caption, no_image, bad_shard])
-        reasons = tf.concat([tf.fill(tf.shape(lost), _R["bad_record"]), tf.boolean_mask(
-            [_R["empty_caption"], _R["missing_image"], _R["bad_shard"]], own)], 0)
-        seen = tf.concat([lost, ex["idx"][None]], 0)
-        names = names_by_idx.lookup(seen)
-        with tf.control_dependencies([names_by_idx.remove(seen)]):
+
+        def bad():
+            own = tf.stack([no_caption, no_image, bad_shard])
+            reasons = tf.concat([tf.fill([lost], _R["bad_record"]), tf.boolean_mask(
+                [_R["empty_caption"], _R["missing_image"], _R["bad_shard"]], own)], 0)
             own_name = tf.strings.join([ex["name"], ex[schema.KEY]], "\0")
-            logged = _log_bad(reasons, tf.concat(
-                [names[:-1], tf.boolean_mask(tf.fill([3], own_name), own)], 0))
-        counts = counts + add + 0 * logged
+            return reasons, tf.concat([names_by_idx.lookup(tf.range(last + 1, ex["idx"])),
+                                       tf.boolean_mask(tf.fill([3], own_name), own)], 0)
+
+        logged = _log_bad_if((lost > 0) | no_caption | no_image | bad_shard, bad)
+        with tf.control_dependencies([logged]):  # names up to here are not needed any more
+            forget = names_by_idx.remove(tf.range(last + 1, ex["idx"] + 1))
+        with tf.control_dependencies([forget]):
+            counts = counts + add
         valid = (rec & ~no_image & ~no_caption) | tf.equal(ex["kind"], _END)
         ordinal = ordinal + tf.cast(valid, tf.int64)
         out = dict(ex, counts=counts, ordinal=ordinal, valid=valid)
@@ -337,12 +341,14 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
 
     def count_decode_failures(state, ex):
         last, failed = state
-        lost = tf.range(last + 1, ex["ordinal"])
-        seen = tf.concat([lost, ex["ordinal"][None]], 0)
-        names = names_by_ordinal.lookup(seen)
-        with tf.control_dependencies([names_by_ordinal.remove(seen)]):
-            logged = _log_bad(tf.fill(tf.shape(lost), _R["corrupt_image"]), names[:-1])
-        failed = failed + tf.size(lost, tf.int64) + 0 * logged
+        lost = ex["ordinal"] - last - 1
+        logged = _log_bad_if(lost > 0, lambda: (
+            tf.fill([lost], _R["corrupt_image"]),
+            names_by_ordinal.lookup(tf.range(last + 1, ex["ordinal"]))))
+        with tf.control_dependencies([logged]):
+            forget = names_by_ordinal.remove(tf.range(last + 1, ex["ordinal"] + 1))
+        with tf.control_dependencies([forget]):
+            failed = failed + lost
         out = {k: v for k, v in ex.items() if k != "ordinal"}
         out["counts"] = ex["counts"] + tf.one_hot(
             _R["corrupt_image"], len(REASONS), dtype=tf.int64) * failed
