@@ -2,6 +2,7 @@
 # Makes .venv (Python >= 3.12, which current jax needs) with the pinned CPU requirements and this
 # package in editable mode. Used by the README's quick start and by .ci/run, so the two cannot
 # drift apart. Re-running it reuses .venv and only installs what changed.
+# `./setup.sh --print-python` prints the interpreter it would make .venv with.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,6 +21,10 @@ find_python() {
        "/usr/bin, /usr/local/bin); install one, e.g. 'pyenv install 3.12'" >&2
   exit 1
 }
+
+if [ "${1:-}" = "--print-python" ]; then  # which interpreter a new .venv would use
+  find_python; exit
+fi
 
 if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
   if [ -e .venv ]; then
