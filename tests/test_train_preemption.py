@@ -97,7 +97,7 @@ def test_all_bad_data_stops_with_one_line_naming_the_file(tmp_path):
       [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py",
        f"--workdir={tmp_path / 'wd'}", "--config.total_steps=5", "--config.evals.tasks=",
        "--config.synthetic.num_train_examples=16", f"--config.input.train_files=('{data}/*',)"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
   took = time.time() - t0
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1, proc.stderr[-3000:]
