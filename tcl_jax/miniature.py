@@ -210,7 +210,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
   out = {"baseline_miou": _miou(baseline), "tcl_miou": _miou(final), "seed": int(config.seed),
          "wall_s": round(time.time() - t0, 1),
-         "per_task": {t: {"baseline_miou": baseline[t]["miou"], "tcl_miou": final[t]["miou"]}
+         "per_task": {t: {"baseline_miou": baseline[t]["miou"], "tcl_miou": final[t]["miou"],
+                          "baseline_per_class_iou": baseline[t]["per_class_iou"],
+                          "tcl_per_class_iou": final[t]["per_class_iou"]}
                       for t in final if t != "average"}}
   with open(os.path.join(workdir, "miniature.json"), "w") as f:
     json.dump(out, f, indent=1)
