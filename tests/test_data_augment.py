@@ -15,8 +15,8 @@ RNG = np.random.default_rng(0)
 IMG = (RNG.beta(2, 5, size=(40, 50, 3)) * 200 + 20).astype(np.uint8)
 
 
-def _tf(fn, m=9.0, sign=1.0):
-    return fn(tf.constant(IMG, tf.float32), tf.constant(m), tf.constant(sign)).numpy()
+def _tf(fn, m=9.0, sign=1.0, img=IMG):
+    return fn(tf.constant(img, tf.float32), tf.constant(m), tf.constant(sign)).numpy()
 
 
 def test_pointwise_ops_match_pil():
@@ -262,20 +262,24 @@ def test_translate_y_matches_timm_pil():
 def test_colour_ops_match_timm_pil():
     from PIL import ImageEnhance
 
-    pil = Image.fromarray(IMG)
-    for m, sign in MAGNITUDES:
-        factor = 1 + sign * m / 10 * 0.9
-        for fn, enhancer in ((A._color, ImageEnhance.Color), (A._contrast, ImageEnhance.Contrast),
-                             (A._brightness, ImageEnhance.Brightness)):
-            ref = np.asarray(enhancer(pil).enhance(factor)).astype(np.float32)
-            diff = np.abs(_tf(fn, m, sign) - ref)
-            # PIL blends in float and truncates; ours rounds: one grey level at most.
-            assert diff.max() <= 1, (fn.__name__, factor, diff.max())
-            assert (diff == 0).mean() > 0.4, (fn.__name__, factor)
-        add = int(m / 10 * 110)
-        lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-        np.testing.assert_array_equal(_tf(A._solarize_add, m, sign),
-                                      np.asarray(pil.point(lut * 3)))
+    # IMG's channels share one distribution; a tinted copy tells the luma weights apart
+    tinted = np.stack([IMG[..., 0] // 3, IMG[..., 1], 255 - IMG[..., 2] // 2], -1)
+    for img in (IMG, tinted):
+        pil = Image.fromarray(img)
+        for m, sign in MAGNITUDES:
+            factor = 1 + sign * m / 10 * 0.9
+            for fn, enhancer in ((A._color, ImageEnhance.Color),
+                                 (A._contrast, ImageEnhance.Contrast),
+                                 (A._brightness, ImageEnhance.Brightness)):
+                ref = np.asarray(enhancer(pil).enhance(factor)).astype(np.float32)
+                diff = np.abs(_tf(fn, m, sign, img) - ref)
+                # PIL blends in float and truncates; ours rounds: one grey level at most.
+                assert diff.max() <= 1, (fn.__name__, factor, diff.max())
+                assert (diff == 0).mean() > 0.4, (fn.__name__, factor)
+            add = int(m / 10 * 110)
+            lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+            np.testing.assert_array_equal(_tf(A._solarize_add, m, sign, img),
+                                          np.asarray(pil.point(lut * 3)))
 
 
 def test_shear_rows_is_the_affine_it_replaces():
