@@ -193,7 +193,9 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
   from tcl_jax import optim  # pylint: disable=g-import-not-at-top
   from tcl_jax import train  # pylint: disable=g-import-not-at-top
   from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
-  from test_train import assert_leaves_close, assert_same_updates, flat  # pylint: disable=g-import-not-at-top
+  from test_train import assert_leaves_close  # pylint: disable=g-import-not-at-top
+  from test_train import assert_same_updates  # pylint: disable=g-import-not-at-top
+  from test_train import flat  # pylint: disable=g-import-not-at-top
 
   multi_dir = tmp_path / "multi"
   # ---- 2 processes; process 1 alone gets SIGTERM during step SIGTERM_AT_BATCH + 1.

@@ -29,8 +29,10 @@ Differences from PIL: rotate/shear always resample bilinearly (timm picks
 bilinear or bicubic at random), translations are rounded to whole pixels,
 arithmetic is done in float then rounded, which can differ from PIL's LUTs by
 one grey level, within one pixel of the border rotate/shear blend with the
-fill colour where PIL clamps to the edge pixel, and the crop is resized without PIL's antialiasing unless
-``antialias=True`` (a speed trade-off, see ``AugmentConfig``).
+fill colour where PIL clamps to the edge pixel, and the crop is resized
+without PIL's antialiasing unless ``antialias=True`` (a speed trade-off, see
+``AugmentConfig``). ``tests/test_data_augment.py`` checks each op against
+PIL called as timm calls it.
 
 Every random draw is a stateless op keyed by the per-example ``seed`` (a
 [2] int tensor), so results depend only on (seed, example) and not on
