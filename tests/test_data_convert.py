@@ -151,6 +151,19 @@ def test_tfds_local_dataset(tmp_path, capsys):
         (b"104", b"caption 4 a")]
     assert recs[0]["image"][:4] == b"\x89PNG"
 
-    with pytest.raises(SystemExit, match="not prepared"):
-        convert.main(["tfds", "tiny_captions", "--data-dir", str(tmp_path / "empty"),
-                      "--output", str(out)])
+    capsys.readouterr()
+    assert convert.main(["tfds", "tiny_captions", "--data-dir", str(tmp_path / "empty"),
+                         "--output", str(out)]) == 2
+    assert "not prepared" in capsys.readouterr().err
+
+
+def test_cli_usage_mistakes_end_in_one_line_with_status_2(tmp_path):
+    import subprocess
+    import sys
+    for argv in (["csv", str(tmp_path / "nosuch.csv")],
+                 ["webdataset", str(tmp_path / "nothing-*.tar")]):
+        r = subprocess.run([sys.executable, "-m", "tcl_jax.data.convert", *argv, "--output",
+                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr

@@ -55,6 +55,11 @@ IMAGE_COLUMNS = ("filepath", "image", "path")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
+
+class UsageError(SystemExit):
+    """A mistake in the command (no matching input, unknown source, missing columns): `main`
+    prints it as one line and exits with status 2, the CLIs' usage-error status."""
+
 def expand_braces(pattern: str) -> list[str]:
     """``a{00..02}b{x,y}`` -> ``a00bx, a00by, a01bx, ...`` (zero padding kept)."""
     m = _BRACE.search(pattern)
@@ -215,13 +220,15 @@ def _csv_rows(csv_path: str) -> list[tuple[str, str | None, str]]:
     """All (image path, caption, key) rows of a CSV/TSV."""
     delim = "\t" if csv_path.lower().endswith((".tsv", ".tab")) else ","
     base = os.path.dirname(os.path.abspath(csv_path))
+    if not os.path.isfile(csv_path):
+        raise UsageError(f"no CSV/TSV file at {csv_path}")
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delim)
         cols = reader.fieldnames or []
         icol = next((c for c in IMAGE_COLUMNS if c in cols), None)
         ccol = next((c for c in CAPTION_COLUMNS if c in cols), None)
         if icol is None or ccol is None:
-            raise SystemExit(f"error: {csv_path} needs an image column {IMAGE_COLUMNS} "
+            raise UsageError(f"{csv_path} needs an image column {IMAGE_COLUMNS} "
                              f"and a caption column {CAPTION_COLUMNS}; has {cols}")
         rows = []
         for i, r in enumerate(reader):
@@ -239,9 +246,9 @@ def _tfds_builder(name: str, data_dir: str | None):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown name, no registry entry, ...
-        raise SystemExit(f"error: tfds dataset {name!r} not found ({type(e).__name__}: {e})")
+        raise UsageError(f"tfds dataset {name!r} not found ({type(e).__name__}: {e})")
     if not builder.is_prepared():
-        raise SystemExit(f"error: tfds dataset {name!r} is not prepared in "
+        raise UsageError(f"tfds dataset {name!r} is not prepared in "
                          f"{data_dir or tfds.core.constants.DATA_DIR!r}; prepare it there "
                          "first (this tool never downloads)")
     return builder
@@ -255,7 +262,7 @@ def _tfds_caption_fields(features) -> tuple[str, str]:
                       if isinstance(v, tfds.features.Image)), None)
     cap_key = next((k for k in ("caption", "captions", "text", "title") if k in features), None)
     if image_key is None or cap_key is None:
-        raise SystemExit(f"error: tfds dataset has no image/caption features: {list(features)}")
+        raise UsageError(f"tfds dataset has no image/caption features: {list(features)}")
     return image_key, cap_key
 
 
@@ -352,7 +359,7 @@ def make_tasks(kind: str, inputs: str, output: str, num_shards: int | None = Non
     if kind == "webdataset":
         tars = expand_inputs(inputs)
         if not tars:
-            raise SystemExit(f"error: no input matches {inputs!r}")
+            raise UsageError(f"no input matches {inputs!r}")
         n = num_shards or len(tars)
         chunks = _split_evenly(tars, n)
     elif kind == "csv":
@@ -367,7 +374,7 @@ def make_tasks(kind: str, inputs: str, output: str, num_shards: int | None = Non
         n = num_shards or max(1, math.ceil(num / 10_000))
         chunks = tfds.even_splits(split, n=n)
     else:
-        raise SystemExit(f"error: unknown source {kind!r}")
+        raise UsageError(f"unknown source {kind!r}")
     os.makedirs(output, exist_ok=True)
     return [dict(kind=kind, inputs=c, out=os.path.join(output, schema.shard_name(i, n, out_split)),
                  name=inputs, data_dir=data_dir, all_captions=all_captions, tokenize=tokenize)
@@ -409,10 +416,14 @@ def main(argv=None) -> int:
                    help="also store CLIP token ids (optional 'tokens' feature)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # inherited by spawned workers
-    tasks = make_tasks(args.source, args.input, args.output, args.num_shards,
-                       data_dir=args.data_dir, split=args.split,
-                       all_captions=args.all_captions, tokenize=args.tokenize)
-    summary = run(tasks, args.workers)
+    try:
+        tasks = make_tasks(args.source, args.input, args.output, args.num_shards,
+                           data_dir=args.data_dir, split=args.split,
+                           all_captions=args.all_captions, tokenize=args.tokenize)
+        summary = run(tasks, args.workers)
+    except UsageError as e:
+        print(f"error: {e.code}", file=sys.stderr)
+        return 2
     print(f"{len(tasks)} shards in {args.output} ({summary['resumed_shards']} already done)",
           file=sys.stderr)
     print(json.dumps({"written": summary["written"], "skipped": summary["skipped"]}))
