@@ -195,8 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
       baseline = json.load(f)
   else:
     baseline = train.run_evaluation(step0_params(model, config), model, config, workdir)
-    with open(baseline_path, "w") as f:
-      json.dump(baseline, f, indent=1)
+    if jax.process_index() == 0:
+      with open(baseline_path, "w") as f:
+        json.dump(baseline, f, indent=1)
 
   # Stage 2: TCL.
   state, _ = train.train_and_evaluate(config, workdir, model=model)
@@ -214,8 +215,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                           "baseline_per_class_iou": baseline[t]["per_class_iou"],
                           "tcl_per_class_iou": final[t]["per_class_iou"]}
                       for t in final if t != "average"}}
-  with open(os.path.join(workdir, "miniature.json"), "w") as f:
-    json.dump(out, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "miniature.json"), "w") as f:
+      json.dump(out, f, indent=1)
   if jax.process_index() == 0 and mini.num_mask_images:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
