@@ -38,7 +38,7 @@ SKIPPED_KEYS = ("input_resolution", "context_length", "vocab_size")
 CLIP_PREFIXES = ("clip_text_encoder.", "clip_image_encoder.")
 LOSS_SCALE_KEYS = ("tcli_loss.logit_scale", "tclf_loss.logit_scale")
 # InfoNCE / ExtendedInfoNCE start at logit_scale = log(1 / T_init), T_init 0.07 (models/tcl/mi.py).
-INITIAL_LOGIT_SCALE = np.float32(np.log(1 / 0.07))
+INITIAL_LOGIT_SCALE = np.float32(clip_lib.INITIAL_LOGIT_SCALE)
 NO_CLIP = ("this TCL checkpoint has no CLIP towers (clip_text_encoder.*, clip_image_encoder.*), "
            "like the official tcl.pth: pass OpenAI's ViT-B/16 file with --clip ViT-B-16.pt "
            "(clip= in Python)")

@@ -6,6 +6,7 @@ Parameter names follow the PyTorch keys (`resblocks_3` for `resblocks.3`, `ln_1`
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Optional
 
 from absl import logging
@@ -14,6 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from tcl_jax.models import resize
+
+# log(1 / 0.07): the initial logit scale of CLIP and of TCL's InfoNCE terms (the original's
+# models/tcl/mi.py, T_init = 0.07).
+INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
 
 Dtype = Any
 

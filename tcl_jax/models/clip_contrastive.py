@@ -8,7 +8,6 @@ between the pooled image and text embeddings of the global batch, temperature le
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tcl_jax import losses
 from tcl_jax.models import clip as clip_lib
@@ -16,7 +15,7 @@ from tcl_jax.models import clip as clip_lib
 
 def init_params(cfg: clip_lib.CLIPConfig, rng) -> dict:
   return {"clip": clip_lib.init_clip_params(cfg, rng),
-          "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
+          "logit_scale": jnp.asarray(clip_lib.INITIAL_LOGIT_SCALE, jnp.float32)}
 
 
 def contrastive_loss(params, cfg: clip_lib.CLIPConfig, images, text_tokens,

@@ -317,7 +317,7 @@ def init_params(cfg: TCLConfig, rng, clip_params: Optional[dict] = None) -> dict
   k_clip, k_masker = jax.random.split(rng)
   if clip_params is None:
     clip_params = clip_lib.init_clip_params(cfg.clip, k_clip)
-  scale = jnp.asarray(np.log(1 / 0.07), jnp.float32)
+  scale = jnp.asarray(clip_lib.INITIAL_LOGIT_SCALE, jnp.float32)
   return {"clip": clip_params, "masker": masker_from_clip(clip_params, cfg, k_masker),
           "tcli_logit_scale": scale, "tclf_logit_scale": jnp.array(scale)}
 
