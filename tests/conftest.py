@@ -9,6 +9,8 @@
 import os
 import tempfile
 
+import pytest
+
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
@@ -24,3 +26,14 @@ def load_config_module(name: str):
   """configs/<name>.py as a module (configs/ is not a package)."""
   from tcl_jax import config_files  # pylint: disable=g-import-not-at-top
   return config_files.load_module(os.path.join(REPO, "configs", name + ".py"))
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """For modules of tiny models, where compile time dominates: XLA's heavy passes are not what
+  they test. Use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

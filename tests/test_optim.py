@@ -41,13 +41,7 @@ def _config(clip_grad=0.0) -> ml_collections.ConfigDict:
   return c
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Small trees: compile time dominates; XLA's heavy passes are not what is tested here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from conftest import load_config_module
 
 tcl_config = load_config_module("tcl")
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Tiny models: compile time dominates; XLA's heavy passes are not what is tested here.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def small_clip():

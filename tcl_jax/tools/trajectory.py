@@ -58,15 +58,6 @@ def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "
   return config
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
-    return float("inf")
-  denom = np.linalg.norm(b.ravel())
-  diff = np.linalg.norm((a - b).ravel())
-  return float(diff / denom) if denom > 0 else float(diff)
-
-
 def _series_result(name, ours, ref, tol) -> dict:
   """Per-step relative errors of a recorded series -> one result with the worst step and the
   first step that left tolerance (the clue for a fix)."""
@@ -144,6 +135,7 @@ def replay(fixture_dir: str, dtype: str = "float32", devices=None) -> list:
   """Result dicts (name, metric, error, tolerance, ok, worst_step, first_bad_step) for every
   `trajectory/*` quantity of the fixture."""
   import jax
+  from tcl_jax.tools.parity import _rel  # (parity imports this module at its top)
   jax.config.update("jax_default_matmul_precision", "highest")
   tol = TOLERANCES[dtype]
   ref = np.load(os.path.join(fixture_dir, "trajectory.npz"))
