@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one script, ordered by value and fitted into one 10-minute device call:
-#  1. bf16 training step at the recipe's 64 images/GPU, and the original PyTorch TCL's step in fp16
-#     autocast at the same batch on the same GPU (images/s, ratio from this one run), + eval
-#     windows/s with and without PAMR;
-#  2. parity with the original (the shared fixture: one step + the 12-step trajectory) on the GPU,
-#     float32 and bfloat16;
-#  3. the attention-kernel tests (cuDNN vs XLA) on the GPU;
-#  4. the largest per-device batch that fits, without and with remat (images/s, MFU, memory).
+#  1. not timed, run side by side: parity with the original (the shared fixture: one step + the
+#     12-step trajectory) on the GPU in float32 and bfloat16, and the attention-kernel tests;
+#  2. bf16 training step at the recipe's 64 images/GPU, and the original PyTorch TCL's step in fp16
+#     autocast at the same batch on the same GPU (images/s, ratio from this one run);
+#  3. the largest per-device batch that fits, no remat (images/s, MFU, memory);
+#  4. eval windows/s with and without PAMR;  5. the largest batch with remat.
 #
 #   bench/gpu.sh --prepare     # here, in the repo root, with ../shared beside it: fills bench/.cache
 #   bench/gpu.sh               # on the GPU machine (repo root): writes $OUT (default bench/out)
@@ -56,29 +55,36 @@ step() { echo "== [$((SECONDS - t0)) s] $*"; }
 # limit N: N seconds, or what is left before the deadline if less
 limit() { local left=$((DEADLINE_S - (SECONDS - t0))); echo $(( $1 < left ? $1 : (left > 1 ? left : 1) )); }
 
-step "1. tcl_jax bf16 vs the original fp16 autocast, 64 images/GPU (the recipe's), + eval"
-timeout "$(limit 200)" "$PY" -m tcl_jax.bench --dtype bfloat16 --batch 64 --steps 10 --eval-windows 16 \
-  --torch-ref "$CACHE/tcl" --json "$OUT/bench_b64.json" 2>&1 | grep -v Warning | tee "$LOGS/bench_b64.txt"
-
+step "1. not timed, in parallel: parity with the original (float32, bfloat16) and the attention tests"
+# XLA_PYTHON_CLIENT_PREALLOCATE=false: three processes share the GPU.
 for dtype in float32 bfloat16; do
-  step "2. parity with the original on the GPU, $dtype"
-  timeout "$(limit 100)" "$PY" -m tcl_jax.tools.parity "$CACHE/fixture" --dtype "$dtype" \
-    --json "$OUT/parity_$dtype.json" > "$LOGS/parity_$dtype.txt" 2>&1
-  echo "rc $?"; grep -v " yes$" "$LOGS/parity_$dtype.txt" | tail -12
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$(limit 150)" "$PY" -m tcl_jax.tools.parity \
+    "$CACHE/fixture" --dtype "$dtype" --json "$OUT/parity_$dtype.json" > "$LOGS/parity_$dtype.txt" 2>&1 &
 done
-
-step "3. attention kernels: cuDNN vs XLA on the GPU"
 # (-k "not pod": the TPU-launcher tests need TensorFlow, which the image lacks)
-JAX_PLATFORMS=cuda timeout "$(limit 90)" "$PY" -m pytest -q -p no:cacheprovider tests/test_accel.py \
-  -k "not pod" 2>&1 | tail -8 | tee "$LOGS/test_accel.txt"
+XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda timeout "$(limit 150)" "$PY" -m pytest -q \
+  -p no:cacheprovider tests/test_accel.py -k "not pod" > "$LOGS/test_accel.txt" 2>&1 &
+wait
+for dtype in float32 bfloat16; do
+  echo "-- parity $dtype"; grep -v " yes$" "$LOGS/parity_$dtype.txt" | grep -v Warning | tail -12
+done
+echo "-- attention tests"; tail -25 "$LOGS/test_accel.txt"
 
-step "4. tcl_jax bf16, largest per-device batch, no remat"
-timeout "$(limit 100)" "$PY" -m tcl_jax.bench --dtype bfloat16 --max-batch --steps 5 --eval-windows 0 \
-  --json "$OUT/jax_bf16_max.json" 2>&1 | tee "$LOGS/jax_bf16_max.txt"
+step "2. tcl_jax bf16 vs the original fp16 autocast, 64 images/GPU (the recipe's)"
+timeout "$(limit 200)" "$PY" -m tcl_jax.bench --dtype bfloat16 --batch 64 --steps 10 --eval-windows 0 \
+  --torch-ref "$CACHE/tcl" --json "$OUT/bench_b64.json" 2>&1 | grep -v Warning
 
-step "4. tcl_jax bf16, largest per-device batch, remat"
-timeout "$(limit 100)" "$PY" -m tcl_jax.bench --dtype bfloat16 --max-batch --remat --steps 5 \
-  --eval-windows 0 --json "$OUT/jax_bf16_max_remat.json" 2>&1 | tee "$LOGS/jax_bf16_max_remat.txt"
+step "3. tcl_jax bf16, largest per-device batch, no remat"
+timeout "$(limit 120)" "$PY" -m tcl_jax.bench --dtype bfloat16 --max-batch --steps 5 --eval-windows 0 \
+  --json "$OUT/jax_bf16_max.json" 2>&1
+
+step "4. eval windows/s, PAMR off and on"
+timeout "$(limit 100)" "$PY" -m tcl_jax.bench --dtype bfloat16 --batch 8 --steps 2 --eval-windows 16 \
+  --json "$OUT/eval.json" 2>&1
+
+step "5. tcl_jax bf16, largest per-device batch, remat"
+timeout "$(limit 120)" "$PY" -m tcl_jax.bench --dtype bfloat16 --max-batch --remat --steps 5 \
+  --eval-windows 0 --json "$OUT/jax_bf16_max_remat.json" 2>&1
 
 step "summary"
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.md"
@@ -90,7 +96,7 @@ def load(name, last_line=False):
     return None
   text = open(p).read()
   return json.loads(text.strip().splitlines()[-1]) if last_line else json.loads(text)
-rows = [r for f in ("bench_b64.json", "jax_bf16_max.json", "jax_bf16_max_remat.json")
+rows = [r for f in ("bench_b64.json", "jax_bf16_max.json", "jax_bf16_max_remat.json", "eval.json")
         for r in (load(f) or [])]
 pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
 gib = lambda v: "-" if v is None else f"{v:.1f}"

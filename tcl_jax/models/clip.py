@@ -6,6 +6,7 @@ Parameter names follow the PyTorch keys (`resblocks_3` for `resblocks.3`, `ln_1`
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -87,20 +88,38 @@ def attention_implementation(dtype) -> str:
   return "xla"
 
 
+@functools.lru_cache(maxsize=None)
+def _unsupported(impl: str, shapes: tuple, dtype, causal: bool) -> Optional[str]:
+  """Why `impl` cannot run this attention forward *and* backward (None if it can), found by tracing
+  its VJP on abstract values. The backward check matters: under remat (jax.checkpoint) cuDNN's
+  training-only limits (e.g. odd sequence lengths, as ViT-B/16's 197 and the text tower's 77 are
+  with jax 0.11) are checked when the step is differentiated, outside any try around the call."""
+  def fwd_bwd(q, k, v):
+    fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                      implementation=impl)
+    y, vjp = jax.vjp(fn, q, k, v)
+    return vjp(y)
+  try:
+    jax.eval_shape(fwd_bwd, *(jax.ShapeDtypeStruct(s, dtype) for s in shapes))
+  except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+  return None
+
+
 def attention(q, k, v, *, causal: bool, implementation: Optional[str] = None):
   """softmax(q k^T / sqrt(dh)) v on [B, L, heads, dh] with `jax.nn.dot_product_attention`.
 
   `implementation` None picks `attention_implementation(q.dtype)`. cuDNN rejects some shapes and
-  setups (head dim > 128 before Hopper, no cuDNN, ROCm) at trace time; those fall back to 'xla',
-  which computes the logits and the softmax in float32 whatever the input dtype.
+  setups (head dim > 128 before Hopper, odd sequence lengths when training, no cuDNN, ROCm); those
+  fall back to 'xla', which computes the logits and the softmax in float32 whatever the input dtype.
   """
   impl = implementation or attention_implementation(q.dtype)
   if impl != "xla":
-    try:
+    why = _unsupported(impl, (q.shape, k.shape, v.shape), jnp.dtype(q.dtype), causal)
+    if why is None:
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
-    except (NotImplementedError, RuntimeError, ValueError) as e:
-      logging.log_first_n(logging.WARNING, "attention: %s unavailable for %s %s (%s); using xla",
-                          1, impl, q.shape, q.dtype, e)
+    logging.log_first_n(logging.WARNING, "attention: %s unavailable for %s %s (%s); using xla",
+                        1, impl, q.shape, q.dtype, why)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
