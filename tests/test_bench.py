@@ -95,11 +95,16 @@ def test_torch_ref_that_is_not_a_checkout_is_a_usage_error(tmp_path):
 def test_timing_the_original_without_torch_says_so(tmp_path):
   (tmp_path / "models" / "tcl").mkdir(parents=True)
   (tmp_path / "models" / "tcl" / "tcl.py").write_text("")
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench", "--preset", "tiny", "--torch-ref",
-                      str(tmp_path)], capture_output=True, text=True, timeout=300)
+  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench", "--torch-ref", str(tmp_path)],
+                     capture_output=True, text=True, timeout=300)  # (the original is timed first)
   assert r.returncode == 1
   assert r.stderr.strip().splitlines()[-1].startswith(
       "error: timing the original failed: timing the original needs torch and einops")
+  # The original is ViT-B/16 only: no ratio against the tiny preset.
+  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench", "--preset", "tiny", "--torch-ref",
+                      str(tmp_path)], capture_output=True, text=True, timeout=300)
+  assert (r.returncode, r.stderr.strip()) == (
+      2, "error: --torch-ref times the original at ViT-B/16; use it with --preset vitb16")
 
 
 def test_max_batch_on_cpu_is_a_usage_error(capsys):
