@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one script, ordered by value and fitted into one 10-minute device call:
-#  1. not timed, run side by side: parity with the original (the shared fixture: one step + the
-#     12-step trajectory) on the GPU in float32 and bfloat16, and the attention-kernel tests;
-#  2. bf16 training step at the recipe's 64 images/GPU, and the original PyTorch TCL's step in fp16
+#  1. bf16 training step at the recipe's 64 images/GPU, and the original PyTorch TCL's step in fp16
 #     autocast at the same batch on the same GPU (images/s, ratio from this one run);
+#  2. not timed, run side by side: parity with the original (the shared fixture: one step + the
+#     12-step trajectory) on the GPU in float32 and bfloat16, and the attention-kernel tests;
 #  3. the largest per-device batch that fits, no remat (images/s, MFU, memory);
 #  4. eval windows/s with and without PAMR;  5. the largest batch with remat.
 #
@@ -55,7 +55,11 @@ step() { echo "== [$((SECONDS - t0)) s] $*"; }
 # limit N: N seconds, or what is left before the deadline if less
 limit() { local left=$((DEADLINE_S - (SECONDS - t0))); echo $(( $1 < left ? $1 : (left > 1 ? left : 1) )); }
 
-step "1. not timed, in parallel: parity with the original (float32, bfloat16) and the attention tests"
+step "1. tcl_jax bf16 vs the original fp16 autocast, 64 images/GPU (the recipe's)"
+timeout "$(limit 200)" "$PY" -m tcl_jax.bench --dtype bfloat16 --batch 64 --steps 10 --eval-windows 0 \
+  --torch-ref "$CACHE/tcl" --json "$OUT/bench_b64.json" 2>&1 | grep -v Warning
+
+step "2. not timed, in parallel: parity with the original (float32, bfloat16) and the attention tests"
 # XLA_PYTHON_CLIENT_PREALLOCATE=false: three processes share the GPU.
 for dtype in float32 bfloat16; do
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$(limit 150)" "$PY" -m tcl_jax.tools.parity \
@@ -69,10 +73,6 @@ for dtype in float32 bfloat16; do
   echo "-- parity $dtype"; grep -v " yes$" "$LOGS/parity_$dtype.txt" | grep -v Warning | tail -12
 done
 echo "-- attention tests"; tail -25 "$LOGS/test_accel.txt"
-
-step "2. tcl_jax bf16 vs the original fp16 autocast, 64 images/GPU (the recipe's)"
-timeout "$(limit 200)" "$PY" -m tcl_jax.bench --dtype bfloat16 --batch 64 --steps 10 --eval-windows 0 \
-  --torch-ref "$CACHE/tcl" --json "$OUT/bench_b64.json" 2>&1 | grep -v Warning
 
 step "3. tcl_jax bf16, largest per-device batch, no remat"
 timeout "$(limit 120)" "$PY" -m tcl_jax.bench --dtype bfloat16 --max-batch --steps 5 --eval-windows 0 \
