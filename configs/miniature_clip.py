@@ -5,12 +5,14 @@ world (tcl_jax/data/synthetic.py) by the same loop, `config.model_kind = "clip"`
 
 trains it alone (checkpoints in the workdir). The default run does the same as its first stage
 when `--config.miniature.clip_weights=` is empty. The shipped file tcl_jax/assets/miniature_clip.npz
-was made by this command (600 steps, seed 0; about 20 minutes on the shared 2-core machine):
+was made by this command (3000 steps, seed 0; 17 minutes on a lightly loaded 2-core VM):
 
   python -m tcl_jax.miniature --rebuild_clip --workdir=/tmp/miniature_clip
 
 Same data, seeds and schedule on every run; whether a rebuild is bit-identical on another machine
-or library version has not been checked.
+or library version has not been checked. What it learns (single-object scenes, zero-shot, "a photo
+of a <class>"): colour 100%, shape 85% (chance 33%). The 600-step run at lr 1e-3 shipped before
+had shape at 37%.
 """
 
 import ml_collections
@@ -21,7 +23,7 @@ common = config_files.sibling(__file__, "common")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, steps=600, seed=0)
+  arg = common.parse_arg(arg, steps=3000, seed=0)
   config = ml_collections.ConfigDict()
   config.model_kind = "clip"
   config.seed = arg.seed
@@ -52,8 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(clip=common.clip_tiny()))
   # Everything trains (no frozen tower, no UST phase); CLIP-style AdamW with warmup + cosine.
+  # 3e-4, not 1e-3: at 1e-3 this ViT learns colour but never shape (trained on shape labels
+  # alone it stays at chance for 400 steps at 1e-3, and learns at 1e-4 and 2e-4).
   config.optim = common.tcl_optim(
-      base_lr=1e-3, min_lr=1e-5, lr_scale_reference_batch=0, warmup_steps=60,
+      base_lr=3e-4, min_lr=1e-5, lr_scale_reference_batch=0, warmup_steps=150,
       ust_steps=0, weight_decay=0.1, frozen_regex="", ust_regex="")
 
   config.evals = ml_collections.ConfigDict(dict(tasks=""))
