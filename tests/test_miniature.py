@@ -175,13 +175,14 @@ def test_shipped_clip_matches_the_config():
 # Stage 2: the claim (slow)
 # ----------------------------------------------------------------------------------------------
 
-# What the miniature shows (README): TCL learns to separate the named objects from the background
-# (background IoU 4 -> 68 at 200 and 600 steps, seed 0) and so beats the frozen-CLIP baseline on
-# the task with background (+5.3 points at 200 steps, +4.8 at 600); shape identity is not learned,
-# so it does not beat it on object pixels alone (shapes12), and the issue's +10 is not reached.
+# What the miniature shows (README): TCL beats the frozen-CLIP baseline on both tasks, by
+# +11.7 mIoU points (mean of shapes and shapes12) at 200 steps and +13.7 to +14.1 at 600 (3 seeds);
+# background IoU 28 -> 78. With the first shipped CLIP, which knew colour but not shape, the gain
+# was +0.8 at 600 steps: these margins fail on a CLIP that cannot tell shapes apart.
 SHORT_STEPS = 200
-MIN_GAIN = 2.5  # shapes mIoU points
-MIN_BG_GAIN = 30.0  # background IoU points
+MIN_GAIN = 6.0  # mIoU points, mean of the two tasks
+MIN_TASK_GAIN = 4.0  # on each task (200 steps: shapes +13.1, shapes12 +10.4)
+MIN_BG_GAIN = 30.0  # background IoU points (200 steps: +48)
 
 
 @pytest.mark.slow
@@ -194,10 +195,13 @@ def test_short_miniature_beats_the_frozen_clip_baseline(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with open(tmp_path / "miniature.json") as f:
     out = json.load(f)
-  shapes = out["per_task"]["shapes"]
   # The frozen CLIP's dense features carry class information on object pixels (chance: 1/12).
   assert out["per_task"]["shapes12"]["baseline_miou"] > 100 / 12, out
-  assert shapes["tcl_miou"] >= shapes["baseline_miou"] + MIN_GAIN, out
+  assert out["tcl_miou"] >= out["baseline_miou"] + MIN_GAIN, out
+  for task in ("shapes", "shapes12"):
+    t = out["per_task"][task]
+    assert t["tcl_miou"] >= t["baseline_miou"] + MIN_TASK_GAIN, (task, t)
+  shapes = out["per_task"]["shapes"]
   bg = (shapes["baseline_per_class_iou"]["background"], shapes["tcl_per_class_iou"]["background"])
   assert bg[1] >= bg[0] + MIN_BG_GAIN, bg
   assert "frozen-CLIP baseline" in r.stdout
