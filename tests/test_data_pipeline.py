@@ -51,7 +51,9 @@ def test_synthetic_files_and_captions(synth):
     assert len(recs) == 48
     assert recs[0]["key"].numpy() == b"synth-00000000"
     caps = [r["caption"].numpy().decode() for r in recs]
-    assert all(any(f"a {o}" in c for o in synthetic.CLASSES[1:]) for c in caps)  # shapes world
+    # shapes world: each caption names an object by colour and shape, or by shape alone
+    names = synthetic.CLASSES[1:] + synthetic.SHAPES
+    assert all(any(f"a {o}" in c for o in names) for c in caps)
     img = np.asarray(Image.open(io.BytesIO(recs[5]["image"].numpy())))
     assert img.shape == (48, 48, 3)
     with open(synth[0] + schema.STATS_SUFFIX) as f:
