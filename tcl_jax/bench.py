@@ -203,8 +203,10 @@ def train_bench(preset_name: str = "vitb16", per_device_batch: int = 8, steps: i
     step_s = (time.perf_counter() - t0) / steps
   flops, flops_source = model_flops(preset_name, per_device_batch, dtype), \
       "XLA cost analysis of the lowered step (remat off, XLA attention)"
-  if flops is None and not remat:  # the compiled step's count (fusions, cuDNN kernels unseen)
-    flops, flops_source = _flops(compiled.cost_analysis()), "XLA cost analysis of the compiled step"
+  if flops is None and not remat:  # the compiled step's count (fusions, cuDNN kernels unseen),
+    per_device = _flops(compiled.cost_analysis())  # which is per device (the SPMD partition)
+    flops = per_device * n if per_device is not None else None
+    flops_source = "XLA cost analysis of the compiled step"
   peak = peak_flops_per_chip()
   return {"what": "train_step", "preset": preset_name, "device": device_label(),
           "devices": n, "per_device_batch": per_device_batch, "global_batch": global_batch,
