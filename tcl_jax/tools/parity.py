@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from tcl_jax.tools import fixture
 from tcl_jax.tools import trajectory
 
 # Tolerances of a faithful float32 port (the fixture README).
@@ -40,52 +41,6 @@ BF16_TOL = {
 INPUTS = ("images", "text_tokens", "gumbel_uniform", "seg_image")
 
 
-def _max_abs(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
-    return float("inf")
-  return float(np.max(np.abs(a - b))) if a.size else 0.0
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
-    return float("inf")
-  denom = np.linalg.norm(b.ravel())
-  diff = np.linalg.norm((a - b).ravel())
-  return float(diff / denom) if denom > 0 else float(diff)
-
-
-def load_fixture_model(fixture_dir: str, meta: dict):
-  """(TCLConfig, params) of the fixture's `tcl_reference.pth`, through our converter.
-
-  The fixture's heads are not width // 64, so they come from fixture.json (the original's
-  build_model would need the same override); so do the loss weights and decoder settings.
-  """
-  from tcl_jax import convert
-  c = meta["clip"]
-  cfg, params = convert.load_torch(
-      os.path.join(fixture_dir, "tcl_reference.pth"),
-      vision_heads=c.get("vision_heads", c["vision_width"] // 64),
-      text_heads=c.get("transformer_heads", c["transformer_width"] // 64))
-  dec = meta.get("decoder", {})
-  s2m = meta.get("sim2mask", {})
-  cfg = cfg.replace(
-      ie_ignore_last_attn=meta.get("ie_ignore_last_attn", True),
-      decoder_act=dec.get("act", cfg.decoder_act),
-      gumbel_tau=s2m.get("gumbel_tau", cfg.gumbel_tau),
-      tcl_w=meta.get("tcl_w", cfg.tcl_w), area_w=meta.get("area_w", cfg.area_w),
-      tv_w=meta.get("tv_w", cfg.tv_w))
-  return cfg, params
-
-
-def _one_minus_cos(a, b):
-  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-  if a.shape != b.shape:
-    return float("inf")
-  return float(1.0 - a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
-
-
 def _label_diff(a, b, threshold=0.5):
   """Fraction of pixels whose label differs: background where every mask [1, N, H, W] is below
   the threshold, else the argmax class (how evaluation labels pixels)."""
@@ -100,15 +55,18 @@ def _label_diff(a, b, threshold=0.5):
 def _compare(kind, value, ref, bf16: bool):
   """(error, tolerance, metric) of one computed array against the fixture's."""
   if not bf16:
-    metric, err = ("max_abs", _max_abs(value, ref)) if kind == "max_abs" else ("rel", _rel(value, ref))
+    if kind == "max_abs":
+      metric, err = "max_abs", fixture.max_abs(value, ref)
+    else:
+      metric, err = "rel", fixture.rel(value, ref)
     return err, {"max_abs": TOL_MAX_ABS, "rel": TOL_LOSS_REL, "grad_rel": TOL_GRAD_REL}[kind], metric
   if kind == "grad_rel" and np.size(ref) > 1:
-    return _one_minus_cos(value, ref), BF16_TOL["1-cos"], "1-cos"
+    return fixture.one_minus_cos(value, ref), BF16_TOL["1-cos"], "1-cos"
   if kind == "grad_rel":
-    return _rel(value, ref), BF16_TOL["grad_rel"], "rel"
+    return fixture.rel(value, ref), BF16_TOL["grad_rel"], "rel"
   if kind == "masks":
     return _label_diff(value, ref), BF16_TOL["label_diff"], "label_diff"
-  err = _max_abs(value, ref) if kind == "max_abs" else _rel(value, ref)
+  err = fixture.max_abs(value, ref) if kind == "max_abs" else fixture.rel(value, ref)
   return err, BF16_TOL[kind], kind
 
 
@@ -132,7 +90,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   ref = dict(np.load(os.path.join(fixture_dir, "fixture.npz")))
   computed = {}  # name -> (metric, value)
 
-  cfg, params = load_fixture_model(fixture_dir, meta)
+  cfg, params = fixture.load_fixture_model(fixture_dir, meta)
   c = meta["clip"]
 
   nhwc = lambda x: jnp.asarray(np.transpose(x, (0, 2, 3, 1)))

@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from tcl_jax.tools import fixture
+
 # The fixture README's tolerances for a faithful float32 port; bfloat16 compute is held to the
 # accelerators issue's looser bounds (the rate is computed in float32 either way).
 TOLERANCES = {
@@ -58,7 +60,7 @@ def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "
   return config
 
 
-def _series_result(name, ours, ref, tol) -> dict:
+def series_result(name, ours, ref, tol) -> dict:
   """Per-step relative errors of a recorded series -> one result with the worst step and the
   first step that left tolerance (the clue for a fix)."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
@@ -84,12 +86,11 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   from tcl_jax import optim
   from tcl_jax import sharding
   from tcl_jax import train
-  from tcl_jax.tools import parity
 
   fixture_meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
   traj_meta = json.load(open(os.path.join(fixture_dir, "trajectory.json")))
   ref = np.load(os.path.join(fixture_dir, "trajectory.npz"))
-  cfg, params = parity.load_fixture_model(fixture_dir, fixture_meta)
+  cfg, params = fixture.load_fixture_model(fixture_dir, fixture_meta)
   config = replay_config(fixture_meta, traj_meta, cfg, dtype)
   model = train.build_model(config)
   init_params = convert.to_torch_state_dict(cfg, params)
@@ -135,20 +136,19 @@ def replay(fixture_dir: str, dtype: str = "float32", devices=None) -> list:
   """Result dicts (name, metric, error, tolerance, ok, worst_step, first_bad_step) for every
   `trajectory/*` quantity of the fixture."""
   import jax
-  from tcl_jax.tools.parity import _rel  # (parity imports this module at its top)
   jax.config.update("jax_default_matmul_precision", "highest")
   tol = TOLERANCES[dtype]
   ref = np.load(os.path.join(fixture_dir, "trajectory.npz"))
   traj_meta = json.load(open(os.path.join(fixture_dir, "trajectory.json")))
   _, metrics, final, init = run_steps(fixture_dir, dtype, devices)
 
-  results = [_series_result("trajectory/lr", metrics["lr"], ref["lr"], tol["lr"]),
-             _series_result("trajectory/total_loss", metrics["loss"], ref["total_loss"],
+  results = [series_result("trajectory/lr", metrics["lr"], ref["lr"], tol["lr"]),
+             series_result("trajectory/total_loss", metrics["loss"], ref["total_loss"],
                             tol["loss"])]
   for key in sorted(k for k in ref.files if k.startswith("loss/")):
-    results.append(_series_result("trajectory/" + key, metrics[key.split("/", 1)[1]], ref[key],
+    results.append(series_result("trajectory/" + key, metrics[key.split("/", 1)[1]], ref[key],
                                   tol["loss"]))
-  results.append(_series_result("trajectory/grad_norm", metrics["grad_norm"], ref["grad_norm"],
+  results.append(series_result("trajectory/grad_norm", metrics["grad_norm"], ref["grad_norm"],
                                 tol["grad_norm"]))
   for name in traj_meta["trained_params"]:
     r = {"name": "trajectory/final/" + name, "metric": "delta_rel", "tolerance": tol["final"]}
@@ -156,12 +156,12 @@ def replay(fixture_dir: str, dtype: str = "float32", devices=None) -> list:
       r.update(error=None, ok=False)
     else:
       # Our own step-0 weights must be the recorded ones, or the deltas compare different runs.
-      if _rel(init[name], ref["init/" + name]) > 1e-6:
+      if fixture.rel(init[name], ref["init/" + name]) > 1e-6:
         r.update(error=float("inf"), ok=False, note="initial weights differ from the fixture's")
       else:
         d_ref = ref["final/" + name].astype(np.float64) - ref["init/" + name]
         d_ours = np.asarray(final[name], np.float64) - ref["init/" + name]
-        err = _rel(d_ours, d_ref)
+        err = fixture.rel(d_ours, d_ref)
         r.update(error=err, ok=bool(np.isfinite(err) and err <= tol["final"]))
     results.append(r)
   return results
