@@ -23,6 +23,34 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+# The training workdir's layout; every module that reads a workdir asks here.
+CHECKPOINTS = "checkpoints"  # <workdir>/checkpoints/<step>/{state,input}
+ITEMS = ("state", "input")
+CONFIG = "config.json"  # the run's config (ml_collections JSON), written at start
+
+
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG)
+
+
+def is_training_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.isfile(config_path(path))
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps with a checkpoint directory, read from the files (no manager needed)."""
+  d = checkpoints_dir(workdir)
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def expand_workdir(path: str, workdir: str) -> str:
+  """A config path with `{workdir}` in it (e.g. "{workdir}/data/eval") made concrete."""
+  return path.format(workdir=workdir)
+
 
 def create_checkpoint_manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
   """CheckpointManager under `<workdir>/checkpoints` (saving steps are decided by the caller)."""
@@ -37,8 +65,7 @@ def create_checkpoint_manager(workdir: str, ckpt_config) -> ocp.CheckpointManage
       enable_async_checkpointing=bool(ckpt_config.get("async_save", True)),
       create=True,
   )
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "input"))
+  return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, input_state: dict | None,

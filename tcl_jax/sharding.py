@@ -69,6 +69,15 @@ def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding
   return jax.make_mesh(tuple(shape), axes, axis_types=(axis_type,) * len(axes), devices=devices)
 
 
+def local_mesh() -> jax.sharding.Mesh | None:
+  """This host's devices as a 1-D "data" mesh for evaluation outside training; None on one device
+  or with several processes (each host then evaluates on one local device)."""
+  if jax.process_count() > 1 or jax.local_device_count() == 1:
+    return None
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,),
+                       devices=jax.local_devices())
+
+
 def data_sharding(mesh) -> NamedSharding:
   """Leading (batch) axis split over all mesh axes."""
   return NamedSharding(mesh, P(tuple(mesh.axis_names)))

@@ -61,8 +61,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from tcl_jax.models.clip import IMAGE_MEAN as IMAGENET_MEAN
+from tcl_jax.models.clip import IMAGE_STD as IMAGENET_STD
 _FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104), timm's fill
 
 

@@ -95,14 +95,15 @@ def measure_pil(files, *, image_size: int, seconds: float) -> tuple[float, float
     from PIL import Image
 
     from tcl_jax.data import schema
+    from tcl_jax.models import clip as clip_lib
     from tcl_jax.tokenizer import tokenize
 
     recs = [tf.io.parse_single_example(r, schema.parse_spec())
             for f in files for r in tf.data.TFRecordDataset(f)]
     pairs = [(r["image"].numpy(), r["caption"].numpy().decode()) for r in recs]
     rng = np.random.default_rng(0)
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
+    mean = np.array(clip_lib.IMAGE_MEAN, np.float32)
+    std = np.array(clip_lib.IMAGE_STD, np.float32)
 
     def one(data, cap):
         img = Image.open(io.BytesIO(data)).convert("RGB")

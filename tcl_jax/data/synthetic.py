@@ -16,6 +16,8 @@ import io
 import os
 
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
 from tcl_jax.data import schema
 
@@ -44,7 +46,6 @@ _MIN_VISIBLE = 0.5  # each object keeps at least this fraction of its pixels aft
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
   """Boolean [size, size] mask of one shape (no anti-aliasing, so labels are exact)."""
-  from PIL import Image, ImageDraw
   im = Image.new("L", (size, size), 0)
   d = ImageDraw.Draw(im)
   if shape == "circle":
@@ -135,7 +136,6 @@ def write_synthetic_image_text(out_dir: str, num_examples: int = 256, image_size
   Deterministic in `seed`; existing complete shards are kept (resumable like the converter).
   Keys are `synth-{i:08d}`.
   """
-  from PIL import Image
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   bounds = np.linspace(0, num_examples, num_shards + 1).astype(int)

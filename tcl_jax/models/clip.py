@@ -20,6 +20,11 @@ from tcl_jax.models import resize
 # log(1 / 0.07): the initial logit scale of CLIP and of TCL's InfoNCE terms (the original's
 # models/tcl/mi.py, T_init = 0.07).
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
+# The image normalisation TCL's towers see, in [0, 1] units: ImageNet's mean/std, as the original's
+# training (timm) and evaluation (mmseg img_norm_cfg) pipelines use, not OpenAI CLIP's own
+# (0.481, 0.458, 0.408) -- an oddity of the original, kept for parity.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
 
 Dtype = Any
 
@@ -264,6 +269,18 @@ class TextTransformer(nn.Module):
     proj = self.param("text_projection", nn.initializers.normal(c.transformer_width ** -0.5),
                       (c.transformer_width, c.embed_dim))
     return x @ proj.astype(self.dtype)
+
+
+def compute_padsize(h: int, w: int, patch: int):
+  """(left, right, top, bottom) zero padding up to patch multiples, extra on the right/bottom."""
+  l = r = t = b = 0
+  if w % patch:
+    lr = patch - w % patch
+    l, r = lr // 2, lr - lr // 2
+  if h % patch:
+    tb = patch - h % patch
+    t, b = tb // 2, tb - tb // 2
+  return l, r, t, b
 
 
 def init_clip_params(cfg: CLIPConfig, rng) -> dict:

@@ -4,6 +4,11 @@ The original resizes with torch kernels (bicubic positional embeddings, bilinear
 mask upsampling), and `jax.image.resize` differs from them (different cubic coefficient, antialias
 when shrinking). Each 1-D resize here is a dense [out, in] matrix built in numpy for static sizes,
 so the result equals torch's up to float rounding and stays cheap and jit-friendly.
+
+The evaluation's last step, resizing class scores back to the original image size (up to
+2048 pixels a side), uses bilinear taps instead (`bilinear_taps`, `resize_with_taps`): two
+gathers and weights computed in float32 in torch's own order, so labels tie-break as torch's do,
+and no dense [2048, 448] matrix is built per image size.
 """
 
 import functools
@@ -83,6 +88,47 @@ def resize_hw(x, size, mode: str, align_corners: bool = False, *, layout: str = 
     return jnp.einsum("pw,...owc->...opc", mw, x, precision=hp)
   x = jnp.einsum("oh,...hw->...ow", mh, x, precision=hp)
   return jnp.einsum("pw,...ow->...op", mw, x, precision=hp)
+
+
+def bilinear_taps(in_size: int, out_size: int):
+  """torch upsample_bilinear (align_corners=False) taps and weights along one axis, computed in
+  float32 as torch does: src = (in/out) * (dst + 0.5) - 0.5 clamped at 0, i0 = floor(src),
+  i1 = i0 + 1 unless i0 is the last index, l1 = src - i0, l0 = 1 - l1. Same sizes: identity."""
+  if in_size == out_size:
+    idx = np.arange(out_size, dtype=np.int64)
+    return idx, idx, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(out_size, dtype=np.float32)
+  src = scale * (dst + np.float32(0.5)) - np.float32(0.5)
+  src = np.maximum(src, np.float32(0.0))
+  i0 = src.astype(np.int64)
+  i1 = i0 + (i0 < in_size - 1)
+  l1 = (src - i0.astype(np.float32)).astype(np.float32)
+  l0 = (np.float32(1.0) - l1).astype(np.float32)
+  return i0, i1, l0, l1
+
+
+def resize_with_taps(x, rows, cols):
+  """Bilinear resize of the last two axes of x with precomputed taps (i0, i1, l0, l1) per axis,
+  in torch's arithmetic order: l0h * (l0w * x00 + l1w * x01) + l1h * (l0w * x10 + l1w * x11)."""
+  i0, i1, b0, b1 = rows
+  j0, j1, a0, a1 = cols
+  t0 = jnp.take(x, j0, axis=-1)
+  t1 = jnp.take(x, j1, axis=-1)
+  r0 = a0 * jnp.take(t0, i0, axis=-2) + a1 * jnp.take(t1, i0, axis=-2)
+  r1 = a0 * jnp.take(t0, i1, axis=-2) + a1 * jnp.take(t1, i1, axis=-2)
+  return b0[:, None] * r0 + b1[:, None] * r1
+
+
+
+def padded_bilinear_taps(in_size: int, out_size: int, padded_out: int):
+  """bilinear_taps padded to padded_out outputs (extra outputs read index 0, weight 0): shape
+  buckets, so one compiled program serves many image sizes."""
+  i0, i1, l0, l1 = bilinear_taps(in_size, out_size)
+  extra = padded_out - out_size
+  pad_i = lambda a: np.concatenate([a, np.zeros(extra, a.dtype)]).astype(np.int32)
+  pad_f = lambda a: np.concatenate([a, np.zeros(extra, np.float32)]).astype(np.float32)
+  return pad_i(i0), pad_i(i1), pad_f(l0), pad_f(l1)
 
 
 def upsample_nearest_2x(x):

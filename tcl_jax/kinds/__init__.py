@@ -1,0 +1,41 @@
+"""The model registry: each model kind (a module in this package) says how to build its model for
+training and how zero-shot segmentation asks it for masks. The training loop, the evaluator, the
+demo and the app look a kind up here, by `config.model_kind` or by a checkpoint's model config.
+
+A new kind is one module defining `KIND = base.ModelKind(...)` plus its entry below (or a
+`register(KIND)` call, e.g. from a test or a notebook).
+"""
+
+from tcl_jax.kinds import base
+from tcl_jax.kinds import clip
+from tcl_jax.kinds import tcl
+
+KINDS: dict[str, base.ModelKind] = {k.name: k for k in (tcl.KIND, clip.KIND)}
+
+
+def register(kind: base.ModelKind) -> None:
+  KINDS[kind.name] = kind
+
+
+def get(name: str) -> base.ModelKind:
+  """The kind called `name`; ValueError (one line) for an unknown one."""
+  if name not in KINDS:
+    raise ValueError(f"unknown model_kind {name!r}; known: {', '.join(sorted(KINDS))}")
+  return KINDS[name]
+
+
+def build_model(config) -> base.Model:
+  """The model of a training config (`config.model_kind`, default "tcl")."""
+  return get(config.get("model_kind", "tcl")).build(config)
+
+
+def zero_shot_model(cfg) -> base.ZeroShotModel:
+  """The zero-shot view of a model config (e.g. a loaded checkpoint's TCLConfig); ValueError
+  when no kind of that config type can segment."""
+  for kind in KINDS.values():
+    if isinstance(cfg, kind.config_type):
+      if kind.zero_shot is None:
+        raise ValueError(f"model kind {kind.name!r} has no zero-shot segmentation")
+      return kind.zero_shot(cfg)
+  raise ValueError(f"no model kind takes a {type(cfg).__name__} config; known kinds: "
+                   f"{', '.join(sorted(KINDS))}")

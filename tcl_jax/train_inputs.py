@@ -1,0 +1,62 @@
+"""The training input: the synthetic data a config asks for, and the input pipeline's iterator."""
+
+import os
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import tensorflow as tf
+
+from tcl_jax import checkpointing
+from tcl_jax.data import augment as augment_lib
+from tcl_jax.data import in_memory
+from tcl_jax.data import input_pipeline
+from tcl_jax.data import synthetic
+from tcl_jax.data import synthetic_segmentation
+
+
+def prepare_synthetic_data(config, workdir: str) -> None:
+  """Writes the synthetic train/eval sets into the workdir once (configs/synthetic.py)."""
+  syn = config.get("synthetic")
+  if not syn:
+    return
+  root = os.path.join(workdir, "data")
+  done = os.path.join(root, "DONE")
+  if jax.process_index() == 0 and not os.path.exists(done):
+    logging.info("Writing synthetic data under %s", root)
+    synthetic.write_synthetic_image_text(
+        os.path.join(root, "train"), num_examples=syn.num_train_examples,
+        image_size=syn.image_size, num_shards=syn.num_shards, seed=syn.seed)
+    eval_root = checkpointing.expand_workdir(config.evals.data_root, workdir)
+    for task in [t.strip() for t in config.evals.tasks.split(",") if t.strip()]:
+      synthetic_segmentation.write_synthetic_segmentation(eval_root, task, num_images=syn.num_eval_images,
+                                            seed=syn.seed)
+    with open(done, "w") as f:
+      f.write("ok\n")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("synthetic data written")
+
+
+def make_train_iterator(config, workdir: str):
+  """The input pipeline's iterator: this host's share of each global batch (in-memory batches
+  with `config.input.in_memory`)."""
+  inp = config.input
+  if inp.get("in_memory"):
+    return in_memory.InMemoryIterator(
+        global_batch_size=config.batch_size, image_size=inp.image_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        context_length=config.model.clip.context_length)
+  patterns = [checkpointing.expand_workdir(p, workdir) for p in inp.train_files]
+  for p in patterns:  # a wrong path is the likeliest mistake: name it before reading anything
+    if not any(tf.io.gfile.exists(f) for f in input_pipeline.list_files(p)):
+      where = "" if "://" in p or os.path.isabs(p) else f" (relative to {os.getcwd()})"
+      raise ValueError(f"config.input.train_files: no file matches {p!r}{where}")
+  kwargs = inp.get("options", ml_collections.ConfigDict()).to_dict()
+  if inp.get("augment") is not None:  # AugmentConfig fields over the original's defaults
+    kwargs["augment"] = augment_lib.AugmentConfig(image_size=inp.image_size,
+                                                  **inp.augment.to_dict())
+  return input_pipeline.make_train_iterator(
+      patterns, global_batch_size=config.batch_size, image_size=inp.image_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      **kwargs)

@@ -1,0 +1,175 @@
+"""Zero-shot evaluation over benchmark tasks: the original's protocol (zeroshot.pipeline) and mmseg's
+dataset-level mIoU (zeroshot.metrics), for any model kind's window function (tcl_jax.kinds) on
+the caller's devices. `python -m tcl_jax.evaluate` and the training loop both run
+`evaluate_tasks`.
+"""
+
+import concurrent.futures
+import logging
+import math
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from tcl_jax.kinds import base
+from tcl_jax.zeroshot import datasets
+from tcl_jax.zeroshot import metrics
+from tcl_jax.zeroshot import pipeline
+from tcl_jax.zeroshot import prompts
+
+
+def parse_tasks(tasks) -> list:
+  """'voc, context59' or a sequence -> task names, each checked against the task registry."""
+  if isinstance(tasks, str):
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+  else:
+    names = [str(t) for t in tasks]
+  for t in names:
+    datasets.get_task(t)
+  if not names:
+    raise ValueError("no evaluation tasks given")
+  return names
+
+
+def make_window_fn(model: base.ZeroShotModel, params, text_emb, protocol: pipeline.Protocol, *,
+                   mesh: Optional[jax.sharding.Mesh] = None, simmaps: bool = False) -> Callable:
+  """windows [n, h, w, 3] -> the model's masks [n, N(, 2N), h, w], one jitted call, cached per
+  model config, N and window shape. With a mesh of several devices, windows are split over its
+  first axis and the model replicated. The background channel is added by the pipeline, per
+  window, as the original's encode_decode."""
+  ndev = 1 if mesh is None else mesh.devices.size
+  if ndev > 1:
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    params, text_emb = jax.device_put((params, text_emb), repl)
+
+  def window_fn(windows):
+    windows = np.asarray(windows, np.float32)
+    n = windows.shape[0]
+    if ndev > 1:
+      pad = -n % ndev
+      if pad:
+        windows = np.concatenate([windows, np.zeros((pad,) + windows.shape[1:], windows.dtype)])
+      windows = jax.device_put(windows, split)
+    masks = model.window_masks(params, text_emb, windows, pamr=bool(protocol.pamr),
+                               kp_w=float(protocol.kp_w), simmaps=simmaps)
+    return masks[:n]
+
+  return window_fn
+
+
+def _prepare(ds: datasets.SegDataset, i: int, protocol: pipeline.Protocol):
+  """Load sample i and run the host part of the pipeline (in a worker thread)."""
+  try:
+    sample = ds.load(i)
+  except datasets.CorruptSample as e:
+    return i, None, str(e)
+  return i, (pipeline.preprocess(sample.image, protocol), sample.image.shape[:2], sample.label), None
+
+
+def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pipeline.Protocol, *,
+                     progress: bool = True, workers: int = 2) -> dict:
+  """Run the pipeline over a dataset; returns {"miou", "per_class_iou", "num_images",
+  "num_skipped"} (percent; miou rounded to 2 decimals as mmseg reports it).
+
+  window_fn(windows) -> [n, >= len(spec.text_classes), h, w] masks of the text classes; datasets
+  with background get the constant bg_thresh channel in front.
+  """
+  spec = ds.spec
+  acc = metrics.IoUAccumulator(spec.num_classes, datasets.IGNORE_INDEX, spec.reduce_zero_label)
+  ds.num_skipped, ds.skipped = 0, []
+  bar = tqdm(total=len(ds), desc=spec.name, unit="img", dynamic_ncols=True) if progress else None
+  pending = None  # (device prediction, label) of the previous image: overlaps host and device
+
+  def finish(item):
+    pred, label = item
+    acc.update(np.asarray(pred)[:label.shape[0], :label.shape[1]], label)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    futures = {}
+    ahead = max(2, 2 * workers)
+    for i in range(min(ahead, len(ds))):
+      futures[i] = pool.submit(_prepare, ds, i, protocol)
+    for i in range(len(ds)):
+      _, prepared, err = futures.pop(i).result()
+      if i + ahead < len(ds):
+        futures[i + ahead] = pool.submit(_prepare, ds, i + ahead, protocol)
+      if prepared is None:
+        ds.num_skipped += 1
+        ds.skipped.append(ds.names[i])
+        logging.warning("%s: skipping %s", spec.name, err)
+      else:
+        x, ori_hw, label = prepared
+        pred, _ = pipeline.predict_normalized(x, ori_hw, window_fn, len(spec.text_classes),
+                                              protocol, background=spec.with_bg)
+        if pending is not None:
+          finish(pending)
+        pending = (pred, label)
+      if bar is not None:
+        bar.update(1)
+    if pending is not None:
+      finish(pending)
+  if bar is not None:
+    bar.close()
+
+  miou, iou = acc.result()
+  return {
+      "miou": None if math.isnan(miou) else round(miou * 100, 2),
+      "per_class_iou": {c: (None if math.isnan(v) else float(v * 100))
+                        for c, v in zip(spec.classes, iou)},
+      "num_images": acc.count,
+      "num_skipped": ds.num_skipped,
+  }
+
+
+def open_datasets(tasks, data_root: str, max_images: int = 0) -> dict:
+  """{task: SegDataset}; raises datasets.DataError (one line) when a task's data is missing."""
+  return {t: datasets.SegDataset(t, data_root, max_images) for t in parse_tasks(tasks)}
+
+
+def evaluate_tasks(model: base.ZeroShotModel, params, tasks: dict, protocol: pipeline.Protocol, *,
+                   mesh: Optional[jax.sharding.Mesh] = None, progress: bool = True) -> dict:
+  """Evaluate a model on `tasks` ({name: SegDataset}, see open_datasets).
+
+  Returns {task: {"miou", "per_class_iou", "num_images", "num_skipped"}, "average": float}, in
+  percent; "average" is the mean of the task mIoUs (as the original's val/avg_miou).
+  """
+  prompts.get_templates(protocol.template)
+  results = {}
+  text_cache = {}  # voc/voc20 and context/context59 share their text classes
+  # Parity with the original's float32 matmuls (no TF32/bf16 passes on accelerators).
+  with jax.default_matmul_precision("highest"):
+    for t, ds in tasks.items():
+      key = ds.spec.text_classes
+      if key not in text_cache:
+        names = prompts.pad_classes(key, protocol.class_pad)
+        text_cache[key] = prompts.class_text_embedding(model, params, names, protocol.template)
+      window_fn = make_window_fn(model, params, text_cache[key], protocol, mesh=mesh)
+      results[t] = evaluate_dataset(ds, window_fn, protocol, progress=progress)
+      logging.info("[%s] mIoU of %d images: %s%% (%d skipped)", t, results[t]["num_images"],
+                   results[t]["miou"], results[t]["num_skipped"])
+  mious = [r["miou"] for r in results.values() if r["miou"] is not None]
+  results["average"] = float(np.mean(mious)) if mious else None
+  return results
+
+
+def evaluate_config(model: base.ZeroShotModel, params, eval_config, *,
+                    mesh: Optional[jax.sharding.Mesh] = None, progress: bool = True) -> dict:
+  """evaluate_tasks with the tasks, data and protocol of an evaluation config (configs/eval.py,
+  a training config's `evals`): tasks (default: the 8 benchmarks), data_root, max_images and the
+  Protocol fields."""
+  tasks = open_datasets(_field(eval_config, "tasks", ",".join(datasets.BENCHMARKS)),
+                        _field(eval_config, "data_root", "data"),
+                        int(_field(eval_config, "max_images", 0)))
+  return evaluate_tasks(model, params, tasks, pipeline.Protocol.from_config(eval_config),
+                        mesh=mesh, progress=progress)
+
+
+def _field(c, name, default):
+  try:
+    value = c[name] if isinstance(c, dict) else getattr(c, name)
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
