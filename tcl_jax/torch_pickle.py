@@ -313,6 +313,8 @@ class _Unpickler(pickle._Unpickler):
 def _open_zip(path: str) -> zipfile.ZipFile:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a PyTorch checkpoint file")
     if zipfile.is_zipfile(path):
         try:
             return zipfile.ZipFile(path)
