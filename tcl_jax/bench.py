@@ -40,8 +40,10 @@ import numpy as np
 
 from tcl_jax import optim
 from tcl_jax import sharding
-from tcl_jax import train
+from tcl_jax import kinds
+from tcl_jax import train_step as step_lib
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.kinds import base
 from tcl_jax.models import tcl as tcl_lib
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets, no sparsity), matched in order against
@@ -136,7 +138,7 @@ def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = 
   """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
   (with `materialize=False` the inputs are ShapeDtypeStructs: enough to lower the step)."""
   config = Fields(model=Fields(cfg.to_dict()), compute_dtype=dtype, remat=remat, optim=OPTIM)
-  model = train.build_model(config)
+  model = kinds.build_model(config)
   mesh = sharding.make_mesh(MESH)
   batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
   init_rng, state_rng = jax.random.split(jax.random.key(0))
@@ -144,10 +146,10 @@ def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = 
   tx, schedule = optim.make_optimizer(OPTIM, abstract_params, total_steps=50_000,
                                       global_batch_size=global_batch)
   labels = optim.param_labels(abstract_params, OPTIM.frozen_regex, OPTIM.ust_regex)
-  create = functools.partial(train.create_train_state, tx=tx)
+  create = functools.partial(step_lib.create_train_state, tx=tx)
   abstract_state = jax.eval_shape(create, abstract_params, state_rng)
   state_sharding = sharding.state_shardings(mesh, abstract_state, MESH)
-  step = train.make_jit_train_step(model=model, tx=tx, labels=labels, schedule=schedule,
+  step = step_lib.make_jit_train_step(model=model, tx=tx, labels=labels, schedule=schedule,
                                    config=config, state_sharding=state_sharding,
                                    batch_sharding=batch_sharding, repl=repl)
   if not materialize:
@@ -184,7 +186,7 @@ def train_bench(preset_name: str = "vitb16", per_device_batch: int = 8, steps: i
                 dtype: str = "auto", remat: bool = False) -> dict:
   """The full training step: compile time, step time, images/s, peak memory, MFU."""
   cfg, res = preset(preset_name)
-  dtype = train.resolve_compute_dtype(dtype).name
+  dtype = base.resolve_compute_dtype(dtype).name
   n = jax.device_count()
   global_batch = per_device_batch * n
   mesh, step, state, batch = _setup(cfg, res, global_batch, dtype, remat)
@@ -235,7 +237,7 @@ def max_batch(preset_name: str, dtype: str, remat: bool, probe: int = 32, multip
   if "bytes_limit" not in stats:
     raise ValueError("--max-batch needs a device that reports its memory limit (GPU, TPU)")
   cfg, res = preset(preset_name)
-  dtype = train.resolve_compute_dtype(dtype).name
+  dtype = base.resolve_compute_dtype(dtype).name
   mesh, step, state, batch = _setup(cfg, res, probe * jax.device_count(), dtype, remat,
                                     materialize=False)
   with jax.set_mesh(mesh):
@@ -259,14 +261,14 @@ def eval_bench(preset_name: str = "vitb16", windows: int = 8, steps: int = 5, re
   text = jnp.asarray(text / np.linalg.norm(text, axis=-1, keepdims=True))
   out = []
   for apply_pamr in (False, True):
-    fn = functools.partial(tcl_lib.jit_generate_masks, params, cfg, apply_pamr=apply_pamr,
-                           kp_w=0.3)
+    fn = functools.partial(kinds.zero_shot_model(cfg).window_masks, params, pamr=apply_pamr,
+                           kp_w=0.3, simmaps=False)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(images, text))  # compile + first run
+    jax.block_until_ready(fn(text, images))  # compile + first run
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-      masks = fn(images, text)
+      masks = fn(text, images)
     jax.block_until_ready(masks)
     dt = (time.perf_counter() - t0) / steps
     out.append({"what": "eval_windows", "preset": preset_name, "device": device_label(),

@@ -7,7 +7,7 @@ CLI, the notebook (notebooks/zero_shot_demo.ipynb) and the web app (tcl_jax/app.
 `--checkpoint` takes a converted directory, a training workdir or a PyTorch TCL file (a minimal
 release `tcl.pth` also needs `--clip ViT-B-16.pt`); `--image` a path, an http(s) URL or `sample`
 (the bundled procedural picture). The image goes through the evaluation's test pipeline
-(tcl_jax/evaluate.py: keep-ratio resize to short side 448, ImageNet normalisation, sliding 448
+(tcl_jax/zeroshot/pipeline.py: keep-ratio resize to short side 448, ImageNet normalisation, sliding 448
 windows, PAMR and the KP branch, a constant background channel at `bg_thresh`, bilinear resize
 back, argmax). Jitted programs are keyed on bucketed shapes (windows are always crop-sized, their
 count is padded, post-processing sizes are padded to 64-pixel buckets, class lists to powers of
@@ -20,7 +20,7 @@ background), `seg.masks`, `seg.scores`, `seg.simmaps`, `seg.shares()`;
 
 import argparse
 import dataclasses
-import functools
+import importlib.resources
 import io
 import os
 import sys
@@ -28,12 +28,13 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from tcl_jax import evaluate
-from tcl_jax.models import resize
-from tcl_jax.models import tcl as tcl_lib
+from tcl_jax import convert
+from tcl_jax import kinds
+from tcl_jax import zeroshot
+from tcl_jax.zeroshot import pipeline
+from tcl_jax.zeroshot import prompts
 
 # Distinct colours for up to 20 classes (background is left uncoloured); more classes cycle.
 PALETTE = np.array([
@@ -42,7 +43,7 @@ PALETTE = np.array([
     [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
     [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]], np.uint8)
 
-SAMPLE_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sample.png")
+SAMPLE_IMAGE = str(importlib.resources.files("tcl_jax") / "assets" / "sample.png")
 SAMPLE_CLASSES = "sky, grass, house, sun, tree"
 
 
@@ -87,48 +88,27 @@ class Segmentation:
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "apply_pamr", "kp_w"))
-def _window_outputs(params, text_emb, windows, *, cfg, apply_pamr, kp_w):
-  """windows [k, h, w, 3] -> [k, 2N, h, w]: the soft masks (as evaluation computes them), then the
-  similarity maps resized to the window like the masks are."""
-  masks, simmap = tcl_lib.generate_masks(params, cfg, windows, text_emb, apply_pamr=apply_pamr,
-                                         kp_w=kp_w)
-  h, w = windows.shape[1:3]
-  l, r, t, b = tcl_lib.compute_padsize(h, w, cfg.patch_size)
-  sim = resize.resize_hw(simmap, (h + t + b, w + l + r), "bilinear", layout="NCHW")
-  return jnp.concatenate([masks, sim[:, :, t:t + h, l:l + w]], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "hb", "wb"))
-def _postprocess(outs, y1, x1, valid, rows, cols, bg_thresh, *, n, hb, wb):
-  """Evaluation's averaging and label steps (evaluate.predict_normalized) on the first n channels
-  with the background channel; the same averaged and resized maps of all 2n channels."""
-  scores = evaluate._average_windows(outs, y1, x1, valid, num_classes=2 * n, bg_thresh=bg_thresh,
-                                     hb=hb, wb=wb)  # [1 + 2n, hb, wb]
-  labels = evaluate._labels_from_scores(scores[:n + 1], rows, cols)
-  return labels, evaluate._resize_taps(scores[1:], rows, cols)
-
-
 class Segmenter:
-  """A model plus the evaluation's pipeline options; call it on RGB uint8 images. Text embeddings
-  are cached per class list."""
+  """A model plus the zero-shot protocol; call it on RGB uint8 images. Text embeddings are cached
+  per class list."""
 
-  def __init__(self, params, cfg, *, template: str = "custom", img_scale=(2048, 448),
-               crop: int = 448, stride: int = 224, batch: int = 8):
-    evaluate.get_templates(template)
-    self.params, self.cfg, self.template = params, cfg, template
-    self.img_scale, self.crop, self.stride, self.batch = tuple(img_scale), crop, stride, batch
+  def __init__(self, params, cfg, *, protocol: zeroshot.Protocol = zeroshot.Protocol()):
+    prompts.get_templates(protocol.template)
+    self.params, self.cfg, self.protocol = params, cfg, protocol
+    self.model = kinds.zero_shot_model(cfg)
     self._text = {}
 
   def text_embedding(self, classes: Sequence[str]):
     key = tuple(classes)
     if key not in self._text:
       padded = key + key[:1] * (class_bucket(len(key)) - len(key))
-      self._text[key] = evaluate.class_text_embedding(self.params, self.cfg, padded, self.template)
+      self._text[key] = prompts.class_text_embedding(self.model, self.params, padded,
+                                                     self.protocol.template)
     return self._text[key]
 
-  def __call__(self, image_rgb: np.ndarray, classes: Sequence[str], *, pamr: bool = True,
-               kp_w: float = 0.3, bg_thresh: float = 0.4) -> Segmentation:
+  def __call__(self, image_rgb: np.ndarray, classes: Sequence[str], *,
+               pamr: bool = zeroshot.Protocol.pamr, kp_w: float = zeroshot.Protocol.kp_w,
+               bg_thresh: float = zeroshot.Protocol.bg_thresh) -> Segmentation:
     image_rgb = np.asarray(image_rgb)
     if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3 or image_rgb.dtype != np.uint8:
       raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image_rgb.dtype} "
@@ -137,27 +117,22 @@ class Segmenter:
     if not classes:
       raise ValueError("give at least one class name")
     h0, w0 = image_rgb.shape[:2]
-    if min(evaluate.mmcv_rescale_size(w0, h0, self.img_scale)) < self.cfg.patch_size:
+    protocol = dataclasses.replace(self.protocol, pamr=bool(pamr), kp_w=float(kp_w),
+                                   bg_thresh=float(bg_thresh))
+    if min(pipeline.mmcv_rescale_size(w0, h0, protocol.img_scale)) < self.model.min_size:
       raise ValueError(f"image {w0}x{h0} is too elongated for the pipeline's resize")
     with jax.default_matmul_precision("highest"):  # as evaluation: float32 matmuls everywhere
       text_emb = self.text_embedding(classes)
       n = text_emb.shape[0]  # padded class count
-      mask_fn = lambda w: _window_outputs(self.params, text_emb, jnp.asarray(w, jnp.float32),
-                                          cfg=self.cfg, apply_pamr=bool(pamr), kp_w=float(kp_w))
-      # The evaluation's host steps: BGR uint8 -> keep-ratio resize (cv2) -> normalise -> windows.
-      x = evaluate.normalize_image(evaluate.resize_keep_ratio(
-          np.ascontiguousarray(image_rgb[..., ::-1]), self.img_scale))
-      h, w = x.shape[:2]
-      _, outs, y1, x1, valid = evaluate._run_windows(x, mask_fn, 2 * n, self.crop, self.stride,
-                                                     self.batch)
-      bucket = lambda v: evaluate._round_up(v, evaluate.SIZE_BUCKET)
-      labels, maps = _postprocess(outs, y1, x1, valid, evaluate._padded_taps(h, h0, bucket(h0)),
-                                  evaluate._padded_taps(w, w0, bucket(w0)),
-                                  np.float32(bg_thresh), n=n, hb=bucket(h), wb=bucket(w))
-    labels, maps = np.asarray(labels), np.asarray(maps)
+      window_fn = zeroshot.make_window_fn(self.model, self.params, text_emb, protocol,
+                                          simmaps=True)
+      # The evaluation's pipeline: BGR uint8 -> resize -> normalise -> windows -> labels from
+      # the n (padded) mask channels; window-averaged maps of the masks and similarity maps.
+      pred = zeroshot.predict(np.ascontiguousarray(image_rgb[..., ::-1]), window_fn, n, protocol,
+                              background=True, num_maps=2 * n)
     k = len(classes)
-    return Segmentation(classes=classes, labels=labels[:h0, :w0], scores=maps[:k, :h0, :w0],
-                        simmaps=maps[n:n + k, :h0, :w0], bg_thresh=float(bg_thresh))
+    return Segmentation(classes=classes, labels=pred.labels, scores=pred.maps[:k],
+                        simmaps=pred.maps[n:n + k], bg_thresh=float(bg_thresh))
 
 
 def parse_classes(text: str) -> list:

@@ -230,7 +230,8 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
             logging.warning("Preempted while waiting for input data: stopped at step %d.", step)
             preempted = True
             break
-          batch = sharding.to_global({k: host_batch[k] for k in step_lib.BATCH_KEYS}, batch_sharding)
+          batch = sharding.to_global({k: host_batch[k] for k in step_lib.BATCH_KEYS},
+                                     batch_sharding)
           if compiled is None:
             t0 = time.time()
             compiled = jit_step.lower(state, batch).compile()
@@ -295,6 +296,7 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
             logging.warning("Preempted: checkpoint at step %d written, exiting.", step)
             preempted = True
             break
+        interrupted = preemption.interrupted
     finally:
       mngr.wait_until_finished()
       mngr.close()
@@ -302,8 +304,10 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
     if not preempted:
       logging.info("Training done: %d steps in %.1fs", step - first_step, time.time() - t_start)
   if is_chief:
-    print(summaries.format_run_summary(workdir, first_step, step, time.time() - t_enter, history, logged,
-                             saved), flush=True)
+    print(summaries.format_run_summary(workdir, first_step, step, time.time() - t_enter, history,
+                                       logged, saved), flush=True)
+  if preempted and interrupted:  # Ctrl-C: the work is saved; the caller says so and exits
+    raise preemption_lib.Interrupted(step, checkpointing.checkpoints_dir(workdir))
   return state, history + logged
 
 
@@ -316,13 +320,12 @@ def check_resume(config, workdir: str) -> int | None:
   old lengths. (Resuming an unfinished run with another total_steps is allowed: that is how a
   preempted run is shortened or lengthened on purpose.)
   """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  steps = checkpointing.saved_steps(workdir)
   if not steps:
     return None
   latest = max(steps)
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(checkpointing.config_path(workdir)) as f:
       finished_at = json.load(f).get("total_steps")
   except (OSError, ValueError):
     finished_at = None

@@ -13,7 +13,8 @@ from PIL import Image
 
 from tcl_jax import convert
 from tcl_jax import demo
-from tcl_jax import evaluate
+from tcl_jax import kinds
+from tcl_jax import zeroshot
 from tcl_jax.models import tcl as tcl_lib
 
 SMALL = dict(img_scale=(256, 64), crop=64, stride=32)
@@ -34,11 +35,13 @@ def _image(h, w, seed=0):
 def test_labels_are_the_evaluation_labels(model):
   cfg, params = model
   img, classes = _image(50, 70), ["dog", "sky", "tree"]
-  seg = demo.Segmenter(params, cfg, **SMALL)(img, classes, bg_thresh=0.0)
-  emb = evaluate.class_text_embedding(params, cfg, classes)
-  mask_fn = evaluate.make_mask_fn(params, cfg, emb, pamr=True, kp_w=0.3)
-  ref = evaluate.predict_image(img[..., ::-1].copy(), mask_fn, 3, SMALL["img_scale"], 64, 32,
-                               bg_thresh=0.0)
+  seg = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))(img, classes, bg_thresh=0.0)
+  # The evaluator's own path: its text embedding, window function and predict.
+  model = kinds.zero_shot_model(cfg)
+  protocol = zeroshot.Protocol(**SMALL, pamr=True, kp_w=0.3, bg_thresh=0.0)
+  emb = zeroshot.class_text_embedding(model, params, classes)
+  window_fn = zeroshot.make_window_fn(model, params, emb, protocol)
+  ref = zeroshot.predict(img[..., ::-1].copy(), window_fn, 3, protocol, background=True).labels
   np.testing.assert_array_equal(seg.labels, ref)
   assert len(np.unique(ref)) == 3  # every class wins somewhere: the comparison is not trivial
   assert seg.scores.shape == seg.simmaps.shape == (3, 50, 70) and seg.masks.shape == (3, 50, 70)
@@ -50,7 +53,7 @@ def test_labels_are_the_evaluation_labels(model):
 
 def test_background_threshold_and_note(model):
   cfg, params = model
-  s = demo.Segmenter(params, cfg, **SMALL)
+  s = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
   img = _image(50, 70)
   all_bg = s(img, ["dog", "sky"], pamr=False, bg_thresh=1.0)
   assert (all_bg.labels == 0).all() and all_bg.shares()["background"] == 100.0
@@ -65,7 +68,7 @@ def test_background_threshold_and_note(model):
 
 def test_similar_sizes_and_other_classes_do_not_recompile(model, caplog):
   cfg, params = model
-  s = demo.Segmenter(params, cfg, **SMALL)
+  s = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
   s(_image(50, 70), ["dog", "sky", "tree"], bg_thresh=0.4)
 
   def compiles(fn):
@@ -84,7 +87,7 @@ def test_similar_sizes_and_other_classes_do_not_recompile(model, caplog):
 
 def test_bad_inputs(model):
   cfg, params = model
-  s = demo.Segmenter(params, cfg, **SMALL)
+  s = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
   with pytest.raises(ValueError, match="RGB uint8"):
     s(np.zeros((4, 4)), ["a"])
   with pytest.raises(ValueError, match="at least one class"):

@@ -6,14 +6,47 @@ import json
 import math
 import os
 
+import functools
+
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from tcl_jax import evaluate as ev
-from tcl_jax import seg_data as sd
+from tcl_jax import kinds
+from tcl_jax import sharding
+from tcl_jax.data import synthetic_segmentation
+from tcl_jax.models import resize
+from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.models import tcl_inference
+from tcl_jax.zeroshot import datasets as sd
+from tcl_jax.zeroshot import evaluator
+from tcl_jax.zeroshot import metrics
+from tcl_jax.zeroshot import pipeline
+from tcl_jax.zeroshot import prompts
 from tcl_jax.tools import convert_coco_object as cco
+
+# The production pieces the evaluator runs (pipeline.run_windows, average_windows,
+# labels_from_scores, resize.resize_with_taps), composed for tests at explicit sizes.
+def slide_scores(image, fn, num_classes, crop=448, stride=224, batch=8, bg_thresh=None):
+  h, w = image.shape[:2]
+  win = pipeline.run_windows(image, fn, num_classes, crop, stride, batch)
+  return jax.jit(functools.partial(pipeline.average_windows, num_channels=num_classes,
+                                   bg_thresh=bg_thresh, hb=h, wb=w))(win.outs, win.y1, win.x1,
+                                                                     win.valid)
+
+
+def resize_bilinear(x, size):
+  return resize.resize_with_taps(jnp.asarray(x), resize.bilinear_taps(x.shape[-2], size[0]),
+                                 resize.bilinear_taps(x.shape[-1], size[1]))
+
+
+def scores_to_labels(scores, size):
+  return pipeline.labels_from_scores(jnp.asarray(scores), resize.bilinear_taps(scores.shape[-2], size[0]),
+                                     resize.bilinear_taps(scores.shape[-1], size[1]))
+
 
 # ----------------------------------------------------------------------------------------------
 # Resize and normalization
@@ -31,13 +64,13 @@ from tcl_jax.tools import convert_coco_object as cco
     ((501, 375), (96, 256), (128, 96)),      # (long, short) order does not matter
 ])
 def test_mmcv_rescale_size(size, scale, expected):
-  assert ev.mmcv_rescale_size(*size, scale=scale) == expected
+  assert pipeline.mmcv_rescale_size(*size, scale=scale) == expected
 
 
 def test_resize_keep_ratio_is_opencv_fixed_point_linear():
   row = np.array([0, 100, 200, 255], np.uint8)
   img = np.repeat(np.tile(row, (2, 1))[..., None], 3, axis=2)  # 2 x 4 x 3
-  out = ev.resize_keep_ratio(img, (8, 4))  # factor min(8/4, 4/2) = 2 -> 4 x 8
+  out = pipeline.resize_keep_ratio(img, (8, 4))  # factor min(8/4, 4/2) = 2 -> 4 x 8
   assert out.shape == (4, 8, 3) and out.dtype == np.uint8
   # half-pixel linear taps 0.25/0.75; 213.75 -> 214 and 241.25 -> 241 (uint8 rounding)
   np.testing.assert_array_equal(out[..., 0], np.tile([0, 25, 75, 125, 175, 214, 241, 255], (4, 1)))
@@ -46,29 +79,29 @@ def test_resize_keep_ratio_is_opencv_fixed_point_linear():
 def test_normalize_image_matches_mmcv_imnormalize():
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, (7, 9, 3)).astype(np.uint8)
-  ours = ev.normalize_image(img)
+  ours = pipeline.normalize_image(img)
   # mmcv.imnormalize_(img, mean, std, to_rgb=True) on mmseg's float32 mean/std:
   ref = img.astype(np.float32)
-  mean = np.float64(np.array(ev.IMAGENET_MEAN, np.float32).reshape(1, -1))
-  stdinv = 1 / np.float64(np.array(ev.IMAGENET_STD, np.float32).reshape(1, -1))
+  mean = np.float64(np.array(pipeline.IMAGE_MEAN_255, np.float32).reshape(1, -1))
+  stdinv = 1 / np.float64(np.array(pipeline.IMAGE_STD_255, np.float32).reshape(1, -1))
   cv2.cvtColor(ref, cv2.COLOR_BGR2RGB, ref)
   cv2.subtract(ref, mean, ref)
   cv2.multiply(ref, stdinv, ref)
   assert ours.dtype == np.float32
   np.testing.assert_array_equal(ours, ref)
-  px = ev.normalize_image(np.array([[[0, 128, 255]]], np.uint8))[0, 0]  # BGR
+  px = pipeline.normalize_image(np.array([[[0, 128, 255]]], np.uint8))[0, 0]  # BGR
   np.testing.assert_allclose(px, [(255 - 123.675) / 58.395, (128 - 116.28) / 57.12,
                                   (0 - 103.53) / 57.375], rtol=1e-6)
 
 
 def test_templates():
-  custom = ev.get_templates("custom")
+  custom = prompts.get_templates("custom")
   assert len(custom) == 9
   assert custom[0] == "itap of a {}." and custom[6] == "a photo of the small {}."
   assert custom[7:] == ("a photo of many {}.", "a photo of {}s.")
-  assert ev.get_templates("simple") == ("a photo of a {}.",)
+  assert prompts.get_templates("simple") == ("a photo of a {}.",)
   with pytest.raises(ValueError, match="unknown template set"):
-    ev.get_templates("nope")
+    prompts.get_templates("nope")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,13 +120,13 @@ def test_templates():
     (448, 896, [(0, 448, 0, 448), (0, 448, 224, 672), (0, 448, 448, 896)]),  # Cityscapes
 ])
 def test_slide_windows(h, w, expected):
-  assert ev.slide_windows(h, w, 448, 224) == expected
+  assert pipeline.slide_windows(h, w, 448, 224) == expected
 
 
 def test_slide_windows_grid_order_rows_outer():
-  assert ev.slide_windows(7, 6, crop=4, stride=3) == [
+  assert pipeline.slide_windows(7, 6, crop=4, stride=3) == [
       (0, 4, 0, 4), (0, 4, 2, 6), (3, 7, 0, 4), (3, 7, 2, 6)]
-  assert ev.slide_windows(5, 9, crop=(5, 4), stride=(2, 4)) == [
+  assert pipeline.slide_windows(5, 9, crop=(5, 4), stride=(2, 4)) == [
       (0, 5, 0, 4), (0, 5, 4, 8), (0, 5, 5, 9)]
 
 
@@ -119,7 +152,7 @@ def test_slide_inference_overlap_average_and_background():
   img = np.zeros((4, 6, 3), np.float32)
   img[..., 0] = np.arange(6)
   fn = _Recorder(2)
-  scores = np.asarray(ev.slide_inference(img, fn, 2, crop=4, stride=2, batch=8, bg_thresh=0.4))
+  scores = np.asarray(slide_scores(img, fn, 2, crop=4, stride=2, batch=8, bg_thresh=0.4))
   assert scores.shape == (3, 4, 6)
   np.testing.assert_array_equal(scores[0], np.full((4, 6), 0.4, np.float32))
   # window 1 gives 0, window 2 gives 2 * (c + 1): columns 0-1 alone, 2-3 averaged, 4-5 alone
@@ -133,7 +166,7 @@ def test_slide_inference_batches_and_padding_windows():
   img = np.zeros((7, 6, 3), np.float32)
   img[..., 0] = np.arange(7)[:, None] + 10 * np.arange(6)[None, :]
   fn = _Recorder(1)
-  scores = np.asarray(ev.slide_inference(img, fn, 1, crop=4, stride=3, batch=3))
+  scores = np.asarray(slide_scores(img, fn, 1, crop=4, stride=3, batch=3))
   assert fn.shapes == [(3, 4, 4, 3), (3, 4, 4, 3)]  # 4 windows padded to 6, chunks of 3
   # windows (y1, x1): (0,0)=0, (0,2)=20, (3,0)=3, (3,2)=23
   expected = np.zeros((7, 6))
@@ -144,36 +177,36 @@ def test_slide_inference_batches_and_padding_windows():
   np.testing.assert_allclose(scores[0], expected / count, rtol=1e-6)
   assert scores[0, 0, 0] == 0 and scores[0, 6, 5] == 23 and scores[0, 3, 2] == pytest.approx(11.5)
   fn1 = _Recorder(1)
-  np.testing.assert_allclose(np.asarray(ev.slide_inference(img, fn1, 1, 4, 3, batch=8)), scores)
+  np.testing.assert_allclose(np.asarray(slide_scores(img, fn1, 1, 4, 3, batch=8)), scores)
   assert fn1.shapes == [(4, 4, 4, 3)]
   fn2 = _Recorder(1)
-  ev.slide_inference(img[:, :5], fn2, 1, 4, 3, batch=8)  # 2 x 2 windows -> one chunk of 4
+  slide_scores(img[:, :5], fn2, 1, 4, 3, batch=8)  # 2 x 2 windows -> one chunk of 4
   assert fn2.shapes == [(4, 4, 4, 3)]
   fn3 = _Recorder(1)
-  ev.slide_inference(img[:4, :5], fn3, 1, 4, 3, batch=8)  # 2 windows -> power of two, 2
+  slide_scores(img[:4, :5], fn3, 1, 4, 3, batch=8)  # 2 windows -> power of two, 2
   assert fn3.shapes == [(2, 4, 4, 3)]
 
 
 def test_slide_inference_image_smaller_than_crop():
   img = np.ones((3, 5, 3), np.float32) * 2
   fn = _Recorder(2)
-  scores = np.asarray(ev.slide_inference(img, fn, 2, crop=6, stride=3, batch=4))
+  scores = np.asarray(slide_scores(img, fn, 2, crop=6, stride=3, batch=4))
   assert fn.shapes == [(1, 3, 5, 3)]  # a single 3 x 5 window, not padded to the crop
   fn2 = _Recorder(2)
-  ev.slide_inference(img, fn2, 2, crop=4, stride=3, batch=4)  # narrower only in height
+  slide_scores(img, fn2, 2, crop=4, stride=3, batch=4)  # narrower only in height
   assert fn2.shapes == [(2, 3, 4, 3)]
   np.testing.assert_array_equal(scores, np.stack([np.full((3, 5), 2.0), np.full((3, 5), 4.0)]))
 
 
 def test_slide_inference_rejects_wrong_mask_shape():
   with pytest.raises(ValueError, match="mask_fn returned"):
-    ev.slide_inference(np.zeros((4, 4, 3), np.float32),
+    slide_scores(np.zeros((4, 4, 3), np.float32),
                        lambda w: np.zeros((len(w), 2, 3, 3), np.float32), 2, 4, 2)
 
 
 def test_num_padded_windows():
-  assert [ev._num_padded_windows(n, 8) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
-  assert [ev._num_padded_windows(n, 3) for n in (1, 2, 3, 4)] == [1, 2, 3, 6]
+  assert [pipeline.num_padded_windows(n, 8) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+  assert [pipeline.num_padded_windows(n, 3) for n in (1, 2, 3, 4)] == [1, 2, 3, 6]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,18 +215,18 @@ def test_num_padded_windows():
 
 
 def test_bilinear_resize_hand_values():
-  up = np.asarray(ev.resize_bilinear(np.array([[0.0, 10.0]], np.float32), (1, 4)))
+  up = np.asarray(resize_bilinear(np.array([[0.0, 10.0]], np.float32), (1, 4)))
   np.testing.assert_allclose(up, [[0.0, 2.5, 7.5, 10.0]])  # src -0.25(->0), .25, .75, 1.25(->1)
-  down = np.asarray(ev.resize_bilinear(np.array([[0.0, 3.0, 6.0]], np.float32), (1, 2)))
+  down = np.asarray(resize_bilinear(np.array([[0.0, 3.0, 6.0]], np.float32), (1, 2)))
   np.testing.assert_allclose(down, [[0.75, 5.25]])  # src 0.25, 1.75 (no antialias)
-  down5 = np.asarray(ev.resize_bilinear(np.arange(5, dtype=np.float32)[None], (1, 2)))
+  down5 = np.asarray(resize_bilinear(np.arange(5, dtype=np.float32)[None], (1, 2)))
   np.testing.assert_allclose(down5, [[0.75, 3.25]])  # src 0.75, 3.25
-  sq = np.asarray(ev.resize_bilinear(np.array([[0.0, 1.0], [2.0, 3.0]], np.float32), (3, 3)))
+  sq = np.asarray(resize_bilinear(np.array([[0.0, 1.0], [2.0, 3.0]], np.float32), (3, 3)))
   np.testing.assert_allclose(sq, [[0, 0.5, 1], [1, 1.5, 2], [2, 2.5, 3]])
   chans = np.stack([np.ones((2, 2)), 2 * np.ones((2, 2))]).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(ev.resize_bilinear(chans, (3, 5))),
+  np.testing.assert_allclose(np.asarray(resize_bilinear(chans, (3, 5))),
                              np.stack([np.ones((3, 5)), 2 * np.ones((3, 5))]))
-  i0, i1, l0, l1 = ev.bilinear_coeffs(3, 2)
+  i0, i1, l0, l1 = resize.bilinear_taps(3, 2)
   assert i0.tolist() == [0, 1] and i1.tolist() == [1, 2]
   np.testing.assert_allclose(l1, [0.25, 0.75])
 
@@ -201,17 +234,19 @@ def test_bilinear_resize_hand_values():
 def test_scores_to_labels_softmax_argmax_and_bucketed_path_agree():
   rng = np.random.default_rng(1)
   scores = rng.normal(size=(3, 5, 7)).astype(np.float32)
-  labels = np.asarray(ev.scores_to_labels(scores, (9, 4)))
-  ref = np.asarray(ev.resize_bilinear(scores, (9, 4))).argmax(0)
+  labels = np.asarray(scores_to_labels(scores, (9, 4)))
+  ref = np.asarray(resize_bilinear(scores, (9, 4))).argmax(0)
   np.testing.assert_array_equal(labels, ref)
   assert labels.shape == (9, 4) and labels.dtype == np.int32
   # The padded/bucketed production path gives the same class map.
   img = rng.normal(size=(11, 13, 3)).astype(np.float32)
   fn = lambda w: np.asarray(w).transpose(0, 3, 1, 2) * np.float32(1.5)
-  a = np.asarray(ev.predict_normalized(img, (17, 6), fn, 3, crop=8, stride=4, batch=2,
-                                       bg_thresh=0.1))
-  scores = ev.slide_inference(img, fn, 3, crop=8, stride=4, batch=2, bg_thresh=0.1)
-  b = np.asarray(ev.scores_to_labels(scores, (17, 6)))
+  a, _ = pipeline.predict_normalized(img, (17, 6), fn, 3,
+                                    pipeline.Protocol(crop=8, stride=4, batch=2, bg_thresh=0.1),
+                                    background=True)
+  a = np.asarray(a)
+  scores = slide_scores(img, fn, 3, crop=8, stride=4, batch=2, bg_thresh=0.1)
+  b = np.asarray(scores_to_labels(scores, (17, 6)))
   assert a.shape == (64, 64)
   np.testing.assert_array_equal(a[:17, :6], b)
   assert set(np.unique(b)) <= {0, 1, 2, 3} and len(np.unique(b)) > 1
@@ -225,7 +260,7 @@ def test_scores_to_labels_softmax_argmax_and_bucketed_path_agree():
 def test_intersect_and_union_hand_confusion():
   pred = np.array([[0, 0, 1], [1, 2, 2], [2, 0, 1]])
   label = np.array([[0, 1, 1], [255, 2, 0], [2, 7, 1]])  # 255 ignored; 7 is out of range
-  inter, union, ap, al = ev.intersect_and_union(pred, label, 3)
+  inter, union, ap, al = metrics.intersect_and_union(pred, label, 3)
   # kept pixels (pred, label): (0,0) (0,1) (1,1) (2,2) (2,0) (2,2) (0,7) (1,1)
   assert inter.tolist() == [1, 2, 2]
   assert ap.tolist() == [3, 2, 3]  # the out-of-range label pixel still counts its prediction
@@ -235,16 +270,16 @@ def test_intersect_and_union_hand_confusion():
 
 def test_reduce_zero_label():
   label = np.array([0, 1, 2, 150, 254, 255], np.uint8)
-  assert ev.reduce_zero_label(label).tolist() == [255, 0, 1, 149, 253, 255]
+  assert metrics.reduce_zero_label(label).tolist() == [255, 0, 1, 149, 253, 255]
   pred = np.array([0, 0, 1, 2, 2, 2])
-  inter, union, ap, al = ev.intersect_and_union(pred, label, 3, reduce_zero=True)
+  inter, union, ap, al = metrics.intersect_and_union(pred, label, 3, reduce_zero=True)
   # kept: (pred, reduced label) (0,0) (1,1) (2,149) (2,253)
   assert inter.tolist() == [1, 1, 0] and ap.tolist() == [1, 1, 2] and al.tolist() == [1, 1, 0]
   assert union.tolist() == [1, 1, 2]
 
 
 def test_mean_iou_accumulates_over_images_and_skips_absent_classes():
-  acc = ev.IoUAccumulator(4)
+  acc = metrics.IoUAccumulator(4)
   acc.update(np.array([[0, 0], [1, 1]]), np.array([[0, 1], [1, 1]]))
   acc.update(np.array([[2, 0], [0, 0]]), np.array([[0, 0], [255, 0]]))
   # class 0: I = 1 + 2, pred 2 + 2, label 1 + 3 -> U = 5; class 1: I 2, P 2, L 3 -> U 3
@@ -257,7 +292,7 @@ def test_mean_iou_accumulates_over_images_and_skips_absent_classes():
   # dataset-level sums, not a mean of per-image IoUs
   per_image = np.mean([np.nanmean([1 / 2, 2 / 3]), np.nanmean([2 / 3, np.nan, 0.0])])
   assert abs(miou - per_image) > 0.01
-  assert math.isnan(ev.mean_iou(np.zeros(2), np.zeros(2))[0])
+  assert math.isnan(metrics.mean_iou(np.zeros(2), np.zeros(2))[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +324,7 @@ def test_task_specs_classes():
 def test_synthetic_layouts_and_reader(tmp_path):
   root = str(tmp_path)
   for task in sd.BENCHMARKS + ("shapes",):
-    sd.write_synthetic_segmentation(root, task, num_images=2, seed=0)
+    synthetic_segmentation.write_synthetic_segmentation(root, task, num_images=2, seed=0)
   names = {t: sd.SegDataset(t, root).names for t in sd.TASKS}
   assert names["voc"] == ["2007_000001.jpg", "2007_000002.jpg"] == names["t_voc20"]
   assert names["context59"] == ["2008_000001.jpg", "2008_000002.jpg"]
@@ -323,7 +358,7 @@ def test_synthetic_layouts_and_reader(tmp_path):
   np.testing.assert_array_equal(obj, np.where(stuff < 80, stuff + 1, 0))
   # Same seed -> same files for tasks sharing a layout.
   before = open(voc_png, "rb").read()
-  sd.write_synthetic_segmentation(root, "voc20", num_images=2, seed=0)
+  synthetic_segmentation.write_synthetic_segmentation(root, "voc20", num_images=2, seed=0)
   assert open(voc_png, "rb").read() == before
 
 
@@ -333,11 +368,11 @@ def test_reader_errors_and_corrupt_samples(tmp_path):
     sd.SegDataset("voc", root)
   with pytest.raises(ValueError, match="unknown segmentation task 'vocx'"):
     sd.SegDataset("vocx", root)
-  sd.write_synthetic_segmentation(root, "voc", num_images=3)
+  synthetic_segmentation.write_synthetic_segmentation(root, "voc", num_images=3)
   os.remove(os.path.join(root, "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"))
   with pytest.raises(sd.DataError, match=r"^voc: split file .*val.txt does not exist$"):
     sd.SegDataset("voc", root)
-  sd.write_synthetic_segmentation(root, "ade20k", num_images=3)
+  synthetic_segmentation.write_synthetic_segmentation(root, "ade20k", num_images=3)
   img_dir = os.path.join(root, "ade/ADEChallengeData2016/images/validation")
   with open(os.path.join(img_dir, "ADE_val_00000002.jpg"), "wb") as f:
     f.write(b"not a jpeg")
@@ -437,8 +472,8 @@ def _ref_evaluate(task, root, img_scale, crop, stride, bg_thresh):
     r = cv2.resize(img, (int(w * f + 0.5), int(h * f + 0.5)), interpolation=cv2.INTER_LINEAR)
     x = r.astype(np.float32)
     cv2.cvtColor(x, cv2.COLOR_BGR2RGB, x)
-    cv2.subtract(x, np.float64(np.array(ev.IMAGENET_MEAN, np.float32).reshape(1, -1)), x)
-    cv2.multiply(x, 1 / np.float64(np.array(ev.IMAGENET_STD, np.float32).reshape(1, -1)), x)
+    cv2.subtract(x, np.float64(np.array(pipeline.IMAGE_MEAN_255, np.float32).reshape(1, -1)), x)
+    cv2.multiply(x, 1 / np.float64(np.array(pipeline.IMAGE_STD_255, np.float32).reshape(1, -1)), x)
     hh, ww = x.shape[:2]
     preds = np.zeros((c, hh, ww), np.float32)
     count = np.zeros((hh, ww), np.float32)
@@ -469,10 +504,9 @@ def _ref_evaluate(task, root, img_scale, crop, stride, bg_thresh):
 @pytest.mark.parametrize("task", ["voc", "context59", "coco_object"])
 def test_evaluate_dataset_matches_reference(tmp_path, task):
   root = str(tmp_path)
-  sd.write_synthetic_segmentation(root, task, num_images=3, seed=3)
-  opts = ev.PipelineOptions(img_scale=(160, 64), crop=48, stride=32, batch=2)
-  res = ev.evaluate_dataset(sd.SegDataset(task, root), _fake_masks, opts, bg_thresh=0.5,
-                            progress=False)
+  synthetic_segmentation.write_synthetic_segmentation(root, task, num_images=3, seed=3)
+  opts = pipeline.Protocol(img_scale=(160, 64), crop=48, stride=32, batch=2, bg_thresh=0.5)
+  res = evaluator.evaluate_dataset(sd.SegDataset(task, root), _fake_masks, opts, progress=False)
   ref = _ref_evaluate(task, root, (160, 64), 48, 32, 0.5)
   spec = sd.TASKS[task]
   assert list(res["per_class_iou"]) == list(spec.classes)
@@ -486,15 +520,14 @@ def test_evaluate_dataset_matches_reference(tmp_path, task):
 
 
 def test_mask_fn_splits_windows_over_devices_with_the_same_result():
-  import jax
-  from tcl_jax.models import tcl as tcl_lib
   assert jax.local_device_count() == 8  # tests/conftest.py
   cfg = tcl_lib.tiny_config()
   params = tcl_lib.init_params(cfg, jax.random.key(0))
   text_emb = jax.random.normal(jax.random.key(1), (3, 64))
   windows = np.asarray(jax.random.normal(jax.random.key(2), (3, 40, 56, 3)))  # 3 -> padded to 8
-  import jax.numpy as jnp
-  got = np.asarray(ev.make_mask_fn(params, cfg, text_emb, pamr=False, kp_w=0.3)(windows))
-  want, _ = tcl_lib.generate_masks(params, cfg, jnp.asarray(windows), text_emb, kp_w=0.3)
+  protocol = pipeline.Protocol(pamr=False, kp_w=0.3)
+  got = np.asarray(evaluator.make_window_fn(kinds.zero_shot_model(cfg), params, text_emb, protocol,
+                                            mesh=sharding.local_mesh())(windows))
+  want, _ = tcl_inference.generate_masks(params, cfg, jnp.asarray(windows), text_emb, kp_w=0.3)
   assert got.shape == (3, 3, 40, 56)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)

@@ -4,7 +4,7 @@ Images hold 1-3 objects (COLORS x SHAPES, various sizes and positions, possibly 
 plain or textured background of neutral tones that no object uses. Captions name some or all of
 the objects in varied templates and orders ("a photo of a red circle and a blue square"). Every
 scene also has its pixel labels (index into CLASSES, 0 = background), which the segmentation set
-(`seg_data.write_synthetic_segmentation(root, "shapes")`, VOC layout) stores. Everything is
+(`synthetic_segmentation.write_synthetic_segmentation(root, "shapes")`, VOC layout) stores. Everything is
 deterministic in a seed: example i of a stream is drawn from `default_rng([seed, stream, i])`.
 
 Training pairs go through the same writer and schema as `convert` (`schema.ShardWriter`).

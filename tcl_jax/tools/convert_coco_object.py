@@ -30,7 +30,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from tcl_jax import seg_data
+from tcl_jax.zeroshot import datasets as seg_data
 
 COCO_LEN = 123287  # train2017 + val2017 label maps
 
