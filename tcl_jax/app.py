@@ -8,7 +8,9 @@ runs offline: no analytics, no share link, no version check, fonts served locall
 than MAX_SIDE on the long side are downscaled (the page says so); the first request compiles.
 """
 
+import errno
 import os
+import socket
 import sys
 import time
 
@@ -90,6 +92,31 @@ def build_app(segmenter):
   return app
 
 
+def address_problem(host: str, port: int) -> str | None:
+  """Why the app cannot listen on host:port (None: it can), naming the flag to change."""
+  try:
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+  except (socket.gaierror, UnicodeError) as e:
+    return (f"--host {host}: not a name or address this machine can resolve "
+            f"({getattr(e, 'strerror', None) or e}); use 127.0.0.1 (this machine only) or "
+            "0.0.0.0 (every interface)")
+  with socket.socket(family, kind, proto) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+    try:
+      s.bind(addr)
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return f"--port {port}: already in use on {host}; pick a free port with --port"
+      if e.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, "
+                "0.0.0.0 or one of this machine's own addresses")
+      if e.errno == errno.EACCES:
+        return (f"--port {port}: not allowed ({e.strerror}; ports below 1024 need privileges); "
+                "pick another with --port")
+      return f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
+  return None
+
+
 def main(argv=None):
   from tcl_jax import demo
   ap = demo.ArgumentParser(prog="python -m tcl_jax.app", description=__doc__.split("\n")[0])
@@ -101,6 +128,10 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if not 0 < args.port < 65536:
     ap.error(f"--port must be in 1..65535, got {args.port}")
+  problem = address_problem(args.host, args.port)  # before the model loads
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   try:
     cfg, params = demo.load_model(args.checkpoint, args.clip)
   except (ValueError, OSError) as e:
@@ -108,12 +139,21 @@ def main(argv=None):
     return 2
   app = build_app(demo.Segmenter(params, cfg))
   try:
+    # quiet: Gradio's own start-up lines advise share=True and GRADIO_SERVER_PORT, which do not
+    # apply here; the URL is printed below instead.
     app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
                ssr_mode=False, mcp_server=False, pwa=False, max_file_size="50mb",
-               footer_links=[])
-  except OSError as e:
-    print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+               footer_links=[], quiet=True, prevent_thread_lock=True)
+  except OSError as e:  # taken between the check above and the launch
+    problem = address_problem(args.host, args.port)
+    print(f"error: {problem or f'cannot serve on {args.host}:{args.port}: {e}'}",
+          file=sys.stderr)
     return 1
+  print(f"Serving on http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+  try:
+    app.block_thread()
+  except KeyboardInterrupt:
+    pass
   return 0
 
 

@@ -1,9 +1,10 @@
 """Config files, and the command line of the absl programs that take one (main, evaluate).
 
-`load_module` loads `configs/*.py` by path: configs/ is a folder of files, not a package, so that
-`--config=configs/tcl.py` works from any checkout. A relative `--config` path that does not exist
-from the current directory is looked up in this checkout, so the README's commands work from
-anywhere.
+`load_module` loads config files by path: the package's configs (tcl_jax/configs/, also reachable as
+the checkout's `configs/`) are a folder of files, not modules, so that `--config=` takes any file. A
+relative `configs/X.py` (or `tcl_jax/...`) path that does not exist from the current directory is
+the installed package's file (`packaged`, through importlib.resources), so the README's commands
+work from any directory, in a checkout or after a plain `pip install .`.
 
 `parse_flags` is the flags parser those programs hand to `absl.app.run`. Exit statuses, the same in
 every command-line program of the package (main, evaluate, convert, demo, app):
@@ -16,15 +17,21 @@ every command-line program of the package (main, evaluate, convert, demo, app):
 Either way the user sees one line, `error: ...`, on stderr, never a traceback.
 """
 
+import contextlib
 import difflib
+import importlib.resources
 import importlib.util
+import logging
 import os
 import re
 import sys
+import tempfile
 from typing import NoReturn
 
-# The checkout holding configs/ (tcl_jax is installed in editable mode from it).
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tcl_jax import config_checks
+
+# Relative paths that name the package's own files: configs/X.py -> tcl_jax/configs/X.py.
+_PACKAGE_PREFIXES = {"configs/": "configs/", "tcl_jax/": ""}
 
 
 def load_module(path: str):
@@ -41,12 +48,24 @@ def sibling(config_file: str, name: str):
   return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name + ".py"))
 
 
+def packaged(name: str) -> str:
+  """The path of the installed package's file `name` (e.g. "configs/synthetic.py",
+  "assets/miniature_clip.npz"), found through importlib.resources."""
+  return os.fspath(importlib.resources.files("tcl_jax").joinpath(name))
+
+
 def resolve(path: str) -> str:
-  """`path` if it exists; else, for a relative path that exists inside this checkout, that file."""
+  """`path` if it exists or is absolute; else, for `configs/X` or `tcl_jax/X`, the installed
+  package's file when it has one; else `path` unchanged."""
   if os.path.exists(path) or os.path.isabs(path):
     return path
-  in_repo = os.path.join(REPO, path)
-  return in_repo if os.path.exists(in_repo) else path
+  norm = path.replace(os.sep, "/").removeprefix("./")
+  for prefix, inside in _PACKAGE_PREFIXES.items():
+    if norm.startswith(prefix):
+      found = packaged(inside + norm[len(prefix):])
+      if os.path.exists(found):
+        return found
+  return path
 
 
 def usage_error(message: str) -> NoReturn:
@@ -130,10 +149,11 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
                 flag: str = "config") -> list[str]:
   """`absl.app.run(main, flags_parser=parse_flags)`: parses `argv` into absl's FLAGS.
 
-  Resolves a relative `--config` path against this checkout when it is not found from the current
-  directory; loads the config once to check every `--config.<field>` override; any mistake is a
-  usage error (exit status 2, one line). `default_config` stands in for a missing --config (define
-  the flag itself without a default: config_flags applies overrides to a default at definition).
+  Resolves a relative `configs/...` path against the installed package when it is not found from
+  the current directory; loads the config once to check every `--config.<field>` override, and
+  checks the values of the parsed config (config_checks.value_problem); any mistake is a usage
+  error (exit status 2, one line). `default_config` stands in for a missing --config (define the
+  flag itself without a default: config_flags applies overrides to a default at definition).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   argv = list(argv)
@@ -150,7 +170,7 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
     found = resolve(path)
     if not os.path.isfile(found):
       usage_error(f"--{flag}={spec}: config file {path} not found (in {os.getcwd()} or in "
-                  f"this checkout, {REPO})")
+                  f"the package's configs, {packaged('configs')})")
     argv[j] = found + colon + arg
     if j == i:
       argv[j] = f"--{flag}={argv[j]}"
@@ -158,15 +178,19 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
       module = load_module(found)
       config = module.get_config(arg) if colon else module.get_config()
     except Exception as e:  # pylint: disable=broad-except
-      # The config file's own complaint (e.g. an unknown ':arg'), not config_flags' wrapping.
-      detail = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() quotes
-      usage_error(f"--{flag}={spec}: {type(e).__name__}: {detail}")
+      # The config file's own complaint (e.g. an unknown ':arg'), not config_flags' wrapping;
+      # ValueError and KeyError are the configs' own (common.parse_arg), others get their name.
+      if isinstance(e, (KeyError, ValueError)) and e.args:
+        detail = e.args[0]  # KeyError's str() quotes
+      else:
+        detail = f"{type(e).__name__}: {e}"
+      usage_error(f"--{flag}={spec}: {detail}")
     for field in overrides(argv, flag):
       problem = check_override(config, field, flag)
       if problem:
         usage_error(problem)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:  # unknown flags, bad values, missing required flags
     message = str(e).splitlines()[0]
     missing = re.search(r"Flag --(\w+) must have a value other than None", message)
@@ -174,3 +198,46 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     # What config_flags raises for an override it cannot apply.
     usage_error(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+  config = getattr(flags.FLAGS, flag, None) if flag in flags.FLAGS else None
+  problem = config_checks.value_problem(config, flag) if config is not None else None
+  if problem:
+    usage_error(problem)
+  return rest
+
+
+# Lines native libraries print to stderr while they load, which a user can do nothing about:
+# TensorFlow's oneDNN and CPU-feature notices (absl's C++ logging ignores TF_CPP_MIN_LOG_LEVEL).
+_NATIVE_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are on"
+    r"|cpu_feature_guard\.cc|To enable the following instructions:|rebuild TensorFlow with the "
+    r"appropriate compiler flags")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+  """Holds back what native code writes to file descriptor 2 inside the block, then writes it
+  out without the known start-up notices (`_NATIVE_NOISE`): anything else still shows."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      for line in held.read().decode("utf-8", "replace").splitlines(keepends=True):
+        if not _NATIVE_NOISE.search(line):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+def quiet_startup() -> None:
+  """Silences start-up messages a user cannot act on; call before TensorFlow or JAX is imported:
+  TensorFlow's C++ INFO and WARNING lines (the `TF_CPP_MIN_LOG_LEVEL` a user sets wins; worker
+  processes inherit it) and JAX's INFO lines about the backends it did not find (no TPU, no
+  IFRT proxy). Import TensorFlow inside `quiet_native_stderr()` for its load-time notices."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

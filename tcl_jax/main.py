@@ -16,7 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tcl_jax import config_checks
 from tcl_jax import config_files
+from tcl_jax import miniature_record
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json.")
@@ -24,33 +26,53 @@ config_flags.DEFINE_config_file("config", None, "Training config file.", lock_co
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_before_work(config, workdir: str) -> None:
+  """Usage errors found from the config and the files alone (exit status 2, one line): values
+  were checked by parse_flags; here the workdir, the files the run reads, and for the miniature
+  whether the workdir was made by the same settings."""
+  problem = (config_checks.workdir_problem(workdir)
+             or config_checks.path_problem(config, os.path.abspath(workdir),
+                                           config_files.resolve))
+  if not problem and config.get("miniature"):
+    problem = miniature_record.problem(config, os.path.abspath(workdir), config_files.resolve)
+  if problem:
+    config_files.usage_error(problem)
+
+
 def main(argv):
   if len(argv) > 1:
     config_files.usage_error(f"unexpected arguments {argv[1:]} (flags are --config, --workdir "
                              "and --config.<field>=value)")
-  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
-    config_files.usage_error(f"--workdir={FLAGS.workdir} is a file; give a directory (it is "
-                             "created if missing)")
+  config, workdir = FLAGS.config, FLAGS.workdir
+  check_before_work(config, workdir)
+  if config.get("miniature"):
+    stored = miniature_record.finished(os.path.abspath(workdir))
+    if stored is not None:  # a finished run of the same settings: its figures, not a re-run
+      print(miniature_record.report_line(stored, stored.get("tcl_steps", config.total_steps),
+                                         os.path.abspath(workdir), stored=True), flush=True)
+      return
   config_files.quiet_orbax_info()
+  config_files.quiet_startup()
 
   # TF (input pipeline) must not grab accelerator memory that JAX needs.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with config_files.quiet_native_stderr():
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
 
   from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
   # Before anything touches the devices.
-  sharding.maybe_initialize_distributed(FLAGS.config.get("distributed"))
+  sharding.maybe_initialize_distributed(config.get("distributed"))
 
   import jax  # pylint: disable=g-import-not-at-top
   from tcl_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:
-    if FLAGS.config.get("miniature"):  # configs/synthetic.py: baseline, TCL, report
+    if config.get("miniature"):  # configs/synthetic.py: baseline, TCL, report
       from tcl_jax import miniature  # pylint: disable=g-import-not-at-top
-      miniature.run(FLAGS.config, FLAGS.workdir)
+      miniature.run(config, workdir)
     else:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(config, workdir)
   except (train.NonFiniteLossError, ValueError, OSError) as e:
     # Bad config values, missing files, unusable checkpoints, a NaN: one line, exit status 1
     # (the traceback with --verbosity=1).

@@ -6,6 +6,8 @@ Usage errors are found before TensorFlow or JAX is imported: those runs put a `t
 """
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -56,7 +58,7 @@ def test_main_config_file_not_found(no_heavy_imports, tmp_path):
   line = _usage_error(_run("tcl_jax.main", "--config=configs/nosuch.py", f"--workdir={tmp_path}",
                            pythonpath=no_heavy_imports))
   assert line == (f"error: --config=configs/nosuch.py: config file configs/nosuch.py not found "
-                  f"(in {REPO} or in this checkout, {REPO})")
+                  f"(in {REPO} or in the package's configs, {REPO}/tcl_jax/configs)")
 
 
 def test_main_misspelt_field_prints_the_hint(no_heavy_imports, tmp_path):
@@ -87,7 +89,7 @@ def test_main_from_another_directory_finds_configs(no_heavy_imports, tmp_path):
 def test_main_bad_config_arg_value_and_missing_flag(no_heavy_imports, tmp_path):
   line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py:smok", f"--workdir={tmp_path}",
                            pythonpath=no_heavy_imports))
-  assert line == ("error: --config=configs/tcl.py:smok: KeyError: unknown config arg 'smok'; "
+  assert line == ("error: --config=configs/tcl.py:smok: unknown config arg 'smok'; "
                   "known: ['fsdp', 'smoke']")
   line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path}",
                            "--config.total_steps=ten", pythonpath=no_heavy_imports))
@@ -95,6 +97,87 @@ def test_main_bad_config_arg_value_and_missing_flag(no_heavy_imports, tmp_path):
                   "'ten'")
   line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", pythonpath=no_heavy_imports))
   assert line == "error: --workdir is required"
+
+
+@pytest.mark.parametrize("args, message", [
+    # A config-file arg of the wrong type (was: a TypeError from inside the config).
+    (["--config=configs/synthetic.py:steps=ten"],
+     "error: --config=configs/synthetic.py:steps=ten: steps must be a whole number, got 'ten'"),
+    (["--config=configs/tcl.py:smoke=maybe"],
+     "error: --config=configs/tcl.py:smoke=maybe: smoke must be True or False, got 'maybe'"),
+    # Values out of range, found before any work (was: 112 s of work "after -5 TCL steps").
+    (["--config=configs/synthetic.py", "--config.total_steps=-5"],
+     "error: config.total_steps must be a whole number >= 1, got -5"),
+    (["--config=configs/synthetic.py:steps=-5"],
+     "error: config.total_steps must be a whole number >= 1, got -5"),
+    (["--config=configs/tcl.py", "--config.batch_size=0"],
+     "error: config.batch_size must be a whole number >= 1, got 0"),
+    (["--config=configs/synthetic.py", "--config.evals.bg_thresh=1.5"],
+     "error: config.evals.bg_thresh must be a number in [0.0, 1.0], got 1.5"),
+    (["--config=configs/synthetic.py", "--config.synthetic.num_shards=0"],
+     "error: config.synthetic.num_shards must be a whole number >= 1, got 0"),
+    (["--config=configs/tcl.py", "--config.evals.img_scale=(2048,0)"],
+     "error: config.evals.img_scale must be two whole numbers >= 1 (long side, short side), got "
+     "(2048, 0)"),
+])
+def test_main_bad_values_before_any_work(no_heavy_imports, tmp_path, args, message):
+  line = _usage_error(_run("tcl_jax.main", *args, f"--workdir={tmp_path / 'wd'}",
+                           pythonpath=no_heavy_imports))
+  assert line == message
+  assert not os.path.exists(tmp_path / "wd")  # nothing was made
+
+
+def test_main_missing_init_checkpoint_before_any_work(no_heavy_imports, tmp_path):
+  # Was: exit 1 after 10-25 s, with the synthetic data already written.
+  missing = tmp_path / "nope.pth"
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
+                           f"--workdir={tmp_path / 'wd'}", f"--config.init_checkpoint={missing}",
+                           pythonpath=no_heavy_imports))
+  assert line == (f"error: config.init_checkpoint={missing}: {missing} does not exist (a CLIP .pt, "
+                  "a TCL .pth, a converted directory or a training workdir; '' starts from "
+                  "random weights)")
+  assert os.listdir(tmp_path / "wd") == []
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
+                           f"--workdir={tmp_path / 'wd'}",
+                           "--config.miniature.clip_weights=nowhere/clip.npz",
+                           pythonpath=no_heavy_imports))
+  assert line == ("error: config.miniature.clip_weights=nowhere/clip.npz: no such file (empty: "
+                  "train the CLIP in the run)")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A directory nobody can write to (root too: chattr +i where chmod does not bind root)."""
+  path = tmp_path / "read_only"
+  path.mkdir()
+  if os.geteuid() == 0:
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)]).returncode:
+      pytest.skip("running as root without chattr +i: no directory is read-only")
+  else:
+    path.chmod(0o555)
+  yield path
+  if os.geteuid() == 0:
+    subprocess.run(["chattr", "-i", str(path)], check=True)
+  path.chmod(0o755)
+
+
+def test_main_read_only_workdir_before_any_work(no_heavy_imports, read_only_dir):
+  # Was: an errno line after 35 s that did not say it was the workdir.
+  for workdir in (read_only_dir, read_only_dir / "run"):
+    line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
+                             f"--workdir={workdir}", pythonpath=no_heavy_imports))
+    assert line.startswith(f"error: --workdir={workdir} is not writable (")
+    assert line.endswith("); give a directory you can write to")
+
+
+def test_main_workdir_of_another_run_is_refused(no_heavy_imports, tmp_path):
+  # A workdir with a run's files but no record of what made them: the miniature cannot tell
+  # whether they are its own, so it does not mix them into its figures.
+  (tmp_path / "checkpoints").mkdir()
+  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
+                           f"--workdir={tmp_path}", pythonpath=no_heavy_imports))
+  assert line == (f"error: --workdir={tmp_path} holds another run's files but no "
+                  "miniature_run.json (what they were made with is unknown); use a new --workdir")
 
 
 def test_main_workdir_that_is_a_file(no_heavy_imports, tmp_path):
@@ -108,7 +191,7 @@ def test_main_workdir_that_is_a_file(no_heavy_imports, tmp_path):
 def test_main_train_files_matching_nothing(tmp_path):
   pattern = str(tmp_path / "nowhere" / "train-*.tfrecord")
   proc = _run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path / 'wd'}",
-              f"--config.input.train_files=('{pattern}',)")
+              f"--config.input.train_files=('{pattern}',)", "--config.init_checkpoint=")
   assert _runtime_error(proc) == f"error: config.input.train_files: no file matches '{pattern}'"
 
 
@@ -126,6 +209,12 @@ def test_evaluate_usage_errors(tmp_path):
                   "--config.tasks?")
 
 
+def test_evaluate_value_out_of_range(tmp_path):
+  line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}",
+                           "--config.bg_thresh=2"))
+  assert line == "error: config.bg_thresh must be a number in [0.0, 1.0], got 2.0"
+
+
 def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tmp_path):
   # The default --config (configs/eval.py) is found from any directory: the run gets as far as
   # looking for the data, which is missing (a usage error too: it is named by --config.data_root).
@@ -134,3 +223,21 @@ def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tmp_path
   assert _usage_error(proc) == (
       "error: voc20: data root nodata/VOCdevkit/VOC2012 does not exist (set --config.data_root "
       "to the folder holding VOCdevkit/VOC2012)")
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m tcl_jax.app: where it cannot listen (checked before the model loads)
+# ------------------------------------------------------------------------------------------------
+
+def test_app_busy_port_and_foreign_host():
+  # Was: Gradio's advice about GRADIO_SERVER_PORT and launch(), which does not apply.
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    line = _usage_error(_run("tcl_jax.app", "--checkpoint=unused", f"--port={port}"))
+  assert line == f"error: --port {port}: already in use on 127.0.0.1; pick a free port with --port"
+  line = _usage_error(_run("tcl_jax.app", "--checkpoint=unused", "--host=192.0.2.1"))
+  assert line == ("error: --host 192.0.2.1: not an address of this machine (Cannot assign "
+                  "requested address); use 127.0.0.1, 0.0.0.0 or one of this machine's own "
+                  "addresses")

@@ -8,8 +8,9 @@ import ml_collections
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses the `--config=file.py:ARG` string, 'key=value,flag,...', over `defaults`.
 
-  A bare `flag` means True; values are Python literals when they parse as one, else strings.
-  Only keys present in `defaults` are accepted (typos fail loudly).
+  A bare `flag` means True. A value must be of its default's type (`steps=ten` is refused with a
+  ValueError naming the key); string defaults take the text as it is. Only keys present in
+  `defaults` are accepted (typos fail loudly).
   """
   out = ml_collections.ConfigDict(defaults)
   for item in (arg or "").split(","):
@@ -22,11 +23,28 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if not sep:
       out[key] = True
       continue
-    try:
-      out[key] = type(defaults[key])(ast.literal_eval(value))
-    except (ValueError, SyntaxError):
-      out[key] = value
+    out[key] = _typed(key, value, defaults[key])
   return out
+
+
+_TYPE_NAMES = {bool: "True or False", int: "a whole number", float: "a number"}
+
+
+def _typed(key: str, value: str, default):
+  """`value` as the type of `default`."""
+  kind = type(default)
+  if kind not in _TYPE_NAMES:
+    return value
+  try:
+    parsed = ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    parsed = None
+  ok = (isinstance(parsed, bool) if kind is bool else
+        isinstance(parsed, int) and not isinstance(parsed, bool) if kind is int else
+        isinstance(parsed, (int, float)) and not isinstance(parsed, bool))
+  if not ok:
+    raise ValueError(f"{key} must be {_TYPE_NAMES[kind]}, got {value!r}")
+  return kind(parsed)
 
 
 def mesh_config(fsdp: int = 1) -> ml_collections.ConfigDict:

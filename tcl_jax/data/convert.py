@@ -23,6 +23,10 @@ to a temp name and renamed when complete; shards that already exist are
 skipped, so an interrupted run resumes by running the same command again.
 Every image is decoded with PIL; bad pairs are skipped and counted. The last
 stdout line is ``{"written": n, "skipped": {"<reason>": n, ...}}``.
+
+A mistake in the command (a bad flag, an input that matches no file, an output
+directory that cannot be written) ends in one ``error: ...`` line and exit
+status 2 before any work starts.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import sys
 import tarfile
 from collections import Counter
 
+from tcl_jax import config_checks
+from tcl_jax import config_files
 from tcl_jax.data import schema
 
 SKIP_REASONS = ("corrupt_image", "empty_caption", "missing_image", "missing_caption",
@@ -60,6 +66,24 @@ class UsageError(SystemExit):
     """A mistake in the command (no matching input, unknown source, missing columns): `main`
     prints it as one line and exits with status 2, the CLIs' usage-error status."""
 
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's mistakes as one ``error: ...`` line (exit status 2), not a usage block."""
+
+    def error(self, message):
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 def expand_braces(pattern: str) -> list[str]:
     """``a{00..02}b{x,y}`` -> ``a00bx, a00by, a01bx, ...`` (zero padding kept)."""
     m = _BRACE.search(pattern)
@@ -79,7 +103,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 def expand_inputs(spec: str) -> list[str]:
     """Brace-expand and glob; keeps non-matching plain names (they count as
-    unreadable later, like a missing webdataset shard)."""
+    unreadable later, like a missing webdataset shard; ``make_tasks`` refuses a
+    spec none of whose names exists)."""
     out = []
     for part in spec.split("::"):
         for p in expand_braces(part):
@@ -240,13 +265,24 @@ def _csv_rows(csv_path: str) -> list[tuple[str, str | None, str]]:
     return rows
 
 
+def _load_tensorflow():
+    """Imports TensorFlow (in this process: main or a worker) without its load-time notices."""
+    if "tensorflow" not in sys.modules:
+        with config_files.quiet_native_stderr():
+            import tensorflow  # noqa: F401  pylint: disable=unused-import
+
+
 def _tfds_builder(name: str, data_dir: str | None):
+    _load_tensorflow()
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown name, no registry entry, ...
-        raise UsageError(f"tfds dataset {name!r} not found ({type(e).__name__}: {e})")
+        # Its message lists tfds's whole catalogue (hundreds of lines): the first line only.
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"tfds dataset {name!r} not found ({type(e).__name__}: {first}); "
+                         "give a tfds name, prepared in --data-dir") from None
     if not builder.is_prepared():
         raise UsageError(f"tfds dataset {name!r} is not prepared in "
                          f"{data_dir or tfds.core.constants.DATA_DIR!r}; prepare it there "
@@ -304,6 +340,7 @@ def _tfds_samples(name, data_dir, split, all_captions):
 # ----------------------------------------------------------------------------
 
 def _convert_shard(task: dict) -> dict:
+    _load_tensorflow()
     out = task["out"]
     stats_path = out + schema.STATS_SUFFIX
     if os.path.exists(out):  # finished by an earlier run
@@ -358,8 +395,13 @@ def make_tasks(kind: str, inputs: str, output: str, num_shards: int | None = Non
     """One task dict per output shard (picklable, for worker processes)."""
     if kind == "webdataset":
         tars = expand_inputs(inputs)
-        if not tars:
+        local = [t for t in tars if "://" not in t]
+        if not tars or (len(local) == len(tars) and not any(os.path.exists(t) for t in tars)):
             raise UsageError(f"no input matches {inputs!r}")
+        missing = [t for t in local if not os.path.exists(t)]
+        if missing:
+            print(f"warning: {len(missing)} of {len(tars)} inputs do not exist (counted as "
+                  f"unreadable_input), e.g. {missing[0]}", file=sys.stderr)
         n = num_shards or len(tars)
         chunks = _split_evenly(tars, n)
     elif kind == "csv":
@@ -375,7 +417,9 @@ def make_tasks(kind: str, inputs: str, output: str, num_shards: int | None = Non
         chunks = tfds.even_splits(split, n=n)
     else:
         raise UsageError(f"unknown source {kind!r}")
-    os.makedirs(output, exist_ok=True)
+    problem = config_checks.workdir_problem(output, "--output")
+    if problem:
+        raise UsageError(problem)
     return [dict(kind=kind, inputs=c, out=os.path.join(output, schema.shard_name(i, n, out_split)),
                  name=inputs, data_dir=data_dir, all_captions=all_captions, tokenize=tokenize)
             for i, c in enumerate(chunks)]
@@ -401,21 +445,22 @@ def run(tasks: list[dict], workers: int = 1) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tcl_jax.data.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _ArgumentParser(prog="python -m tcl_jax.data.convert", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=["webdataset", "csv", "tfds"])
     p.add_argument("input", help="tar pattern / CSV path / tfds dataset name")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--num-shards", type=int, default=None,
+    p.add_argument("--num-shards", type=_at_least_one, default=None,
                    help="output shards (default: one per tar; one per 10k pairs otherwise)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    p.add_argument("--workers", type=_at_least_one, default=max(1, (os.cpu_count() or 1)),
+                   help="worker processes (default: one per CPU)")
     p.add_argument("--data-dir", default=None, help="tfds data_dir")
     p.add_argument("--split", default="train", help="tfds split to read")
     p.add_argument("--all-captions", action="store_true", help="tfds: one record per caption")
     p.add_argument("--tokenize", action="store_true",
                    help="also store CLIP token ids (optional 'tokens' feature)")
     args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # inherited by spawned workers
+    config_files.quiet_startup()  # inherited by spawned workers
     try:
         tasks = make_tasks(args.source, args.input, args.output, args.num_shards,
                            data_dir=args.data_dir, split=args.split,
