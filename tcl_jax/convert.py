@@ -634,11 +634,13 @@ def load_safetensors(path):
     key = "/".join(names)
     if key not in tensors:
       problems.append(f"missing tensor {key}")
-    elif tensors[key].shape != leaf.shape or tensors[key].dtype != leaf.dtype:
-      problems.append(f"tensor {key} is {tensors[key].dtype}{list(tensors[key].shape)}, the config "
-                      f"implies {leaf.dtype}{list(leaf.shape)}")
+      continue
+    arr = tensors.pop(key)
+    if arr.shape != leaf.shape or arr.dtype != leaf.dtype:
+      problems.append(f"tensor {key} is {arr.dtype}{list(arr.shape)}, the config implies "
+                      f"{leaf.dtype}{list(leaf.shape)}")
     else:
-      flat[names] = tensors.pop(key)
+      flat[names] = arr
   problems += [f"unexpected tensor {k}" for k in sorted(tensors)]
   if problems:
     raise ConversionError(f"{path} does not match its own config: {len(problems)} problem(s): "
