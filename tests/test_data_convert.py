@@ -167,3 +167,76 @@ def test_cli_usage_mistakes_end_in_one_line_with_status_2(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, r.stderr
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def _cli(*argv):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "tcl_jax.data.convert", *argv],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(r):
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_cli_argparse_mistakes_are_one_line_and_help_still_works(tmp_path):
+    # Was: argparse's 5-6 line usage block.
+    prog = "python -m tcl_jax.data.convert"
+    assert _one_error_line(_cli("csv", "x.csv")) == (
+        f"error: the following arguments are required: --output (see: {prog} --help)")
+    assert _one_error_line(_cli("parquet", "x", "--output", str(tmp_path))) == (
+        "error: argument source: invalid choice: 'parquet' (choose from 'webdataset', 'csv', "
+        f"'tfds') (see: {prog} --help)")
+    for value, why in (("0", "must be >= 1, got 0"),
+                       ("ten", "expected a whole number >= 1, got 'ten'")):
+        assert _one_error_line(_cli("csv", "x.csv", "--output", str(tmp_path), "--num-shards",
+                                    value)) == (
+            f"error: argument --num-shards: {why} (see: {prog} --help)")
+    r = _cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {prog}")
+
+
+def test_cli_webdataset_braces_matching_no_file(tmp_path):
+    # Was: exit 0 and four empty shards, "unreadable_input": 4 naming nothing.
+    pattern = str(tmp_path / "{00000..00003}.tar")
+    out = tmp_path / "out"
+    assert _one_error_line(_cli("webdataset", pattern, "--output", str(out))) == (
+        f"error: no input matches {pattern!r}")
+    assert not out.exists()
+
+
+def test_cli_unknown_tfds_dataset_is_one_line(tmp_path):
+    # Was: the whole tfds catalogue (462 lines).
+    line = _one_error_line(_cli("tfds", "no_such_dataset", "--output", str(tmp_path / "o")))
+    assert line == ("error: tfds dataset 'no_such_dataset' not found (DatasetNotFoundError: "
+                    "Dataset no_such_dataset not found.); give a tfds name, prepared in --data-dir")
+
+
+def test_cli_read_only_output(tmp_path):
+    # Was: a traceback. Root ignores permissions: chattr +i makes the directory read-only.
+    import shutil
+    import subprocess
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "0.png").write_bytes(_img("PNG", 0))
+    (tmp_path / "pairs.csv").write_text("filepath,caption\nimgs/0.png,a picture\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(ro)]).returncode:
+            pytest.skip("running as root without chattr +i: no directory is read-only")
+    else:
+        ro.chmod(0o555)
+    try:
+        for out in (ro, ro / "sub"):
+            line = _one_error_line(_cli("csv", str(tmp_path / "pairs.csv"), "--output", str(out)))
+            assert line.startswith(f"error: --output={out} is not writable ("), line
+            assert line.endswith("); give a directory you can write to")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
+        ro.chmod(0o755)
