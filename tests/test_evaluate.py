@@ -199,7 +199,7 @@ def test_slide_inference_image_smaller_than_crop():
 
 
 def test_slide_inference_rejects_wrong_mask_shape():
-  with pytest.raises(ValueError, match="mask_fn returned"):
+  with pytest.raises(ValueError, match="window function returned"):
     slide_scores(np.zeros((4, 4, 3), np.float32),
                        lambda w: np.zeros((len(w), 2, 3, 3), np.float32), 2, 4, 2)
 

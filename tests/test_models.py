@@ -13,6 +13,7 @@ from tcl_jax import losses
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import resize
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.models import tcl_inference
 
 # Outputs of torch 2.13 F.interpolate on fixed random inputs (generated once, stored as data).
 TORCH = np.load(os.path.join(os.path.dirname(__file__), "data", "torch_interpolate.npz"))
@@ -77,7 +78,7 @@ def test_image_smaller_than_patch_is_a_clear_error():
   with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
     clip_lib.encode_image(params["clip"], cfg.clip, jnp.zeros((1, 15, 40, 3)))
   with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
-    tcl_lib.generate_masks(params, cfg, jnp.zeros((1, 40, 8, 3)), jnp.ones((2, 64)))
+    tcl_inference.generate_masks(params, cfg, jnp.zeros((1, 40, 8, 3)), jnp.ones((2, 64)))
 
 
 def test_bad_config_values_are_rejected():
@@ -140,16 +141,16 @@ def test_extended_info_nce_reduces_to_info_nce_for_identical_pooling():
 def test_pamr_keeps_constant_masks_and_smooths_noise():
   img = jnp.zeros((1, 3, 20, 20)).at[:, :, :, 10:].set(1.0)  # two flat regions
   const = jnp.full((1, 2, 20, 20), 0.3)
-  np.testing.assert_allclose(np.asarray(tcl_lib.pamr(img, const)), 0.3, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(tcl_inference.pamr(img, const)), 0.3, atol=1e-6)
   noisy = jax.random.uniform(jax.random.key(0), (1, 1, 20, 20))
-  out = tcl_lib.pamr(img, noisy)
+  out = tcl_inference.pamr(img, noisy)
   assert float(out[..., :10].std()) < 0.5 * float(noisy[..., :10].std())
 
 
 def test_compute_padsize_matches_original_split():
-  assert tcl_lib.compute_padsize(100, 130, 16) == (7, 7, 6, 6)
-  assert tcl_lib.compute_padsize(96, 97, 16) == (7, 8, 0, 0)
-  assert tcl_lib.compute_padsize(32, 48, 16) == (0, 0, 0, 0)
+  assert clip_lib.compute_padsize(100, 130, 16) == (7, 7, 6, 6)
+  assert clip_lib.compute_padsize(96, 97, 16) == (7, 8, 0, 0)
+  assert clip_lib.compute_padsize(32, 48, 16) == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("k,hw", [(3, (5, 7)), (5, (4, 6)), (1, (3, 3))])

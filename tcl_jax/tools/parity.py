@@ -85,6 +85,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   from tcl_jax import convert
   from tcl_jax.models import clip as clip_lib
   from tcl_jax.models import tcl as tcl_lib
+  from tcl_jax.models import tcl_inference
 
   meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
   ref = dict(np.load(os.path.join(fixture_dir, "fixture.npz")))
@@ -111,8 +112,8 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   computed["clip_image_emb"] = (emb, clip_lib.encode_image(params["clip"], cfg.clip, images, dt))
   computed["clip_text_emb"] = (emb, clip_lib.encode_text(
       params["clip"], cfg.clip, jnp.asarray(ref["text_tokens"], jnp.int32), dt))
-  computed["class_text_emb"] = (emb, tcl_lib.build_text_embedding(params, cfg, class_tokens,
-                                                                   dtype=dt))
+  computed["class_text_emb"] = (emb, tcl_inference.build_text_embedding(params, cfg, class_tokens,
+                                                                        dtype=dt))
 
   # Objective and gradients, replaying the recorded Gumbel noise.
   tokens = jnp.asarray(ref["text_tokens"], jnp.int32)
@@ -133,10 +134,11 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   # Mask inference in each recorded setting, from the fixture's class embeddings.
   seg = nhwc(ref["seg_image"])
   text_emb = jnp.asarray(ref["class_text_emb"])
+  jit_masks = jax.jit(tcl_inference.generate_masks, static_argnums=(1,),
+                      static_argnames=("apply_pamr", "kp_w", "dtype"))
   for tag, s in meta.get("generate_masks_settings", {}).items():
-    masks, simmap = tcl_lib.jit_generate_masks(params, cfg, seg, text_emb,
-                                               apply_pamr=bool(s["apply_pamr"]), kp_w=float(s["kp_w"]),
-                                               dtype=dt)
+    masks, simmap = jit_masks(params, cfg, seg, text_emb, apply_pamr=bool(s["apply_pamr"]),
+                              kp_w=float(s["kp_w"]), dtype=dt)
     computed[f"masks_{tag}"] = ("masks" if bf16 else "max_abs", masks)
     computed[f"simmap_{tag}"] = ("max_abs", simmap)
 
