@@ -1,6 +1,8 @@
 """Conversion of PyTorch checkpoints (official TCL layout, OpenAI CLIP plain and TorchScript)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +294,98 @@ def test_random_params_survive_save_and_load(tmp_path):
   la, lb = _leaves(params), _leaves(p2)
   for k in la:
     np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "tcl_jax.convert", *map(str, args)],
+                        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def _main(capsys, *args):
+  """convert.main in this process (no jax start-up per call): a CompletedProcess-like result."""
+  capsys.readouterr()
+  try:
+    rc = convert.main([str(a) for a in args])
+  except SystemExit as e:  # argparse's exit
+    rc = e.code
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(args, rc, out, err)
+
+
+def _one_error_line(r) -> str:
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+  assert "Traceback" not in r.stderr and r.stdout == ""
+  return lines[0]
+
+
+@needs_fixture
+def test_cli_heads_are_checked_against_the_width_and_reported(tmp_path, capsys):
+  # The text tower is 64 wide: 3 heads do not divide it.
+  line = _one_error_line(_cli(FIXTURE / "clip_openai.pt", "--text_heads", "3",
+                              "--output", tmp_path / "a"))
+  assert line.startswith("error: --text_heads 3 does not divide the text tower's width 64"), line
+  assert not (tmp_path / "a").exists()
+  with pytest.raises(convert.ConversionError, match="--vision_heads 5 does not divide"):
+    convert.load_torch(FIXTURE / "clip_openai.pt", vision_heads=5)
+  # Heads are not in tensor shapes: the summary says which were given and which were assumed.
+  r = _main(capsys, FIXTURE / "tcl_reference.pth", "--text_heads", "2", "--output", tmp_path / "b")
+  assert r.returncode == 0, r.stderr
+  assert ("heads: vision 2 (assumed width // 64: heads are not stored in PyTorch files; pass "
+          "--vision_heads if the model has others), text 2 (given)") in r.stdout, r.stdout
+
+
+def test_cli_usage_errors_are_one_line_and_help_works(tmp_path, capsys):
+  line = _one_error_line(_cli())
+  assert line == ("error: the following arguments are required: src, --output "
+                  "(see python -m tcl_jax.convert --help)"), line
+  for args in (("--output", tmp_path / "o"), ("x.pt", "--output", tmp_path / "o", "--nope"),
+               ("x.pt", "--output", tmp_path / "o", "--text_heads", "two"),
+               ("x.pt", "--output", tmp_path / "o", "--text_heads", "0")):
+    line = _one_error_line(_main(capsys, *args))
+    assert line.endswith("(see python -m tcl_jax.convert --help)"), line
+  r = _main(capsys, "--help")
+  assert r.returncode == 0 and "--text_heads" in r.stdout and "--overwrite" in r.stdout
+
+
+def test_cli_directories_as_source_or_output_are_one_line(tmp_path, capsys):
+  cfg = tcl_lib.tiny_config()
+  shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  convert.save_checkpoint(tmp_path / "done", cfg, params)
+  (tmp_path / "plain").mkdir()
+  line = _one_error_line(_main(capsys, tmp_path / "done", "--output", tmp_path / "new"))
+  assert f"{tmp_path / 'done'} is already a converted tcl_jax checkpoint" in line, line
+  line = _one_error_line(_main(capsys, tmp_path / "plain", "--output", tmp_path / "new"))
+  assert f"{tmp_path / 'plain'} is a directory, but not a transformers CLIP directory" in line, line
+  line = _one_error_line(_main(capsys, tmp_path / "x.pt", "--output", tmp_path / "done"))
+  assert f"--output {tmp_path / 'done'} already holds a converted checkpoint; pass --overwrite" \
+      in line, line
+  assert not (tmp_path / "new").exists()
+
+
+def test_damaged_converted_checkpoint_is_one_line(tmp_path):
+  cfg = tcl_lib.tiny_config()
+  shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+  params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+  ckpt = tmp_path / "ckpt"
+  convert.save_checkpoint(ckpt, cfg, params)
+  # The largest data file under params/ (the token embedding's chunk), removed.
+  data = max((p for p in (ckpt / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data.unlink()
+  with pytest.raises(ValueError) as e:
+    convert.load_any(str(ckpt))
+  msg = str(e.value)
+  assert msg.startswith(f"the checkpoint {ckpt} is damaged: its params/ cannot be read (") and \
+      "\n" not in msg, msg
+  (ckpt / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    convert.load_checkpoint(ckpt)
+  # The demo CLI prints it as its one line.
+  shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt2")
+  (tmp_path / "ckpt2" / "config.json").write_text(json.dumps(cfg.to_dict()))
+  r = subprocess.run([sys.executable, "-m", "tcl_jax.demo", "--checkpoint", str(tmp_path / "ckpt2"),
+                      "--image", "sample", "--classes", "a, b", "--output", str(tmp_path / "o.png")],
+                     capture_output=True, text=True)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      r.stderr.strip()] and "is damaged: its params/ cannot be read" in r.stderr, r.stderr[-3000:]
