@@ -155,7 +155,7 @@ def main(argv=None):
     return 2
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import einops  # pylint: disable=g-import-not-at-top,unused-import
+    import einops  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     print(f"error: timing the original needs torch and einops ({e})", file=sys.stderr)
     return 1

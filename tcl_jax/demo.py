@@ -143,7 +143,6 @@ def parse_classes(text: str) -> list:
 def load_model(checkpoint: str, clip: Optional[str] = None):
   """(cfg, params) from a converted directory, a training workdir or a PyTorch file; `clip`
   (OpenAI's ViT-B-16.pt) completes a minimal release tcl.pth. Raises ValueError / OSError."""
-  from tcl_jax import convert
   if clip:
     return convert.load_any(checkpoint, clip=clip)
   return convert.load_any(checkpoint)

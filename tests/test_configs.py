@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config_module
+from tcl_jax import train_inputs
 from tcl_jax.models import tcl as tcl_lib
 
 
@@ -60,12 +61,11 @@ def test_smoke_is_the_recipe_on_in_memory_batches(tmp_path):
   """configs/tcl.py:smoke: the recipe's model, image size and per-device batch, with batches made
   in memory (no data files or weights read; nothing written)."""
   from tcl_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
   recipe, c = load_config_module("tcl").get_config(), load_config_module("tcl").get_config("smoke")
   assert c.model == recipe.model and c.input.image_size == recipe.input.image_size == 224
   assert c.batch_size == recipe.batch_size // 16 == 64  # per V100 in the paper
   assert c.init_checkpoint == "" and c.evals.tasks == "" and c.total_steps == 2
-  it = train.make_train_iterator(c, str(tmp_path))
+  it = train_inputs.make_train_iterator(c, str(tmp_path))
   first = next(it)
   assert first["image"].shape == (64, 224, 224, 3) and first["image"].dtype == "float32"
   assert first["text_tokens"].shape == (64, 77) and first["text_tokens"].dtype == "int32"

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config_module
-from tcl_jax import seg_data
+from tcl_jax import kinds
+from tcl_jax.data import synthetic_segmentation
+from tcl_jax.zeroshot import datasets as seg_data
 from tcl_jax.data import synthetic
 
 
@@ -77,7 +79,7 @@ def test_world_is_deterministic_in_the_seed():
 
 def test_segmentation_set_reads_back_as_the_scenes(tmp_path):
   root = str(tmp_path)
-  seg_data.write_synthetic_segmentation(root, "shapes", num_images=5, seed=2)
+  synthetic_segmentation.write_synthetic_segmentation(root, "shapes", num_images=5, seed=2)
   ds = seg_data.SegDataset("shapes", root)
   assert ds.spec.classes == synthetic.CLASSES and ds.spec.with_bg
   assert ds.spec.text_classes[0] == "red circle"
@@ -105,10 +107,9 @@ def _numpy_symmetric_info_nce(img, txt, scale):
 
 def test_clip_kind_loss_is_symmetric_info_nce():
   from tcl_jax import tokenizer
-  from tcl_jax import train
   from tcl_jax.models import clip as clip_lib
   config = load_config_module("miniature_clip").get_config()
-  model = train.build_model(config)
+  model = kinds.build_model(config)
   params = model.init(jax.random.key(1))
   images = jax.random.normal(jax.random.key(2), (4, 96, 96, 3))
   tokens = tokenizer.tokenize([synthetic.scene(0, 0, i)[3] for i in range(4)])
@@ -128,7 +129,7 @@ def test_clip_kind_trains_every_parameter_through_the_loop(tmp_path):
   config.synthetic.num_train_examples = 32
   config.synthetic.num_shards = 2
   config.input.options.shuffle_buffer = 32
-  model = train.build_model(config)
+  model = kinds.build_model(config)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   before = jax.device_get(model.init(init_rng))
   state, history = train.train_and_evaluate(config, str(tmp_path), model=model)

@@ -15,10 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tcl_jax import train_step as step_lib
+from tcl_jax import kinds
 from tcl_jax import checkpointing
 from tcl_jax import convert
 from tcl_jax import optim
-from tcl_jax import train
 
 from conftest import load_config_module
 
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 @pytest.fixture(scope="module")
 def model():
   config = _config()
-  m = train.build_model(config)
+  m = kinds.build_model(config)
   params = jax.device_get(m.init(jax.random.key(0)))
   return m.cfg, params
 
@@ -237,13 +238,13 @@ def test_resume_in_the_middle_of_ust_continues_exactly(model, tmp_path):
   straight_p, straight_s = _run_ours(tx, params, seq)
 
   p2, s2 = _run_ours(tx, params, seq[:2])
-  state = train.TrainState(step=jnp.asarray(2, jnp.int32), params=p2, opt_state=s2,
+  state = step_lib.TrainState(step=jnp.asarray(2, jnp.int32), params=p2, opt_state=s2,
                            rng=jax.random.key(0))
   config.checkpoint.async_save = False
   mngr = checkpointing.create_checkpoint_manager(str(tmp_path), config.checkpoint)
   checkpointing.save(mngr, 2, state, {})
   mngr.wait_until_finished()
-  abstract = jax.eval_shape(lambda: train.create_train_state(params, jax.random.key(1), tx))
+  abstract = jax.eval_shape(lambda: step_lib.create_train_state(params, jax.random.key(1), tx))
   restored, _ = checkpointing.restore(mngr, 2, abstract)
   assert int(restored.step) == 2
   resumed_p, resumed_s = _run_ours(tx, restored.params, seq[2:], opt_state=restored.opt_state)

@@ -9,7 +9,6 @@ PAMR, resize to the padded image, crop."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib

@@ -7,7 +7,7 @@ gradient norm), plus every trained tensor before step 0 and after step K-1.
 
 The replay is not a re-implementation: the optimizer comes from `tcl_jax.optim.make_optimizer`
 (built from a config whose `optim` fields take the fixture's `train` values), the step is
-`tcl_jax.train.make_jit_train_step` with the training state, shardings and donation, and the model
+`tcl_jax.step_lib.make_jit_train_step` with the training state, shardings and donation, and the model
 is `tcl_jax.train.build_model`. The one replay-only input is the batch's optional
 "gumbel_uniform" entry, which hands the step the recorded noise instead of drawing it.
 """
@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from tcl_jax import train_step as step_lib
+from tcl_jax import kinds
 from tcl_jax.tools import fixture
 
 # The fixture README's tolerances for a faithful float32 port; bfloat16 compute is held to the
@@ -81,18 +83,16 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   """
   import functools
   import jax
-  import jax.numpy as jnp
   from tcl_jax import convert
   from tcl_jax import optim
   from tcl_jax import sharding
-  from tcl_jax import train
 
   fixture_meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
   traj_meta = json.load(open(os.path.join(fixture_dir, "trajectory.json")))
   ref = np.load(os.path.join(fixture_dir, "trajectory.npz"))
   cfg, params = fixture.load_fixture_model(fixture_dir, fixture_meta)
   config = replay_config(fixture_meta, traj_meta, cfg, dtype)
-  model = train.build_model(config)
+  model = kinds.build_model(config)
   init_params = convert.to_torch_state_dict(cfg, params)
 
   # The same wiring as train.train_and_evaluate: optimizer, labels, mesh, state shardings, the
@@ -107,7 +107,7 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   mesh = sharding.make_mesh(config.mesh, devices)
   batch_sharding = sharding.data_sharding(mesh)
   repl = sharding.repl_sharding(mesh)
-  create = functools.partial(train.create_train_state, tx=tx)
+  create = functools.partial(step_lib.create_train_state, tx=tx)
   rng = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(create, params, rng)
   state_sharding = sharding.state_shardings(mesh, abstract_state, config.mesh)
@@ -115,7 +115,7 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   with jax.set_mesh(mesh):
     state = jax.jit(create, in_shardings=(state_sharding.params, repl),
                     out_shardings=state_sharding)(params, rng)
-    step_fn = train.make_jit_train_step(
+    step_fn = step_lib.make_jit_train_step(
         model=model, tx=tx, labels=labels, schedule=schedule, config=config,
         state_sharding=state_sharding, batch_sharding=batch_sharding, repl=repl)
     for k in range(int(traj_meta["steps"])):

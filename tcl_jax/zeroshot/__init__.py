@@ -17,3 +17,6 @@ from tcl_jax.zeroshot.pipeline import predict
 from tcl_jax.zeroshot.pipeline import Prediction
 from tcl_jax.zeroshot.pipeline import Protocol
 from tcl_jax.zeroshot.prompts import class_text_embedding
+
+__all__ = ["Prediction", "Protocol", "class_text_embedding", "evaluate_dataset", "evaluate_tasks",
+           "make_window_fn", "open_datasets", "predict"]
