@@ -531,3 +531,86 @@ def test_mask_fn_splits_windows_over_devices_with_the_same_result():
   want, _ = tcl_inference.generate_masks(params, cfg, jnp.asarray(windows), text_emb, kp_w=0.3)
   assert got.shape == (3, 3, 40, 56)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+
+
+# Informative predictions: a VOC-layout dataset whose grey level encodes, per 16 x 16 block, a code
+# that a window function decodes into a prediction. Most codes predict their own class; a few are
+# controlled errors (CONFUSED). The per-class IoUs then follow from counting blocks by hand.
+BLOCK = 16
+CONFUSED = {18: 5, 19: 0, 20: 3}  # code -> predicted class: bg read as 5, 5 missed, 2 read as 3
+_LABELS = [np.array([[0, 0, 1, 1, 2, 2],
+                     [0, 0, 1, 1, 2, 2],
+                     [3, 3, 3, 0, 0, 0],
+                     [3, 3, 3, 0, 0, 0]]),
+           np.array([[5, 5, 5, 0, 0, 0],
+                     [5, 5, 5, 0, 1, 1],
+                     [0, 0, 0, 0, 1, 1],
+                     [2, 2, 0, 0, 0, 0]])]
+_CODES = [np.where(np.isin(np.arange(24).reshape(4, 6), [11]), 20,  # (1, 5): a 2 read as 3
+                   np.where(np.isin(np.arange(24).reshape(4, 6), [23]), 18, _LABELS[0])),  # bg as 5
+          np.where(np.isin(np.arange(24).reshape(4, 6), [0]), 19,  # (0, 0): a 5 missed
+                   np.where(np.isin(np.arange(24).reshape(4, 6), [19]), 20, _LABELS[1]))]  # 2 as 3
+
+
+def _grey(code):
+  return 8 + 12 * code  # 12 grey levels apart: JPEG (quality 100, flat 16 x 16 blocks) keeps it
+
+
+def _write_coded_voc(root):
+  base = os.path.join(root, "VOCdevkit", "VOC2012")
+  for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+    os.makedirs(os.path.join(base, d), exist_ok=True)
+  ids = []
+  for i, (label, code) in enumerate(zip(_LABELS, _CODES)):
+    stem = f"2007_{i + 1:06d}"
+    ids.append(stem)
+    up = lambda a: np.kron(a, np.ones((BLOCK, BLOCK), np.int64)).astype(np.uint8)
+    grey = up(_grey(code))
+    cv2.imwrite(os.path.join(base, "JPEGImages", stem + ".jpg"),
+                np.repeat(grey[..., None], 3, -1), [cv2.IMWRITE_JPEG_QUALITY, 100])
+    Image.fromarray(up(label)).save(os.path.join(base, "SegmentationClass", stem + ".png"))
+  with open(os.path.join(base, "ImageSets/Segmentation/val.txt"), "w") as f:
+    f.write("".join(s + "\n" for s in ids))
+
+
+def _decoding_masks(windows):
+  """[k, 20, h, w]: 0.9 for the class a pixel's code predicts, 0.1 elsewhere (all 0.1: below the
+  background threshold 0.5, i.e. background)."""
+  x = np.asarray(windows, np.float32)[..., 0]
+  grey = x * pipeline.IMAGE_STD_255[0] + pipeline.IMAGE_MEAN_255[0]  # channel 0 (R = G = B)
+  code = np.clip(np.rint((grey - 8) / 12).astype(np.int64), 0, 20)
+  pred = code.copy()
+  for c, p in CONFUSED.items():
+    pred[code == c] = p
+  out = np.full(x.shape[:1] + (20,) + x.shape[1:], 0.1, np.float32)
+  for c in range(1, 21):
+    out[:, c - 1][pred == c] = 0.9
+  return out
+
+
+def test_evaluate_dataset_informative_predictions_hand_iou(tmp_path):
+  root = str(tmp_path)
+  _write_coded_voc(root)
+  # Images 64 x 96 at img_scale (96, 64): no resize; overlapping 48-pixel windows all see the
+  # same per-pixel outputs, so each pixel's prediction is its code's.
+  opts = pipeline.Protocol(img_scale=(96, 64), crop=48, stride=32, batch=2, bg_thresh=0.5)
+  res = evaluator.evaluate_dataset(sd.SegDataset("voc", root), _decoding_masks, opts,
+                                   progress=False)
+  # By hand, in 16 x 16 blocks (label / predicted / both):
+  #   background 22 / 22 / 21 -> 21/23;  1: 8 / 8 / 8 -> 1;  2: 6 / 4 / 4 -> 4/6;
+  #   3: 6 / 8 / 6 -> 6/8;  5: 6 / 6 / 5 -> 5/7;  the 16 other classes are absent (None).
+  want = {"background": 21 / 23, "aeroplane": 1.0, "bicycle": 4 / 6, "bird": 6 / 8,
+          "bottle": 5 / 7}
+  iou = res["per_class_iou"]
+  assert sorted(k for k, v in iou.items() if v is not None) == sorted(want)
+  for name, v in want.items():
+    assert iou[name] == pytest.approx(100 * v, abs=1e-9), name
+  # The mean over the 5 present classes, 80.88 (counting the absent 16 as 0 would give 19.26).
+  assert res["miou"] == round(100 * np.mean(list(want.values())), 2) == 80.88
+  assert (res["num_images"], res["num_skipped"]) == (2, 0)
+  # The hand counts are the blocks' counts (guards the table above against typos).
+  lab = np.concatenate([l.ravel() for l in _LABELS])
+  pred = np.concatenate([np.vectorize(lambda c: CONFUSED.get(c, c))(c).ravel() for c in _CODES])
+  for c, v in zip((0, 1, 2, 3, 5), want.values()):
+    inter = np.sum((lab == c) & (pred == c))
+    assert inter / (np.sum(lab == c) + np.sum(pred == c) - inter) == pytest.approx(v)
