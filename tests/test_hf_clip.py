@@ -32,6 +32,8 @@ TCL = SHARED / "tcl_tiny"
 needs_hf = pytest.mark.skipif(
     not HF.is_dir(), reason="../shared/fixtures/hf_clip_tiny not present (clone without the shared "
                             "fixtures)")
+# Tiny models: compile time dominates, XLA's heavy passes are not what these tests check.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 needs_tcl = pytest.mark.skipif(
     not TCL.is_dir(), reason="../shared/fixtures/tcl_tiny not present (clone without the shared "
                              "fixtures)")
@@ -61,8 +63,9 @@ def _normalised(x):
 
 
 def _run(*args, env=None):
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), timeout=300)
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, HF_HUB_OFFLINE="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+                                 **(env or {})))
 
 
 def _one_line(r, status=2) -> str:
