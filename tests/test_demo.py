@@ -51,6 +51,33 @@ def test_labels_are_the_evaluation_labels(model):
   assert seg.note() is None and abs(sum(seg.shares().values()) - 100.0) < 1e-9
 
 
+def test_score_and_similarity_maps_per_class_are_the_evaluations(model):
+  # 3 classes are padded to 4 inside the Segmenter (a copy of the first); the evaluation's own
+  # path here runs the 3 unpadded. Each class's window-averaged soft mask and similarity map
+  # must be the evaluation's, whatever the padding.
+  cfg, params = model
+  img, classes = _image(50, 70, 3), ["dog", "sky", "tree"]
+  protocol = zeroshot.Protocol(**SMALL, pamr=False, kp_w=0.3, bg_thresh=0.2)
+  seg = demo.Segmenter(params, cfg, protocol=protocol)(img, classes, pamr=False, kp_w=0.3,
+                                                       bg_thresh=0.2)
+  zs_model = kinds.zero_shot_model(cfg)
+  emb = zeroshot.class_text_embedding(zs_model, params, classes)
+  window_fn = zeroshot.make_window_fn(zs_model, params, emb, protocol, simmaps=True)
+  ref = zeroshot.predict(img[..., ::-1].copy(), window_fn, 3, protocol, background=True,
+                         num_maps=6)
+  scores, simmaps = np.asarray(ref.maps[:3]), np.asarray(ref.maps[3:6])
+  assert seg.scores.shape == seg.simmaps.shape == scores.shape == (3, 50, 70)
+  for i, name in enumerate(classes):
+    np.testing.assert_allclose(seg.scores[i], scores[i], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(seg.simmaps[i], simmaps[i], atol=1e-5, err_msg=name)
+  # The maps tell the classes apart (a shifted slice would not go unnoticed): every two classes'
+  # maps differ far more than the tolerance, and a similarity map is not a soft mask.
+  for i in range(3):
+    for j in range(i):
+      assert np.abs(simmaps[i] - simmaps[j]).max() > 1e-2
+    assert np.abs(simmaps[i] - scores[i]).max() > 1e-1
+
+
 def test_background_threshold_and_note(model):
   cfg, params = model
   s = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
