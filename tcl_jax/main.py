@@ -64,6 +64,7 @@ def main(argv):
   sharding.maybe_initialize_distributed(config.get("distributed"))
 
   import jax  # pylint: disable=g-import-not-at-top
+  from tcl_jax import preemption  # pylint: disable=g-import-not-at-top
   from tcl_jax import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
@@ -73,6 +74,11 @@ def main(argv):
       miniature.run(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)
+  except preemption.Interrupted as e:  # Ctrl-C: saved; one line, the shell's status for SIGINT
+    print(f"stopped: {e}", flush=True)
+    raise SystemExit(130) from None
+  except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the steps since the last one
+    raise SystemExit("error: aborted (second Ctrl-C); the last checkpoint is kept") from None
   except (train.NonFiniteLossError, ValueError, OSError) as e:
     # Bad config values, missing files, unusable checkpoints, a NaN: one line, exit status 1
     # (the traceback with --verbosity=1).

@@ -141,3 +141,31 @@ def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):
   assert rc == 0, text[-3000:]
   assert "Preempted while waiting for input data: stopped at step 0." in text, text[-3000:]
   assert took < 20, took
+
+
+def test_ctrl_c_checkpoints_says_so_in_one_line_and_exits_130(tmp_path):
+  workdir, log = tmp_path / "wd", tmp_path / "run.log"
+  proc, fh = _start(workdir, log, "--config.total_steps=10000")
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      if max(_logged_steps(log), default=0) >= 3:
+        break
+      time.sleep(0.5)
+    assert proc.poll() is None, open(log).read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    fh.close()
+  text = open(log).read()
+  assert rc == 130, text[-3000:]
+  assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+  stopped = max(_logged_steps(log))
+  assert stopped >= 3
+  ckpts = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert ckpts == [stopped]  # the steps done are saved: a rerun resumes there
+  lines = [ln for ln in text.splitlines() if ln.startswith("stopped: ")]
+  assert lines == [f"stopped: interrupted (Ctrl-C) at step {stopped}; the checkpoint is in "
+                   f"{workdir / 'checkpoints'}: rerun the same command to resume"], text[-2000:]
