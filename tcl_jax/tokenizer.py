@@ -6,7 +6,7 @@ The BPE itself runs in the HF ``tokenizers`` library (Rust, batched); only the
 text clean-up is done in Python, because it has to reproduce the original's
 Python semantics exactly:
 
-1. ``ftfy.fix_text`` (if ``ftfy`` is installed, see below),
+1. ``ftfy.fix_text`` (``ftfy`` is required, see below),
 2. ``html.unescape`` applied twice, ``strip()``,
 3. every run of ``\\s`` (the ``regex`` module's definition, i.e. Unicode
    White_Space) collapsed to one space, ``strip()``,
@@ -25,9 +25,9 @@ printable ASCII text without ``&`` (the vast majority of captions), which is
 therefore fast-pathed around it. On other text it matters (curly quotes become
 ``'``, ligatures / full-width forms are folded, text is NFC-normalised, HTML
 entities are unescaped until stable, control characters removed, mojibake
-fixed), so ``ftfy`` is a requirement. If it is not importable the step is
-skipped with a warning; ids then differ from the original only for text
-that ftfy would have changed.
+fixed), so ``ftfy`` is a requirement (pinned in requirements.txt): without it,
+building a tokenizer raises ImportError (the module itself still imports, so
+code that never tokenizes, e.g. ``tcl_jax.bench``, does not need it).
 
 Literal ``<|startoftext|>`` / ``<|endoftext|>`` inside a caption become the
 special ids exactly where the original's regex would isolate them (rare; such
@@ -42,7 +42,6 @@ import html
 import itertools
 import operator
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -98,7 +97,10 @@ _WHITESPACE_RE = re.compile(
     "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+"
 )
 
-_warned_no_ftfy = False
+FTFY_MISSING = ("ftfy is not installed, and CLIP's tokenization needs it (the original applies "
+                "ftfy.fix_text to every text; without it ids differ for non-ASCII, HTML-escaped "
+                "or control-character text): pip install ftfy (requirements.txt pins "
+                "ftfy==6.3.1)")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -153,33 +155,22 @@ class ClipTokenizer:
     Args:
         context_length: length of every output row (77 for all CLIP models).
         bpe_path: gzip'd BPE merges file (defaults to the packaged one).
-        use_ftfy: apply ``ftfy.fix_text`` like the original. ``None`` = use it
-            when installed (warns once if not).
+        use_ftfy: apply ``ftfy.fix_text`` like the original (the default; ImportError
+            when ftfy is not installed). ``False`` skips it on purpose: ids then
+            differ from the original for text that ftfy would have changed.
     """
 
     def __init__(
         self,
         context_length: int = CONTEXT_LENGTH,
         bpe_path: str | Path = DEFAULT_BPE_PATH,
-        use_ftfy: bool | None = None,
+        use_ftfy: bool = True,
     ):
         if isinstance(context_length, bool) or operator.index(context_length) < 2:
             raise ValueError(f"context_length must be an int >= 2, got {context_length!r}")
         context_length = operator.index(context_length)
-        if use_ftfy is None:
-            use_ftfy = _ftfy_fix_text is not None
-            global _warned_no_ftfy
-            if not use_ftfy and not _warned_no_ftfy:
-                _warned_no_ftfy = True
-                warnings.warn(
-                    "ftfy is not installed: tokenization skips ftfy.fix_text and can differ "
-                    "from CLIP's for non-ASCII / HTML-escaped / control-character text "
-                    "(pip install ftfy).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        elif use_ftfy and _ftfy_fix_text is None:
-            raise ImportError("use_ftfy=True but ftfy is not installed")
+        if use_ftfy and _ftfy_fix_text is None:
+            raise ImportError(FTFY_MISSING)
         self.context_length = context_length
         self.use_ftfy = bool(use_ftfy)
         self.sot_id = SOT_ID

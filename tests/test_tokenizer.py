@@ -12,8 +12,11 @@ import html
 import json
 import random
 import string
+import subprocess
+import sys
 from pathlib import Path
 
+import ftfy
 import numpy as np
 import pytest
 
@@ -23,11 +26,6 @@ from tcl_jax.tokenizer import EOT_ID, SOT_ID, ClipTokenizer, get_tokenizer, toke
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE_DIR = SHARED / "fixtures" / "tcl_tiny"
 
-try:
-    import ftfy
-except ImportError:  # pragma: no cover
-    ftfy = None
-needs_ftfy = pytest.mark.skipif(ftfy is None, reason="ftfy not installed")
 
 
 def _fixture():
@@ -167,7 +165,24 @@ def test_regex_case_folding_quirks():
     np.testing.assert_array_equal(tokenize("a\u0345b"), tokenize("a b"))
 
 
-@needs_ftfy
+def test_missing_ftfy_is_an_error_not_a_silent_fallback():
+    # A Python where ftfy cannot be imported (sys.modules[name] = None makes `import` fail):
+    # the module imports, building a tokenizer raises, naming the pinned requirement.
+    code = ("import sys; sys.modules['ftfy'] = None\n"
+            "from tcl_jax import tokenizer\n"
+            "try:\n"
+            "    tokenizer.tokenize('caf\\u00e9')\n"
+            "except ImportError as e:\n"
+            "    print('ImportError:', e)\n"
+            "    raise SystemExit(3)\n"
+            "print('tokenized without ftfy')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "ImportError: ftfy is not installed" in r.stdout and "ftfy==6.3.1" in r.stdout
+    # Skipping it is only ever explicit.
+    assert not ClipTokenizer(use_ftfy=False).use_ftfy and ClipTokenizer().use_ftfy
+
+
 def test_ftfy_fixes():
     assert tok_mod.get_tokenizer().use_ftfy
     np.testing.assert_array_equal(tokenize("don\u2019t"), tokenize("don't"))
@@ -179,7 +194,6 @@ def test_ftfy_fixes():
     np.testing.assert_array_equal(tokenize("a\x0bb")[0], _row([49406, 3937, 49407]))  # removed
 
 
-@needs_ftfy
 def test_ascii_fast_path_is_ftfy_identity():
     # tokenizer skips ftfy for printable ASCII without '&': check that premise
     rnd = random.Random(0)
