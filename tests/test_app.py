@@ -25,7 +25,8 @@ from tcl_jax import demo
 from tcl_jax.models import tcl as tcl_lib
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
+# Only the browser tests need them; the command line's usage errors are tested everywhere.
+needs_chromium = pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
     reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
            f"apt-get install chromium chromium-driver")
@@ -136,6 +137,7 @@ def _output_image(driver, url):
     return img, np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
 
 
+@needs_chromium
 def test_segment_in_browser(server, browser, tmp_path):
   url, _, _ = server
   by = _by()
@@ -180,6 +182,7 @@ def test_segment_in_browser(server, browser, tmp_path):
   assert Image.open(shot).size[0] >= 1000
 
 
+@needs_chromium
 def test_bad_input_gets_a_message(server, browser, tmp_path):
   url, _, _ = server
   _open(browser, url)
