@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -241,3 +243,33 @@ def test_app_busy_port_and_foreign_host():
   assert line == ("error: --host 192.0.2.1: not an address of this machine (Cannot assign "
                   "requested address); use 127.0.0.1, 0.0.0.0 or one of this machine's own "
                   "addresses")
+
+
+def test_app_start_up_names_its_url_without_gradios_hints(tmp_path):
+  # Was: Gradio's "To create a public link, set `share=True` in `launch()`."
+  import jax  # pylint: disable=g-import-not-at-top
+  from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+  from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  cfg = tcl_lib.tiny_config()
+  convert.save_checkpoint(tmp_path / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  log = tmp_path / "app.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen([sys.executable, "-m", "tcl_jax.app",
+                             f"--checkpoint={tmp_path / 'ckpt'}", f"--port={port}"], stdout=f, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio")))
+  try:
+    deadline = time.time() + 180
+    while "Serving on" not in log.read_text():
+      assert proc.poll() is None and time.time() < deadline, log.read_text()
+      time.sleep(0.5)
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read()
+  finally:
+    proc.terminate()
+    proc.wait(30)
+  text = log.read_text()
+  assert f"Serving on http://127.0.0.1:{port}/ (Ctrl-C stops it)" in text
+  for hint in ("share=True", "GRADIO_SERVER_PORT", "Running on local URL", "Traceback"):
+    assert hint not in text, text
