@@ -240,3 +240,23 @@ def test_cli_read_only_output(tmp_path):
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(ro)], check=True)
         ro.chmod(0o755)
+
+
+def test_cli_workers_print_no_start_up_noise(tmp_path):
+    # Was: TensorFlow's oneDNN / CPU-feature notices, repeated by every worker process.
+    (tmp_path / "imgs").mkdir()
+    rows = ["filepath,caption"]
+    for i in range(4):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(_img("PNG", i * 40))
+        rows.append(f"imgs/{i}.png,picture {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "tcl_jax.data.convert", "csv",
+                        str(tmp_path / "pairs.csv"), "--output", str(out), "--num-shards", "2",
+                        "--workers", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [f"2 shards in {out} (0 already done)"], r.stderr
+    assert json.loads(r.stdout)["written"] == 4
