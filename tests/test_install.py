@@ -76,3 +76,21 @@ def test_fresh_venv_runs_the_readme_default_outside_the_checkout(wheel, tmp_path
   assert proc.stdout.strip().splitlines()[-1].startswith("miniature (seed 0): zero-shot mIoU")
   for name in ("miniature.json", "miniature_masks.png", "miniature_run.json"):
     assert os.path.exists(elsewhere / "tcl_synth" / name), name
+
+
+def test_notebook_colab_cell_tells_the_readmes_cuda_story():
+  # Was: the Colab cell installed jax[cuda12] while the [gpu] extra is CUDA 13. Now one rule, the
+  # README's: CUDA 13 (the extra's jax[cuda13]) on a driver >= 580, else jax[cuda12].
+  import json  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    gpu = tomllib.load(f)["project"]["optional-dependencies"]["gpu"]
+  assert any(r.startswith("jax[cuda13]") for r in gpu), gpu
+  with open(os.path.join(REPO, "notebooks", "zero_shot_demo.ipynb")) as f:
+    cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  colab = "".join(cells[0]["source"])
+  assert 'cuda = "cuda13" if driver.isdigit() and int(driver) >= 580 else "cuda12"' in colab
+  assert 'f"jax[{cuda}]=={jax_version}"' in colab and "jax[cuda12]==" not in colab
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  assert "(R580 or later); on an older driver (R525+) use" in readme
