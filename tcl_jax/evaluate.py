@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tcl_jax import checkpointing
+from tcl_jax import config_checks
 from tcl_jax import config_files
 from tcl_jax import convert
 from tcl_jax import kinds
@@ -76,6 +77,9 @@ def main(argv):
   config_files.quiet_orbax_info()
   given = {f.split(".")[0] for f in config_files.overrides(sys.argv)}
   config = config_for_checkpoint(FLAGS.config, FLAGS.checkpoint, given)
+  problem = config_checks.eval_value_problem(config)  # also the values a workdir supplied
+  if problem:
+    config_files.usage_error(problem)
   try:
     # Check every task's data before loading the model.
     tasks = zeroshot.open_datasets(config.tasks, config.data_root, config.max_images)

@@ -40,7 +40,7 @@ def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "
   scaling is switched off (`lr_scale_reference_batch=0`) and `base_lr`/`min_lr` are those rates."""
   from tcl_jax import config_files
   import ml_collections
-  configs_dir = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+  configs_dir = config_files.packaged("configs")
   common = config_files.load_module(os.path.join(configs_dir, "common.py"))
   t = traj_meta["train"]
   config = config_files.load_module(os.path.join(configs_dir, "tcl.py")).get_config()
