@@ -28,10 +28,10 @@ def prepare_synthetic_data(config, workdir: str) -> None:
     synthetic.write_synthetic_image_text(
         os.path.join(root, "train"), num_examples=syn.num_train_examples,
         image_size=syn.image_size, num_shards=syn.num_shards, seed=syn.seed)
-    eval_root = checkpointing.expand_workdir(config.evals.data_root, workdir)
     for task in [t.strip() for t in config.evals.tasks.split(",") if t.strip()]:
-      synthetic_segmentation.write_synthetic_segmentation(eval_root, task, num_images=syn.num_eval_images,
-                                            seed=syn.seed)
+      synthetic_segmentation.write_synthetic_segmentation(
+          checkpointing.expand_workdir(config.evals.data_root, workdir), task,
+          num_images=syn.num_eval_images, seed=syn.seed)
     with open(done, "w") as f:
       f.write("ok\n")
   if jax.process_count() > 1:
