@@ -7,8 +7,8 @@ gradient norm), plus every trained tensor before step 0 and after step K-1.
 
 The replay is not a re-implementation: the optimizer comes from `tcl_jax.optim.make_optimizer`
 (built from a config whose `optim` fields take the fixture's `train` values), the step is
-`tcl_jax.step_lib.make_jit_train_step` with the training state, shardings and donation, and the model
-is `tcl_jax.train.build_model`. The one replay-only input is the batch's optional
+`tcl_jax.train_step.make_jit_train_step` with the training state, shardings and donation, and the
+model is `tcl_jax.kinds.build_model`. The one replay-only input is the batch's optional
 "gumbel_uniform" entry, which hands the step the recorded noise instead of drawing it.
 """
 
