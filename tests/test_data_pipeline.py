@@ -195,19 +195,25 @@ def test_bad_data_is_named_once_with_its_file_and_key(bad_mix, caplog, monkeypat
 
 
 def test_bad_data_log_is_rate_limited(caplog):
+    import time
+
     from tcl_jax.data.input_pipeline import BadDataLog
 
     caplog.set_level("WARNING")
-    log = BadDataLog(burst=2, period=0.5)
+    # A period far longer than the few microseconds the reports below take, even on a loaded
+    # machine; the new window is then waited for on the clock the log reads, not guessed.
+    period = 3.0
+    log = BadDataLog(burst=2, period=period)
+    t0 = time.monotonic()
     for i in range(5):
         log.report("corrupt_image", "/d/x.tfrecord", f"key 'k{i}'")
     log.report("corrupt_image", "/d/x.tfrecord", "key 'k0'")  # named already: never again
+    assert time.monotonic() - t0 < period  # all six in the first window
     assert [r.getMessage() for r in caplog.records] == [
         "input: corrupt_image: /d/x.tfrecord, key 'k0'",
         "input: corrupt_image: /d/x.tfrecord, key 'k1'"]
-    import time
-
-    time.sleep(0.6)  # a new window: the next line says what the last one held back
+    while time.monotonic() < t0 + period + 0.05:  # a new window: the next line says what the
+        time.sleep(0.1)                           # last one held back
     log.report("bad_shard", "/d/y.tfrecord")
     assert caplog.records[-1].getMessage() == (
         "input: bad_shard: /d/y.tfrecord [3 more bad records/files not named: rate limit]")

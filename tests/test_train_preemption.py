@@ -92,13 +92,13 @@ def test_all_bad_data_stops_with_one_line_naming_the_file(tmp_path):
   data.mkdir()
   _bad_shard(data / "train-00000-of-00001.tfrecord")
   env = dict(os.environ, XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  t0 = time.time()
+  # An endless loop of epochs would never end: the generous timeout (start-up and compile on a
+  # loaded 2-core machine take minutes) fails it with TimeoutExpired.
   proc = subprocess.run(
       [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py",
        f"--workdir={tmp_path / 'wd'}", "--config.total_steps=5", "--config.evals.tasks=",
        "--config.synthetic.num_train_examples=16", f"--config.input.train_files=('{data}/*',)"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
-  took = time.time() - t0
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert last == (f"error: input: no usable example in a full pass over 1 file "
@@ -107,7 +107,6 @@ def test_all_bad_data_stops_with_one_line_naming_the_file(tmp_path):
   # Each bad record is named once (rate-limited: the first 10) with its file and key.
   named = re.findall(r"input: corrupt_image: (\S+), key '(bad-\d\d)'", proc.stderr)
   assert len(named) == 10 and len({k for _, k in named}) == 10, proc.stderr[-3000:]
-  assert took < 120, took  # one pass over 16 records, not an endless loop of epochs
 
 
 def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):
@@ -130,7 +129,7 @@ def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):
     assert proc.poll() is None and "Waiting for input data" in text, text[-3000:]
     proc.send_signal(signal.SIGTERM)
     t0 = time.time()
-    rc = proc.wait(timeout=60)
+    rc = proc.wait(timeout=180)  # a run still blocked on the pipe would never end
     took = time.time() - t0
   finally:
     if proc.poll() is None:
@@ -140,7 +139,9 @@ def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):
   text = open(log_path).read()
   assert rc == 0, text[-3000:]
   assert "Preempted while waiting for input data: stopped at step 0." in text, text[-3000:]
-  assert took < 20, took
+  # Seconds when idle (the loop checks every 0.2 s, then checkpoints step 0 and exits); the bound
+  # leaves room for a loaded machine, and is far below waiting for data that never comes.
+  assert took < 120, took
 
 
 def test_ctrl_c_checkpoints_says_so_in_one_line_and_exits_130(tmp_path):
