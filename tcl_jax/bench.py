@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcl_jax import optim
 from tcl_jax import sharding
 from tcl_jax import kinds
 from tcl_jax import train_step as step_lib
@@ -137,28 +136,26 @@ def _peak_memory_gib() -> float | None:
 def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True):
   """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
   (with `materialize=False` the inputs are ShapeDtypeStructs: enough to lower the step)."""
-  config = Fields(model=Fields(cfg.to_dict()), compute_dtype=dtype, remat=remat, optim=OPTIM)
+  config = Fields(model=Fields(cfg.to_dict()), compute_dtype=dtype, remat=remat, optim=OPTIM,
+                  mesh=MESH, seed=0, total_steps=50_000, batch_size=global_batch)
   model = kinds.build_model(config)
   mesh = sharding.make_mesh(MESH)
   batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
-  init_rng, state_rng = jax.random.split(jax.random.key(0))
-  abstract_params = jax.eval_shape(model.init, init_rng)
-  tx, schedule = optim.make_optimizer(OPTIM, abstract_params, total_steps=50_000,
-                                      global_batch_size=global_batch)
-  labels = optim.param_labels(abstract_params, OPTIM.frozen_regex, OPTIM.ust_regex)
-  create = functools.partial(step_lib.create_train_state, tx=tx)
-  abstract_state = jax.eval_shape(create, abstract_params, state_rng)
-  state_sharding = sharding.state_shardings(mesh, abstract_state, MESH)
-  step = step_lib.make_jit_train_step(model=model, tx=tx, labels=labels, schedule=schedule,
-                                   config=config, state_sharding=state_sharding,
-                                   batch_sharding=batch_sharding, repl=repl)
+  plan = step_lib.plan_training(config, model, mesh)
+  abstract_state, state_sharding = plan.abstract_state, plan.state_sharding
+  step = step_lib.make_jit_train_step(model=model, tx=plan.tx, labels=plan.labels,
+                                      schedule=plan.schedule, config=config,
+                                      state_sharding=state_sharding,
+                                      batch_sharding=batch_sharding, repl=repl)
   if not materialize:
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     host = _random_batch(global_batch, res)
     return (mesh, step, jax.tree.map(spec, abstract_state, state_sharding),
             jax.tree.map(lambda x: spec(x, batch_sharding), host))
   with jax.set_mesh(mesh):
+    init_rng, state_rng = step_lib.init_rngs(config)
     params = jax.jit(model.init, out_shardings=state_sharding.params)(init_rng)
+    create = functools.partial(step_lib.create_train_state, tx=plan.tx)
     state = jax.jit(create, out_shardings=state_sharding)(params, state_rng)
     batch = sharding.to_global(_random_batch(global_batch, res), batch_sharding)
   return mesh, step, state, batch

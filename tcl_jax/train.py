@@ -38,11 +38,6 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
 
-def init_rngs(config):
-  """(init_rng, state_rng): the parameter init key and the train state's key, from config.seed."""
-  return jax.random.split(jax.random.key(config.seed))
-
-
 def initial_params(model: base.Model, config, workdir: str, abstract_params=None,
                    params_sharding=None):
   """The parameters a new run starts from: `config.init_checkpoint` (its `{workdir}` expanded)
@@ -54,7 +49,7 @@ def initial_params(model: base.Model, config, workdir: str, abstract_params=None
     if abstract_params is not None:
       params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, abstract_params)
     return params if params_sharding is None else jax.device_put(params, params_sharding)
-  init_rng, _ = init_rngs(config)
+  init_rng, _ = step_lib.init_rngs(config)
   return jax.jit(model.init, out_shardings=params_sharding)(init_rng)
 
 
@@ -80,6 +75,156 @@ def run_evaluation(params, model: base.Model, config, workdir: str, mesh=None) -
 # The loop
 # ------------------------------------------------------------------------------------------------
 
+def restore_or_init(plan: step_lib.Plan, config, workdir: str, mngr, train_iter, repl):
+  """The latest checkpoint in `mngr` (and the input position it saved), else a new state from
+  initial_params. Call under the mesh."""
+  latest = mngr.latest_step()
+  if latest is not None:
+    logging.info("Resuming from %s step %d", mngr.directory, latest)
+    target = checkpointing.abstract_with_shardings(plan.abstract_state, plan.state_sharding)
+    state, input_states = checkpointing.restore(mngr, latest, target)
+    local_input_state = checkpointing.local_input_state(input_states)
+    if local_input_state and hasattr(train_iter, "set_state"):
+      train_iter.set_state(local_input_state)
+    return state
+  params_sharding = plan.state_sharding.params
+  jit_create = jax.jit(functools.partial(step_lib.create_train_state, tx=plan.tx),
+                       in_shardings=(params_sharding, repl), out_shardings=plan.state_sharding)
+  params = initial_params(plan.model, config, workdir, plan.abstract_params, params_sharding)
+  return jit_create(params, plan.state_rng)
+
+
+def _every(n, s):
+  return n and s % n == 0
+
+
+class _Loop:
+  """The training loop's periodic actions (log, images, eval, checkpoint) around the step."""
+
+  def __init__(self, config, workdir, model, train_iter, mngr, writer, mesh, t_enter):
+    self.config, self.workdir, self.model, self.train_iter = config, workdir, model, train_iter
+    self.mngr, self.writer, self.mesh, self.t_enter = mngr, writer, mesh, t_enter
+    self.is_chief = jax.process_index() == 0
+    self.report = None
+    if self.is_chief:
+      self.report = periodic_actions.ReportProgress(
+          num_train_steps=int(config.total_steps), writer=writer,
+          every_steps=config.log_every_steps, every_secs=None)
+    self.history, self.pending, self.logged, self.saved = [], [], [], []
+    self.t_start = time.time()
+
+  def timed(self, name):
+    return self.report.timed(name) if self.report else contextlib.nullcontext()
+
+  def input_state_now(self):
+    local = self.train_iter.get_state() if hasattr(self.train_iter, "get_state") else {}
+    return checkpointing.gather_input_states(local)
+
+  def check_finite(self, step_count, metrics):
+    m = jax.device_get(metrics)
+    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+      self.mngr.wait_until_finished()
+      msg = (f"Non-finite loss/gradient at step {step_count} (loss={m['loss']}, grad_norm="
+             f"{m['grad_norm']}). Stopping; the last good checkpoint is step "
+             f"{self.mngr.latest_step()} in {self.mngr.directory}.")
+      logging.error(msg)
+      self.writer.flush()
+      raise NonFiniteLossError(msg)
+
+  def log(self, step, metrics):
+    self.check_finite(step, metrics)
+    avg = summaries.mean_metrics(self.pending)
+    self.pending = []
+    scalars = {f"train/{k}": v for k, v in avg.items()}
+    scalars.update({f"perf/{k}": v for k, v in summaries.peak_memory_metrics().items()})
+    if hasattr(self.train_iter, "counters"):
+      scalars.update({f"input/{k}": float(v) for k, v in self.train_iter.counters().items()})
+    self.writer.write_scalars(step, scalars)
+    self.history.append({"step": step, "loop_time_s": time.time() - self.t_start, **avg})
+
+  def images(self, step, host_batch, extras):
+    n = extras["soft_pos_mask"].shape[0]
+    mean = np.asarray(clip_lib.IMAGE_MEAN, np.float32)  # what the input pipeline normalised with
+    std = np.asarray(clip_lib.IMAGE_STD, np.float32)
+    grid = summaries.mask_overlay_grid(np.asarray(host_batch["image"][:n]),
+                                       jax.device_get(extras["soft_pos_mask"]), mean, std)
+    self.writer.write_images(step, {"train/masks": grid[None]})
+
+  def evaluate(self, step, state, metrics):
+    self.check_finite(step, metrics)
+    with self.timed("eval"):
+      results = run_evaluation(state.params, self.model, self.config, self.workdir, self.mesh)
+    if results is None:
+      return None
+    eval_metrics = summaries.eval_scalars(results)
+    self.writer.write_scalars(step, eval_metrics)
+    self.logged.append({"step": step, **eval_metrics})
+    return eval_metrics
+
+  def checkpoint(self, step, state, metrics, eval_metrics):
+    self.check_finite(step, metrics)
+    best = ({"miou": eval_metrics[summaries.AVERAGE_MIOU]}
+            if eval_metrics and summaries.AVERAGE_MIOU in eval_metrics else None)
+    with self.timed("checkpoint"):
+      if checkpointing.save(self.mngr, step, state, self.input_state_now(), metrics=best):
+        self.saved.append(step)
+
+  def run(self, state, jit_step, batch_sharding, preemption):
+    """Steps until total_steps or a stop request; returns (state, step, preempted)."""
+    config, train_iter = self.config, self.train_iter
+    total = int(config.total_steps)
+    image_every = int(config.get("image_log_every_steps", 0))
+    first_step = step = int(jax.device_get(state.step))
+    prev_metrics, compiled = None, None
+    while step < total:
+      before = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+      host_batch = preemption_lib.next_batch(train_iter, preemption)
+      if host_batch is None:  # SIGTERM while waiting for data: keep the steps done so far
+        if step > first_step:
+          self.check_finite(step, prev_metrics)
+          checkpointing.save(self.mngr, step, state, checkpointing.gather_input_states(before))
+        logging.warning("Preempted while waiting for input data: stopped at step %d.", step)
+        return state, step, True
+      batch = sharding.to_global({k: host_batch[k] for k in step_lib.BATCH_KEYS}, batch_sharding)
+      if compiled is None:
+        t0 = time.time()
+        compiled = jit_step.lower(state, batch).compile()
+        logging.info("train_step compiled in %.1fs", time.time() - t0)
+      with jax.transfer_guard("disallow"):
+        state, metrics, extras = compiled(state, batch)
+      step += 1
+      if step == first_step + 1:
+        jax.block_until_ready(metrics)
+        t_first = time.time() - self.t_start
+        logging.info("first step done %.1fs after the loop started (incl. compile), %.1fs "
+                     "after train_and_evaluate started", t_first, time.time() - self.t_enter)
+        self.writer.write_scalars(step, {"perf/time_to_first_step_s": t_first})
+      # Lagged finiteness check: while step k runs, look at step k-1 (keeps dispatch ahead).
+      if prev_metrics is not None and config.get("check_finite_every_step", True):
+        self.check_finite(step - 1, prev_metrics)
+      prev_metrics = metrics
+      self.pending.append(metrics)
+      if self.report is not None:
+        self.report(step)
+      if _every(config.log_every_steps, step) or step == total:
+        self.log(step, metrics)
+      if (image_every and _every(image_every, step) and "soft_pos_mask" in extras
+          and self.is_chief):
+        self.images(step, host_batch, extras)
+      stop = preemption.should_stop(step)  # (a sync point on multi-host: once per step)
+      eval_metrics = None
+      if not stop and (_every(config.get("eval_every_steps", 0), step) or (
+          step == total and config.get("eval_at_end", True))):
+        eval_metrics = self.evaluate(step, state, metrics)
+      if (_every(config.checkpoint_every_steps, step) or step == total or stop
+          or eval_metrics is not None):
+        self.checkpoint(step, state, metrics, eval_metrics)
+      if stop:
+        logging.warning("Preempted: checkpoint at step %d written, exiting.", step)
+        return state, step, True
+    return state, step, False
+
+
 def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
                        model: base.Model | None = None, train_iter=None,
                        devices=None) -> tuple[step_lib.TrainState, list[dict]]:
@@ -98,6 +243,7 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   Raises:
     NonFiniteLossError: the loss or a gradient became NaN/inf (no checkpoint is written after
       the last finite step).
+    preemption.Interrupted: Ctrl-C stopped the run (after its checkpoint was written).
   """
   t_enter = time.time()
   workdir = os.path.abspath(workdir)
@@ -135,180 +281,44 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   if train_iter is None:
     train_iter = train_inputs.make_train_iterator(config, workdir)
 
-  # ---------------------------------------------------------------- model and optimizer shapes
+  # ---------------------------------------------------------------- model, optimizer, shardings
   if model is None:
     model = kinds.build_model(config)
   if config.get("evals") and config.evals.get("tasks") and model.zero_shot is None:
     raise ValueError("this model kind has no zero-shot segmentation: set --config.evals.tasks=''")
-  init_rng, state_rng = init_rngs(config)
-  abstract_params = jax.eval_shape(model.init, init_rng)
-  tx, schedule = optim.make_optimizer(config.optim, abstract_params,
-                                      total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
-  labels = optim.param_labels(abstract_params, config.optim.frozen_regex, config.optim.ust_regex)
-  counts = optim.count_params(abstract_params, labels)
-  logging.info("parameters by group: %s", counts)
+  plan = step_lib.plan_training(config, model, mesh)
+  logging.info("parameters by group: %s", optim.count_params(plan.abstract_params, plan.labels))
   peak_lr, min_lr = optim.scaled_lrs(config.optim, config.batch_size)
   logging.info("lr: peak %.3g, min %.3g (base %.3g, min %.3g, global batch %d)", peak_lr,
                min_lr, config.optim.base_lr, config.optim.min_lr, config.batch_size)
-  abstract_state = jax.eval_shape(
-      functools.partial(step_lib.create_train_state, tx=tx), abstract_params, state_rng)
-
-  # ---------------------------------------------------------------- shardings
-  state_sharding = sharding.state_shardings(mesh, abstract_state, config.mesh)
-  params_sharding = state_sharding.params
 
   with jax.set_mesh(mesh):
     # -------------------------------------------------------------- resume / init
     mngr = checkpointing.create_checkpoint_manager(workdir, config.checkpoint)
-    latest = mngr.latest_step()
-    jit_create = jax.jit(functools.partial(step_lib.create_train_state, tx=tx),
-                         in_shardings=(params_sharding, repl), out_shardings=state_sharding)
-    if latest is not None:
-      logging.info("Resuming from %s step %d", mngr.directory, latest)
-      target = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
-      state, input_states = checkpointing.restore(mngr, latest, target)
-      local_input_state = checkpointing.local_input_state(input_states)
-      if local_input_state and hasattr(train_iter, "set_state"):
-        train_iter.set_state(local_input_state)
-    else:
-      params = initial_params(model, config, workdir, abstract_params, params_sharding)
-      state = jit_create(params, state_rng)
+    state = restore_or_init(plan, config, workdir, mngr, train_iter, repl)
     first_step = int(jax.device_get(state.step))
 
-    # -------------------------------------------------------------- train step
-    jit_step = step_lib.make_jit_train_step(model=model, tx=tx, labels=labels, schedule=schedule,
-                                            config=config, state_sharding=state_sharding,
-                                            batch_sharding=batch_sharding, repl=repl)
-
-    # -------------------------------------------------------------- loop
-    total = int(config.total_steps)
-    hooks = []
-    report = None
-    if is_chief:
-      report = periodic_actions.ReportProgress(
-          num_train_steps=total, writer=writer, every_steps=config.log_every_steps,
-          every_secs=None)
-      hooks.append(report)
-    image_every = int(config.get("image_log_every_steps", 0))
-    mean = np.asarray(clip_lib.IMAGE_MEAN, np.float32)  # what the input pipeline normalised with
-    std = np.asarray(clip_lib.IMAGE_STD, np.float32)
-
-    def every(n, s):
-      return n and s % n == 0
-
-    def input_state_now():
-      local = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-      return checkpointing.gather_input_states(local)
-
-    def check_finite(step_count, metrics):
-      m = jax.device_get(metrics)
-      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-        mngr.wait_until_finished()
-        msg = (f"Non-finite loss/gradient at step {step_count} (loss={m['loss']}, grad_norm="
-               f"{m['grad_norm']}). Stopping; the last good checkpoint is step "
-               f"{mngr.latest_step()} in {mngr.directory}.")
-        logging.error(msg)
-        writer.flush()
-        raise NonFiniteLossError(msg)
-
-    history, pending, logged, saved = [], [], [], []
-    prev_metrics = None
-    step = first_step
-    compiled = None
-    t_start = time.time()
-    preempted = False
+    # -------------------------------------------------------------- train step and loop
+    jit_step = step_lib.make_jit_train_step(
+        model=model, tx=plan.tx, labels=plan.labels, schedule=plan.schedule, config=config,
+        state_sharding=plan.state_sharding, batch_sharding=batch_sharding, repl=repl)
+    loop = _Loop(config, workdir, model, train_iter, mngr, writer, mesh, t_enter)
     try:
       with preemption_lib.Preemption() as preemption:
-        while step < total:
-          before = train_iter.get_state() if hasattr(train_iter, "get_state") else {}
-          host_batch = preemption_lib.next_batch(train_iter, preemption)
-          if host_batch is None:  # SIGTERM while waiting for data: keep the steps done so far
-            if step > first_step:
-              check_finite(step, prev_metrics)
-              checkpointing.save(mngr, step, state, checkpointing.gather_input_states(before))
-            logging.warning("Preempted while waiting for input data: stopped at step %d.", step)
-            preempted = True
-            break
-          batch = sharding.to_global({k: host_batch[k] for k in step_lib.BATCH_KEYS},
-                                     batch_sharding)
-          if compiled is None:
-            t0 = time.time()
-            compiled = jit_step.lower(state, batch).compile()
-            logging.info("train_step compiled in %.1fs", time.time() - t0)
-          with jax.transfer_guard("disallow"):
-            state, metrics, extras = compiled(state, batch)
-          step += 1
-          if step == first_step + 1:
-            jax.block_until_ready(metrics)
-            t_first = time.time() - t_start
-            logging.info("first step done %.1fs after the loop started (incl. compile), %.1fs "
-                         "after train_and_evaluate started", t_first, time.time() - t_enter)
-            writer.write_scalars(step, {"perf/time_to_first_step_s": t_first})
-          # Lagged finiteness check: while step k runs, look at step k-1 (keeps dispatch ahead).
-          if prev_metrics is not None and config.get("check_finite_every_step", True):
-            check_finite(step - 1, prev_metrics)
-          prev_metrics = metrics
-          pending.append(metrics)
-          for h in hooks:
-            h(step)
-
-          if every(config.log_every_steps, step) or step == total:
-            check_finite(step, metrics)
-            avg = summaries.mean_metrics(pending)
-            pending = []
-            scalars = {f"train/{k}": v for k, v in avg.items()}
-            scalars.update({f"perf/{k}": v for k, v in summaries.peak_memory_metrics().items()})
-            if hasattr(train_iter, "counters"):
-              scalars.update({f"input/{k}": float(v) for k, v in train_iter.counters().items()})
-            writer.write_scalars(step, scalars)
-            history.append({"step": step, "loop_time_s": time.time() - t_start, **avg})
-
-          if image_every and every(image_every, step) and "soft_pos_mask" in extras and is_chief:
-            n = extras["soft_pos_mask"].shape[0]
-            grid = summaries.mask_overlay_grid(np.asarray(host_batch["image"][:n]),
-                                     jax.device_get(extras["soft_pos_mask"]), mean, std)
-            writer.write_images(step, {"train/masks": grid[None]})
-
-          stop = preemption.should_stop(step)  # (a sync point on multi-host: once per step)
-          eval_metrics = None
-          if not stop and (every(config.get("eval_every_steps", 0), step) or (
-              step == total and config.get("eval_at_end", True))):
-            check_finite(step, metrics)
-            timed = report.timed("eval") if report else contextlib.nullcontext()
-            with timed:
-              results = run_evaluation(state.params, model, config, workdir, mesh)
-            if results is not None:
-              eval_metrics = summaries.eval_scalars(results)
-              writer.write_scalars(step, eval_metrics)
-              logged.append({"step": step, **eval_metrics})
-
-          if (every(config.checkpoint_every_steps, step) or step == total or stop
-              or eval_metrics is not None):
-            check_finite(step, metrics)
-            best = ({"miou": eval_metrics[summaries.AVERAGE_MIOU]}
-                    if eval_metrics and summaries.AVERAGE_MIOU in eval_metrics else None)
-            timed = report.timed("checkpoint") if report else contextlib.nullcontext()
-            with timed:
-              if checkpointing.save(mngr, step, state, input_state_now(), metrics=best):
-                saved.append(step)
-          if stop:
-            logging.warning("Preempted: checkpoint at step %d written, exiting.", step)
-            preempted = True
-            break
-        interrupted = preemption.interrupted
+        state, step, preempted = loop.run(state, jit_step, batch_sharding, preemption)
     finally:
       mngr.wait_until_finished()
       mngr.close()
       writer.flush()
     if not preempted:
-      logging.info("Training done: %d steps in %.1fs", step - first_step, time.time() - t_start)
+      logging.info("Training done: %d steps in %.1fs", step - first_step,
+                   time.time() - loop.t_start)
   if is_chief:
-    print(summaries.format_run_summary(workdir, first_step, step, time.time() - t_enter, history,
-                                       logged, saved), flush=True)
-  if preempted and interrupted:  # Ctrl-C: the work is saved; the caller says so and exits
+    print(summaries.format_run_summary(workdir, first_step, step, time.time() - t_enter,
+                                       loop.history, loop.logged, loop.saved), flush=True)
+  if preempted and preemption.interrupted:  # Ctrl-C: saved; the caller says so and exits
     raise preemption_lib.Interrupted(step, checkpointing.checkpoints_dir(workdir))
-  return state, history + logged
+  return state, loop.history + loop.logged
 
 
 def check_resume(config, workdir: str) -> int | None:

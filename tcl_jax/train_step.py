@@ -8,13 +8,14 @@ on machines without TensorFlow or clu.
 """
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 
 from tcl_jax import optim
+from tcl_jax import sharding
 from tcl_jax.kinds import base
 
 BATCH_KEYS = ("image", "text_tokens")  # what train_step reads from a batch
@@ -75,3 +76,36 @@ def make_jit_train_step(*, model: base.Model, tx, labels, schedule, config, stat
       num_extras=int(config.get("image_log_num", 0)) if config.get("image_log_every_steps") else 0)
   return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, repl, repl), donate_argnums=(0,))
+
+
+def init_rngs(config):
+  """(init_rng, state_rng): the parameter init key and the train state's key, from config.seed."""
+  return jax.random.split(jax.random.key(config.seed))
+
+
+class Plan(NamedTuple):
+  """A run's model, optimizer and shardings, from shapes only (nothing is allocated)."""
+  model: base.Model
+  tx: Any
+  schedule: Any
+  labels: Any  # optim.param_labels of the params
+  abstract_params: Any
+  abstract_state: TrainState
+  state_sharding: Any
+  state_rng: jax.Array
+
+
+def plan_training(config, model: base.Model, mesh) -> Plan:
+  """The optimizer recipe of `config.optim` over the model's parameter shapes, the train state's
+  shapes and shardings (what train_and_evaluate, the benchmarks and the trajectory replay run)."""
+  init_rng, state_rng = init_rngs(config)
+  abstract_params = jax.eval_shape(model.init, init_rng)
+  tx, schedule = optim.make_optimizer(config.optim, abstract_params,
+                                      total_steps=config.total_steps,
+                                      global_batch_size=config.batch_size)
+  labels = optim.param_labels(abstract_params, config.optim.frozen_regex, config.optim.ust_regex)
+  abstract_state = jax.eval_shape(
+      functools.partial(create_train_state, tx=tx), abstract_params, state_rng)
+  state_sharding = sharding.state_shardings(mesh, abstract_state, config.mesh)
+  return Plan(model, tx, schedule, labels, abstract_params, abstract_state, state_sharding,
+              state_rng)

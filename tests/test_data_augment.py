@@ -10,6 +10,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from tcl_jax.data import augment as A  # noqa: E402
+from tcl_jax.data import randaugment as R  # noqa: E402
 
 RNG = np.random.default_rng(0)
 IMG = (RNG.beta(2, 5, size=(40, 50, 3)) * 200 + 20).astype(np.uint8)
@@ -21,16 +22,16 @@ def _tf(fn, m=9.0, sign=1.0, img=IMG):
 
 def test_pointwise_ops_match_pil():
     pil = Image.fromarray(IMG)
-    np.testing.assert_array_equal(_tf(A._equalize), np.asarray(ImageOps.equalize(pil)))
-    assert np.abs(_tf(A._auto_contrast) - np.asarray(ImageOps.autocontrast(pil))).max() <= 1
-    np.testing.assert_array_equal(_tf(A._invert), np.asarray(ImageOps.invert(pil)))
+    np.testing.assert_array_equal(_tf(R.equalize), np.asarray(ImageOps.equalize(pil)))
+    assert np.abs(_tf(R.auto_contrast) - np.asarray(ImageOps.autocontrast(pil))).max() <= 1
+    np.testing.assert_array_equal(_tf(R.invert), np.asarray(ImageOps.invert(pil)))
     # m=9: posterize to 4 - int(3.6) = 1 bit; solarize threshold 256 - int(230.4) = 26
-    np.testing.assert_array_equal(_tf(A._posterize), np.asarray(ImageOps.posterize(pil, 1)))
-    np.testing.assert_array_equal(_tf(A._solarize), np.asarray(ImageOps.solarize(pil, 26)))
+    np.testing.assert_array_equal(_tf(R.posterize), np.asarray(ImageOps.posterize(pil, 1)))
+    np.testing.assert_array_equal(_tf(R.solarize), np.asarray(ImageOps.solarize(pil, 26)))
 
 
 def test_translate_and_erasing_shapes():
-    out = _tf(A._translate_x, m=10.0, sign=1.0)  # shift by round(0.45 * 50) = 22 pixels
+    out = _tf(R.translate_x, m=10.0, sign=1.0)  # shift by round(0.45 * 50) = 22 pixels
     np.testing.assert_array_equal(out[:, :28], IMG[:, 22:])
     np.testing.assert_array_equal(out[0, 28:], np.tile([124, 116, 104], (22, 1)))
     x = tf.zeros([64, 64, 3])
@@ -54,7 +55,7 @@ def test_random_resized_crop_window_in_bounds_and_seeded():
 
 def _projective_reference(img, transform):
     """The previous implementation: TF's generic image warp."""
-    fill = tf.constant(A._FILL, tf.float32)
+    fill = tf.constant(R.FILL, tf.float32)
     t = tf.concat([tf.constant(transform, tf.float32), tf.zeros([2])], 0)[None]
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=(img - fill)[None], transforms=t, output_shape=tf.shape(img)[:2],
@@ -66,7 +67,7 @@ def test_gather_affine_matches_projective_transform():
     img = tf.constant(IMG, tf.float32)
     for t in ([1.0, 0.3, 0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, -0.27, 1.0, 0.0],
               [0.87, -0.5, 12.0, 0.5, 0.87, -9.0], [1.3, 0.2, -30.0, -0.1, 0.9, 80.0]):
-        ours = A._affine(img, tf.constant(t, tf.float32)).numpy()
+        ours = R.affine(img, tf.constant(t, tf.float32)).numpy()
         ref = _projective_reference(img, t)
         assert np.abs(ours - ref).max() <= 1  # float rounding at .5 only
         assert (ours != ref).mean() < 0.01
@@ -78,14 +79,14 @@ def test_sharpness_matches_pil():
     pil = Image.fromarray(IMG)
     for m, sign in ((9.0, 1.0), (5.0, -1.0)):
         ref = np.asarray(ImageEnhance.Sharpness(pil).enhance(1 + sign * m / 10 * 0.9))
-        assert np.abs(_tf(A._sharpness, m, sign) - ref).max() <= 1
+        assert np.abs(_tf(R.sharpness, m, sign) - ref).max() <= 1
 
 
 def test_xla_compiled_ops_match_graph_ops():
     img = tf.constant(IMG, tf.float32)
     m, sign = tf.constant(9.0), tf.constant(-1.0)
-    for name, f in A.RANDAUGMENT_OPS:
-        ours = A._compiled(f, True)(img, m, sign).numpy()
+    for name, f in R.RANDAUGMENT_OPS:
+        ours = A.compiled(f, True)(img, m, sign).numpy()
         ref = f(img, m, sign).numpy()
         assert np.abs(ours - ref).max() <= 1, name
 
@@ -129,9 +130,9 @@ def test_deferred_flip_equals_flip_first():
     seen = set()
     for i in range(12):
         seed = tf.constant([5, i], tf.int64)
-        s = A._split(seed, 3)
+        s = R.split(seed, 3)
         n = 22 + 1 + 3 * cfg.ra_num_layers + 6 + 23  # crop, flip, RA, jitter, erasing draws
-        u = tf.split(A._uniform(s[0], [n]), [22, 1, n - 23])
+        u = tf.split(R.uniform(s[0], [n]), [22, 1, n - 23])
         crop = A.decode_crop(data, None, cfg, u=u[0])
         want = A.normalize(crop[:, ::-1] if bool(u[1][0] < 0.5) else crop).numpy()
         seen.add(bool(u[1][0] < 0.5))
@@ -149,7 +150,7 @@ def test_erasing_in_pixel_scale_normalises_to_the_noise():
 
 
 def test_erasing_noise_is_standard_normal():
-    z = A._normal_noise(tf.constant(20001), tf.constant([4, 5], tf.int64)).numpy()
+    z = A.normal_noise(tf.constant(20001), tf.constant([4, 5], tf.int64)).numpy()
     assert z.shape == (20001, 3)
     assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
     assert abs((np.abs(z) < 1).mean() - 0.6827) < 0.01
@@ -164,8 +165,8 @@ def test_numpy_equalize_matches_pil_and_tf():
     for arr in (IMG, flat):
         want = np.asarray(ImageOps.equalize(Image.fromarray(arr)))
         x = tf.constant(arr, tf.float32)
-        np.testing.assert_array_equal(A._compiled(A._equalize, True)(x, 9.0, 1.0).numpy(), want)
-        np.testing.assert_array_equal(A._equalize(x, 9.0, 1.0).numpy(), want)
+        np.testing.assert_array_equal(A.compiled(R.equalize, True)(x, 9.0, 1.0).numpy(), want)
+        np.testing.assert_array_equal(R.equalize(x, 9.0, 1.0).numpy(), want)
 
 
 def test_auto_contrast_reduction_paths_agree():
@@ -173,11 +174,11 @@ def test_auto_contrast_reduction_paths_agree():
     and the generic one, both against PIL."""
     for arr in (IMG, IMG[:39, :49]):  # 40 * 50 and 39 * 49 pixels
         x = tf.constant(arr, tf.float32)
-        lo, hi = A._channel_min_max(x)
+        lo, hi = R.channel_min_max(x)
         np.testing.assert_array_equal(lo, arr.reshape(-1, 3).min(0))
         np.testing.assert_array_equal(hi, arr.reshape(-1, 3).max(0))
         pil = np.asarray(ImageOps.autocontrast(Image.fromarray(arr)))
-        assert np.abs(A._compiled(A._auto_contrast, True)(x, 9.0, 1.0).numpy() - pil).max() <= 1
+        assert np.abs(A.compiled(R.auto_contrast, True)(x, 9.0, 1.0).numpy() - pil).max() <= 1
 
 
 # ----------------------------------------------------------------------------
@@ -194,7 +195,7 @@ MAGNITUDES = ((9.0, 1.0), (9.0, -1.0), (4.3, 1.0))
 
 def _pil_affine(matrix):
     return Image.fromarray(IMG).transform((IMG.shape[1], IMG.shape[0]), Image.AFFINE, matrix,
-                                          resample=Image.BILINEAR, fillcolor=A._FILL)
+                                          resample=Image.BILINEAR, fillcolor=R.FILL)
 
 
 def _pil_source(matrix, h, w):
@@ -218,8 +219,8 @@ def _assert_warp_matches_pil(ours, ref, matrix, what):
     diff = np.abs(ours - ref.astype(np.float32))
     assert diff[inside].max() <= 1, (what, diff[inside].max())
     assert diff[inside].mean() < 0.6, what  # rounding, not a systematic shift
-    np.testing.assert_array_equal(ours[outside], np.broadcast_to(A._FILL, ours[outside].shape))
-    np.testing.assert_array_equal(ref[outside], np.broadcast_to(A._FILL, ref[outside].shape))
+    np.testing.assert_array_equal(ours[outside], np.broadcast_to(R.FILL, ours[outside].shape))
+    np.testing.assert_array_equal(ref[outside], np.broadcast_to(R.FILL, ref[outside].shape))
     assert (inside | outside).mean() > 0.9, what  # the border band is just that
 
 
@@ -227,21 +228,21 @@ def test_rotate_matches_timm_pil():
     for m, sign in MAGNITUDES:
         degrees = sign * m / 10 * 30
         ref = np.asarray(Image.fromarray(IMG).rotate(degrees, resample=Image.BILINEAR,
-                                                     fillcolor=A._FILL))
+                                                     fillcolor=R.FILL))
         # PIL's rotate: the inverse rotation about the image centre (w/2, h/2) in its
         # pixel-edge coordinates, as an affine matrix for the band test.
         h, w = IMG.shape[:2]
         a = -math.radians(degrees)
         c, s = math.cos(a), math.sin(a)
         matrix = (c, s, w / 2 - c * w / 2 - s * h / 2, -s, c, h / 2 + s * w / 2 - c * h / 2)
-        _assert_warp_matches_pil(_tf(A._rotate, m, sign), ref, matrix, f"rotate {degrees}")
+        _assert_warp_matches_pil(_tf(R.rotate, m, sign), ref, matrix, f"rotate {degrees}")
 
 
 def test_shears_match_timm_pil():
     for m, sign in MAGNITUDES:
         f = sign * m / 10 * 0.3
-        for name, fn, matrix in (("ShearX", A._shear_x, (1, f, 0, 0, 1, 0)),
-                                 ("ShearY", A._shear_y, (1, 0, 0, f, 1, 0))):
+        for name, fn, matrix in (("ShearX", R.shear_x, (1, f, 0, 0, 1, 0)),
+                                 ("ShearY", R.shear_y, (1, 0, 0, f, 1, 0))):
             _assert_warp_matches_pil(_tf(fn, m, sign), np.asarray(_pil_affine(matrix)), matrix,
                                      f"{name} {f}")
 
@@ -252,11 +253,11 @@ def test_translate_y_matches_timm_pil():
         px = sign * m / 10 * 0.45 * h
         assert px == round(px)
         ref = np.asarray(_pil_affine((1, 0, 0, 0, 1, px)))
-        np.testing.assert_array_equal(_tf(A._translate_y, m, sign), ref)
+        np.testing.assert_array_equal(_tf(R.translate_y, m, sign), ref)
     # Other magnitudes: ours moves by whole pixels (rounded), where PIL interpolates.
     px = 9.0 / 10 * 0.45 * h  # 16.2
     ref = np.asarray(_pil_affine((1, 0, 0, 0, 1, round(px))))
-    np.testing.assert_array_equal(_tf(A._translate_y, 9.0, 1.0), ref)
+    np.testing.assert_array_equal(_tf(R.translate_y, 9.0, 1.0), ref)
 
 
 def test_colour_ops_match_timm_pil():
@@ -268,9 +269,9 @@ def test_colour_ops_match_timm_pil():
         pil = Image.fromarray(img)
         for m, sign in MAGNITUDES:
             factor = 1 + sign * m / 10 * 0.9
-            for fn, enhancer in ((A._color, ImageEnhance.Color),
-                                 (A._contrast, ImageEnhance.Contrast),
-                                 (A._brightness, ImageEnhance.Brightness)):
+            for fn, enhancer in ((R.color, ImageEnhance.Color),
+                                 (R.contrast, ImageEnhance.Contrast),
+                                 (R.brightness, ImageEnhance.Brightness)):
                 ref = np.asarray(enhancer(pil).enhance(factor)).astype(np.float32)
                 diff = np.abs(_tf(fn, m, sign, img) - ref)
                 # PIL blends in float and truncates; ours rounds: one grey level at most.
@@ -278,18 +279,18 @@ def test_colour_ops_match_timm_pil():
                 assert (diff == 0).mean() > 0.4, (fn.__name__, factor)
             add = int(m / 10 * 110)
             lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-            np.testing.assert_array_equal(_tf(A._solarize_add, m, sign, img),
+            np.testing.assert_array_equal(_tf(R.solarize_add, m, sign, img),
                                           np.asarray(pil.point(lut * 3)))
 
 
 def test_shear_rows_is_the_affine_it_replaces():
     img = tf.constant(IMG, tf.float32)
     for f in (0.27, -0.3, 0.05, 1.7):
-        want = A._affine(img, tf.constant([1.0, f, f / 2, 0.0, 1.0, 0.0]))
-        np.testing.assert_array_equal(A._shear_rows(img, tf.constant(f)).numpy(), want.numpy())
+        want = R.affine(img, tf.constant([1.0, f, f / 2, 0.0, 1.0, 0.0]))
+        np.testing.assert_array_equal(R.shear_rows(img, tf.constant(f)).numpy(), want.numpy())
         # ... and transposed, in ShearY (the same arithmetic in another kernel: a value that
         # lands on .5 may round the other way)
-        want_y = A._affine(img, tf.constant([1.0, 0.0, 0.0, f, 1.0, f / 2])).numpy()
-        got_y = A._shear_y(img, tf.constant(abs(f) / 0.3 * 10),
+        want_y = R.affine(img, tf.constant([1.0, 0.0, 0.0, f, 1.0, f / 2])).numpy()
+        got_y = R.shear_y(img, tf.constant(abs(f) / 0.3 * 10),
                            tf.constant(math.copysign(1, f))).numpy()
         assert np.abs(got_y - want_y).max() <= 1 and (got_y != want_y).mean() < 0.01, f

@@ -200,6 +200,162 @@ def _read_file(path, size):
     return recs.concatenate(eof).scan((zero, zero), account)
 
 
+def _records(paths, lens, num_files: int, *, cycle_length: int, par, shuffle_buffer: int,
+             shuffle_seed: int, start_position: int) -> tf.data.Dataset:
+    """(index, (record, kind, name)) of this host's files, interleaved, shuffled, with the end
+    marker appended, from ``start_position`` on."""
+    ds = tf.data.Dataset.from_tensor_slices((paths, lens)).take(num_files)
+    ds = ds.interleave(_read_file, cycle_length=max(1, min(cycle_length, num_files)),
+                       block_length=1, num_parallel_calls=par, deterministic=True)
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    # The end marker (index = number of raw elements) flushes the counters.
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(
+        (tf.constant(b""), tf.constant(_END), tf.constant(b""))))
+    ds = ds.enumerate()
+    if start_position:
+        ds = ds.skip(start_position)
+
+    return ds
+
+
+def _parse_and_check(ds, names_by_idx, *, start_position: int, par, tokens_from_record: bool,
+                     context_length: int) -> tf.data.Dataset:
+    """Parsed examples; records that fail to parse, lack an image or a caption, or come from a
+    bad shard are counted (``counts``), named in the log and dropped."""
+    spec = schema.parse_spec(with_tokens=tokens_from_record, context_length=context_length)
+    def parse(idx, elem):
+        rec, kind, name = elem
+        with tf.control_dependencies([names_by_idx.insert(idx[None], name[None])]):
+            # Non-records (sentinels) parse as an empty Example: every feature default.
+            ex = tf.io.parse_single_example(tf.where(tf.equal(kind, _REC), rec, b""), spec)
+        ex["idx"] = idx
+        ex["kind"] = kind
+        ex["name"] = name
+        return ex
+
+    ds = ds.map(parse, num_parallel_calls=par, deterministic=True).ignore_errors()
+
+    def check(state, ex):
+        last, counts, ordinal = state
+        rec = tf.equal(ex["kind"], _REC)
+        no_image = rec & tf.equal(tf.strings.length(ex[schema.IMAGE]), 0)
+        no_caption = rec & ~no_image & tf.equal(
+            tf.strings.length(tf.strings.strip(ex[schema.CAPTION])), 0)
+        bad_shard = tf.equal(ex["kind"], _EOF_BAD)
+        lost = ex["idx"] - last - 1  # records lost to parse errors
+        add = tf.stack([lost, tf.cast(no_caption, tf.int64), tf.cast(no_image, tf.int64),
+                        tf.constant(0, tf.int64), tf.cast(bad_shard, tf.int64)])
+
+        def bad():
+            own = tf.stack([no_caption, no_image, bad_shard])
+            reasons = tf.concat([tf.fill([lost], _R["bad_record"]), tf.boolean_mask(
+                [_R["empty_caption"], _R["missing_image"], _R["bad_shard"]], own)], 0)
+            own_name = tf.strings.join([ex["name"], ex[schema.KEY]], "\0")
+            return reasons, tf.concat([names_by_idx.lookup(tf.range(last + 1, ex["idx"])),
+                                       tf.boolean_mask(tf.fill([3], own_name), own)], 0)
+
+        logged = _log_bad_if((lost > 0) | no_caption | no_image | bad_shard, bad)
+        with tf.control_dependencies([logged]):  # names up to here are not needed any more
+            forget = names_by_idx.remove(tf.range(last + 1, ex["idx"] + 1))
+        with tf.control_dependencies([forget]):
+            counts = counts + add
+        valid = (rec & ~no_image & ~no_caption) | tf.equal(ex["kind"], _END)
+        ordinal = ordinal + tf.cast(valid, tf.int64)
+        out = dict(ex, counts=counts, ordinal=ordinal, valid=valid)
+        return (ex["idx"], counts, ordinal), out
+
+    init = (tf.constant(start_position - 1, tf.int64), tf.zeros([len(REASONS)], tf.int64),
+            tf.constant(-1, tf.int64))
+    ds = ds.scan(init, check).filter(lambda ex: ex["valid"])
+
+    return ds
+
+
+def _decode(ds, names_by_ordinal, base_seed, *, augment, image_size: int, par,
+            tokens_from_record: bool) -> tf.data.Dataset:
+    """Decoded (and, with ``augment``, augmented) images at pixel scale; images that fail to
+    decode are counted as ``corrupt_image`` and named."""
+    def decode(ex):
+        is_end = tf.equal(ex["kind"], _END)
+        keep_name = names_by_ordinal.insert(
+            ex["ordinal"][None], tf.strings.join([ex["name"], ex[schema.KEY]], "\0")[None])
+        if augment:
+            ex_seed = tf.random.experimental.stateless_fold_in(base_seed, ex["idx"])
+            fn = lambda: train_augment_pixels(ex[schema.IMAGE], ex_seed, augment)  # noqa: E731
+        else:
+            fn = lambda: (decode_center(ex[schema.IMAGE], image_size),  # noqa: E731
+                          tf.constant(False))
+        # pixel scale; flipped (if still to do) and normalised per batch
+        with tf.control_dependencies([keep_name]):
+            img, flip = tf.cond(is_end, lambda: (tf.zeros([image_size, image_size, 3]),
+                                                 tf.constant(False)), fn)
+        out = {"image": tf.ensure_shape(img, [image_size, image_size, 3]), "flip": flip,
+               "caption": ex[schema.CAPTION], "key": ex[schema.KEY], "idx": ex["idx"],
+               "kind": ex["kind"], "counts": ex["counts"], "ordinal": ex["ordinal"]}
+        if tokens_from_record:
+            out["text_tokens"] = tf.cast(ex[schema.TOKENS], tf.int32)
+        return out
+
+    ds = ds.map(decode, num_parallel_calls=par, deterministic=True).ignore_errors()
+
+    def count_decode_failures(state, ex):
+        last, failed = state
+        lost = ex["ordinal"] - last - 1
+        logged = _log_bad_if(lost > 0, lambda: (
+            tf.fill([lost], _R["corrupt_image"]),
+            names_by_ordinal.lookup(tf.range(last + 1, ex["ordinal"]))))
+        with tf.control_dependencies([logged]):
+            forget = names_by_ordinal.remove(tf.range(last + 1, ex["ordinal"] + 1))
+        with tf.control_dependencies([forget]):
+            failed = failed + lost
+        out = {k: v for k, v in ex.items() if k != "ordinal"}
+        out["counts"] = ex["counts"] + tf.one_hot(
+            _R["corrupt_image"], len(REASONS), dtype=tf.int64) * failed
+        return (ex["ordinal"], failed), out
+
+    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), count_decode_failures)
+    return ds
+
+
+def _batch(ds, batch: int, *, augment, tokens_from_record: bool, context_length: int,
+           with_metadata: bool, prefetch: int) -> tf.data.Dataset:
+    """Per-host batches: flipped and normalised, tokenized, metadata kept or dropped."""
+    # The end marker may land in a full-size batch; DataIterator drops that
+    # batch (it holds < batch real examples), so no drop_remainder here.
+    ds = ds.batch(batch, drop_remainder=False)
+    use_xla = augment.xla if augment else True
+
+    def finish(b):
+        b = dict(b, image=finish_batch(b["image"], b["flip"], use_xla))
+        del b["flip"]
+        return b
+
+    ds = ds.map(finish)
+
+    if not tokens_from_record:
+        def tok(captions):
+            from tcl_jax.tokenizer import tokenize
+
+            texts = [c.decode("utf-8", errors="replace") for c in captions.tolist()]
+            return tokenize(texts, context_length=context_length).astype(np.int32)
+
+        def add_tokens(b):
+            t = tf.numpy_function(tok, [b["caption"]], tf.int32, stateful=False)
+            b = dict(b, text_tokens=tf.ensure_shape(t, [None, context_length]))
+            return b
+
+        ds = ds.map(add_tokens)
+    ds = ds.map(lambda b: {k: v for k, v in b.items() if k != "caption"})
+    if not with_metadata:
+        # plain use: drop the final batch (remainder + end marker) and the extras
+        ds = ds.filter(lambda b: tf.reduce_all(tf.not_equal(b["kind"], _END)))
+        ds = ds.map(lambda b: {"image": b["image"], "text_tokens": b["text_tokens"]})
+    ds = ds.prefetch(prefetch)
+
+    return ds
+
+
 def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: int,
                        image_size: int = 224, process_index: int | None = None,
                        process_count: int | None = None,
@@ -252,140 +408,20 @@ def build_epoch_dataset(file_pattern_or_list, *, global_batch_size: int, seed: i
     paths = tf.constant([f for f, _ in readable] or [""], tf.string)
     lens = tf.constant([s for _, s in readable] or [0], tf.int64)
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, lens)).take(len(readable))
-    ds = ds.interleave(_read_file, cycle_length=max(1, min(cycle_length, len(readable))),
-                       block_length=1, num_parallel_calls=par, deterministic=True)
-    if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    # The end marker (index = number of raw elements) flushes the counters.
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(
-        (tf.constant(b""), tf.constant(_END), tf.constant(b""))))
-    ds = ds.enumerate()
-    if start_position:
-        ds = ds.skip(start_position)
-
-    spec = schema.parse_spec(with_tokens=tokens_from_record, context_length=context_length)
+    ds = _records(paths, lens, len(readable), cycle_length=cycle_length, par=par,
+                  shuffle_buffer=shuffle_buffer, shuffle_seed=shuffle_seed,
+                  start_position=start_position)
     # Names of the elements that the next ignore_errors may drop, until seen past it.
     names_by_idx, names_by_ordinal = _table(), _table()
-
-    def parse(idx, elem):
-        rec, kind, name = elem
-        with tf.control_dependencies([names_by_idx.insert(idx[None], name[None])]):
-            # Non-records (sentinels) parse as an empty Example: every feature default.
-            ex = tf.io.parse_single_example(tf.where(tf.equal(kind, _REC), rec, b""), spec)
-        ex["idx"] = idx
-        ex["kind"] = kind
-        ex["name"] = name
-        return ex
-
-    ds = ds.map(parse, num_parallel_calls=par, deterministic=True).ignore_errors()
-
-    def check(state, ex):
-        last, counts, ordinal = state
-        rec = tf.equal(ex["kind"], _REC)
-        no_image = rec & tf.equal(tf.strings.length(ex[schema.IMAGE]), 0)
-        no_caption = rec & ~no_image & tf.equal(
-            tf.strings.length(tf.strings.strip(ex[schema.CAPTION])), 0)
-        bad_shard = tf.equal(ex["kind"], _EOF_BAD)
-        lost = ex["idx"] - last - 1  # records lost to parse errors
-        add = tf.stack([lost, tf.cast(no_caption, tf.int64), tf.cast(no_image, tf.int64),
-                        tf.constant(0, tf.int64), tf.cast(bad_shard, tf.int64)])
-
-        def bad():
-            own = tf.stack([no_caption, no_image, bad_shard])
-            reasons = tf.concat([tf.fill([lost], _R["bad_record"]), tf.boolean_mask(
-                [_R["empty_caption"], _R["missing_image"], _R["bad_shard"]], own)], 0)
-            own_name = tf.strings.join([ex["name"], ex[schema.KEY]], "\0")
-            return reasons, tf.concat([names_by_idx.lookup(tf.range(last + 1, ex["idx"])),
-                                       tf.boolean_mask(tf.fill([3], own_name), own)], 0)
-
-        logged = _log_bad_if((lost > 0) | no_caption | no_image | bad_shard, bad)
-        with tf.control_dependencies([logged]):  # names up to here are not needed any more
-            forget = names_by_idx.remove(tf.range(last + 1, ex["idx"] + 1))
-        with tf.control_dependencies([forget]):
-            counts = counts + add
-        valid = (rec & ~no_image & ~no_caption) | tf.equal(ex["kind"], _END)
-        ordinal = ordinal + tf.cast(valid, tf.int64)
-        out = dict(ex, counts=counts, ordinal=ordinal, valid=valid)
-        return (ex["idx"], counts, ordinal), out
-
-    init = (tf.constant(start_position - 1, tf.int64), tf.zeros([len(REASONS)], tf.int64),
-            tf.constant(-1, tf.int64))
-    ds = ds.scan(init, check).filter(lambda ex: ex["valid"])
-
+    ds = _parse_and_check(ds, names_by_idx, start_position=start_position, par=par,
+                          tokens_from_record=tokens_from_record, context_length=context_length)
     base_seed = tf.random.experimental.stateless_fold_in(
         tf.constant([seed, epoch], tf.int64), process_index)
 
-    def decode(ex):
-        is_end = tf.equal(ex["kind"], _END)
-        keep_name = names_by_ordinal.insert(
-            ex["ordinal"][None], tf.strings.join([ex["name"], ex[schema.KEY]], "\0")[None])
-        if augment:
-            ex_seed = tf.random.experimental.stateless_fold_in(base_seed, ex["idx"])
-            fn = lambda: train_augment_pixels(ex[schema.IMAGE], ex_seed, augment)  # noqa: E731
-        else:
-            fn = lambda: (decode_center(ex[schema.IMAGE], image_size),  # noqa: E731
-                          tf.constant(False))
-        # pixel scale; flipped (if still to do) and normalised per batch
-        with tf.control_dependencies([keep_name]):
-            img, flip = tf.cond(is_end, lambda: (tf.zeros([image_size, image_size, 3]),
-                                                 tf.constant(False)), fn)
-        out = {"image": tf.ensure_shape(img, [image_size, image_size, 3]), "flip": flip,
-               "caption": ex[schema.CAPTION], "key": ex[schema.KEY], "idx": ex["idx"],
-               "kind": ex["kind"], "counts": ex["counts"], "ordinal": ex["ordinal"]}
-        if tokens_from_record:
-            out["text_tokens"] = tf.cast(ex[schema.TOKENS], tf.int32)
-        return out
-
-    ds = ds.map(decode, num_parallel_calls=par, deterministic=True).ignore_errors()
-
-    def count_decode_failures(state, ex):
-        last, failed = state
-        lost = ex["ordinal"] - last - 1
-        logged = _log_bad_if(lost > 0, lambda: (
-            tf.fill([lost], _R["corrupt_image"]),
-            names_by_ordinal.lookup(tf.range(last + 1, ex["ordinal"]))))
-        with tf.control_dependencies([logged]):
-            forget = names_by_ordinal.remove(tf.range(last + 1, ex["ordinal"] + 1))
-        with tf.control_dependencies([forget]):
-            failed = failed + lost
-        out = {k: v for k, v in ex.items() if k != "ordinal"}
-        out["counts"] = ex["counts"] + tf.one_hot(
-            _R["corrupt_image"], len(REASONS), dtype=tf.int64) * failed
-        return (ex["ordinal"], failed), out
-
-    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), count_decode_failures)
-    # The end marker may land in a full-size batch; DataIterator drops that
-    # batch (it holds < batch real examples), so no drop_remainder here.
-    ds = ds.batch(batch, drop_remainder=False)
-    use_xla = augment.xla if augment else True
-
-    def finish(b):
-        b = dict(b, image=finish_batch(b["image"], b["flip"], use_xla))
-        del b["flip"]
-        return b
-
-    ds = ds.map(finish)
-
-    if not tokens_from_record:
-        def tok(captions):
-            from tcl_jax.tokenizer import tokenize
-
-            texts = [c.decode("utf-8", errors="replace") for c in captions.tolist()]
-            return tokenize(texts, context_length=context_length).astype(np.int32)
-
-        def add_tokens(b):
-            t = tf.numpy_function(tok, [b["caption"]], tf.int32, stateful=False)
-            b = dict(b, text_tokens=tf.ensure_shape(t, [None, context_length]))
-            return b
-
-        ds = ds.map(add_tokens)
-    ds = ds.map(lambda b: {k: v for k, v in b.items() if k != "caption"})
-    if not with_metadata:
-        # plain use: drop the final batch (remainder + end marker) and the extras
-        ds = ds.filter(lambda b: tf.reduce_all(tf.not_equal(b["kind"], _END)))
-        ds = ds.map(lambda b: {"image": b["image"], "text_tokens": b["text_tokens"]})
-    ds = ds.prefetch(prefetch)
+    ds = _decode(ds, names_by_ordinal, base_seed, augment=augment, image_size=image_size,
+                 par=par, tokens_from_record=tokens_from_record)
+    ds = _batch(ds, batch, augment=augment, tokens_from_record=tokens_from_record,
+                context_length=context_length, with_metadata=with_metadata, prefetch=prefetch)
 
     opts = tf.data.Options()
     opts.deterministic = True
