@@ -29,6 +29,10 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+from PIL import ImageOps
 
 from tcl_jax import convert
 from tcl_jax import kinds
@@ -155,7 +159,6 @@ def load_model(checkpoint: str, clip: Optional[str] = None):
 
 def fit_image(image_rgb: np.ndarray, max_side: Optional[int]):
   """Downscale so the long side is at most max_side -> (image, note or None)."""
-  from PIL import Image
   h, w = image_rgb.shape[:2]
   if not max_side or max(h, w) <= max_side:
     return image_rgb, None
@@ -168,7 +171,6 @@ def fit_image(image_rgb: np.ndarray, max_side: Optional[int]):
 def read_image(data, max_side: Optional[int] = None):
   """An image file (path, bytes or file object) -> (RGB uint8 [H, W, 3], note or None), with EXIF
   orientation applied. Raises ValueError with one line for anything PIL cannot decode."""
-  from PIL import Image, ImageOps
   if isinstance(data, bytes):
     data = io.BytesIO(data)
   try:
@@ -199,7 +201,6 @@ def load_image(source: str, max_side: Optional[int] = None):
 def draw_sample(width: int = 500, height: int = 375) -> np.ndarray:
   """The bundled sample picture (assets/sample.png), drawn procedurally: sky, sun, grass, a house
   and a tree. Regenerate: python -c "import tcl_jax.demo as d; d.save_sample()"."""
-  from PIL import Image, ImageDraw
   y = np.linspace(0.0, 1.0, height)[:, None, None]
   sky = (1 - y) * np.array([70, 130, 220]) + y * np.array([180, 215, 245])
   img = Image.fromarray(np.broadcast_to(sky, (height, width, 3)).round().astype(np.uint8))
@@ -223,7 +224,6 @@ def draw_sample(width: int = 500, height: int = 375) -> np.ndarray:
 
 
 def save_sample(path: str = SAMPLE_IMAGE) -> None:
-  from PIL import Image
   Image.fromarray(draw_sample()).save(path, optimize=True)
 
 
@@ -241,13 +241,11 @@ def overlay(image_rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np
 
 
 def _font(size: int):
-  from PIL import ImageFont
   return ImageFont.load_default(size=size)  # Pillow's bundled font: same pixels everywhere
 
 
 def legend(classes: Sequence[str], width: int) -> np.ndarray:
   """uint8 [h, width, 3]: a colour swatch and the name of each class, wrapped into rows."""
-  from PIL import Image, ImageDraw
   size = max(14, min(32, width // 30))
   font, pad, box = _font(size), size // 2, size
   row_h = size + pad
@@ -302,24 +300,40 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-  ap = ArgumentParser(prog="python -m tcl_jax.demo", description=__doc__.split("\n")[0])
+  defaults = zeroshot.Protocol()
+  ap = ArgumentParser(prog="python -m tcl_jax.demo",
+                      description="Segments one image with any list of class names (the "
+                                  "evaluation's zero-shot pipeline) and writes the overlay.")
   ap.add_argument("--checkpoint", required=True,
-                  help="converted directory, training workdir, or PyTorch TCL file")
+                  help="converted directory, training workdir, PyTorch TCL file, .safetensors "
+                       "file or Hugging Face Hub id")
   ap.add_argument("--clip", default=None, help="OpenAI ViT-B-16.pt, for a minimal release tcl.pth")
   ap.add_argument("--image", required=True, help="path, http(s) URL, or 'sample'")
   ap.add_argument("--classes", required=True, help="comma-separated class names")
   ap.add_argument("--output", default="segmentation.png", help="overlay with legend (PNG)")
-  ap.add_argument("--no_pamr", action="store_true")
-  ap.add_argument("--kp_w", type=float, default=0.3)
-  ap.add_argument("--bg_thresh", type=float, default=0.4)
+  ap.add_argument("--no_pamr", action="store_true",
+                  help="skip PAMR, the mask refinement by image colour (faster, coarser)")
+  ap.add_argument("--kp_w", type=float, default=defaults.kp_w,
+                  help=f"weight of the KP branch, the frozen CLIP's dense scores (default "
+                       f"{defaults.kp_w})")
+  ap.add_argument("--bg_thresh", type=float, default=defaults.bg_thresh,
+                  help=f"pixels where no class scores above this are background (default "
+                       f"{defaults.bg_thresh}; lower it to see weak masks)")
   ap.add_argument("--max_side", type=int, default=2048, help="downscale larger images to this")
   args = ap.parse_args(argv)
   classes = parse_classes(args.classes)
   if not classes:
     ap.error("--classes holds no class name")
-  from PIL import Image
+  if not 0.0 <= args.bg_thresh <= 1.0:
+    ap.error(f"--bg_thresh must be in [0, 1], got {args.bg_thresh}")
+  out_dir = os.path.dirname(os.path.abspath(args.output))
+  if not os.path.isdir(out_dir):
+    ap.error(f"--output {args.output}: folder {out_dir} does not exist")
+  if not os.access(out_dir, os.W_OK):
+    ap.error(f"--output {args.output}: folder {out_dir} is not writable")
   try:
-    image, note = load_image(args.image, args.max_side)
+    full, _ = load_image(args.image, None)
+    image, note = fit_image(full, args.max_side)
     cfg, params = load_model(args.checkpoint, args.clip)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -327,8 +341,13 @@ def main(argv=None):
   if note:
     print(note)
   start = time.perf_counter()
-  seg = Segmenter(params, cfg)(image, classes, pamr=not args.no_pamr, kp_w=args.kp_w,
-                               bg_thresh=args.bg_thresh)
+  try:
+    seg = Segmenter(params, cfg)(image, classes, pamr=not args.no_pamr, kp_w=args.kp_w,
+                                 bg_thresh=args.bg_thresh)
+  except ValueError as e:  # e.g. an image too elongated for the pipeline's resize
+    h, w = full.shape[:2]
+    print(f"error: --image {args.image} ({w}x{h}): {e}", file=sys.stderr)
+    return 2
   elapsed = time.perf_counter() - start
   try:
     Image.fromarray(overlay_with_legend(image, seg)).save(args.output)

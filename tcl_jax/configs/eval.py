@@ -8,25 +8,28 @@ Without PAMR the original README uses bg_thresh 0.5.
 
 import ml_collections
 
+from tcl_jax.zeroshot.protocol import Protocol
+
 
 def get_config():
+  p = Protocol()  # the protocol's defaults live there (tcl_jax/zeroshot/protocol.py)
   config = ml_collections.ConfigDict()
   # Comma-separated task names: voc, voc20, context, context59, coco_stuff, coco_object,
   # cityscapes, ade20k (the paper's 8), or t_voc20, t_context59 (train splits, as in training).
   config.tasks = "voc,voc20,context,context59,coco_stuff,coco_object,cityscapes,ade20k"
   # Folder holding VOCdevkit/VOC2012, VOCdevkit/VOC2010, coco_stuff164k, cityscapes, ade.
   config.data_root = "data"
-  config.pamr = True
-  config.bg_thresh = 0.4
-  config.kp_w = 0.3
-  config.template = "custom"  # 'custom' (9 prompts) or 'simple' ('a photo of a {}.'), ...
+  config.pamr = p.pamr
+  config.bg_thresh = p.bg_thresh
+  config.kp_w = p.kp_w
+  config.template = p.template  # 'custom' (9 prompts) or 'simple' ('a photo of a {}.'), ...
   config.max_images = 0  # per task; 0 = all
   # Test pipeline: keep-ratio resize bounds (long, short), sliding window crop and stride.
-  config.img_scale = (2048, 448)
-  config.crop = 448
-  config.stride = 224
-  config.batch = 8  # windows per model call (an image's windows are split into such batches)
+  config.img_scale = p.img_scale
+  config.crop = p.crop
+  config.stride = p.stride
+  config.batch = p.batch  # windows per model call (an image's windows are split into such batches)
   # Round the number of text classes up to a multiple of this (0 = off): fewer compiled shapes
   # across tasks at the cost of computing masks for padding classes (same results).
-  config.class_pad = 0
+  config.class_pad = p.class_pad
   return config

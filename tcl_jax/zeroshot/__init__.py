@@ -1,22 +1,27 @@
 """Zero-shot open-vocabulary segmentation: one engine for the evaluator, the training loop's
 periodic evaluation, the demo, the app and the notebook.
 
+  protocol   Protocol: every setting of the protocol (jax-free: configs import it)
   prompts    template sets, class text embeddings
-  pipeline   Protocol (every setting), resize/normalize, sliding windows, predict()
+  pipeline   resize/normalize, sliding windows, predict()
   metrics    intersection/union histograms, mIoU
   datasets   the benchmark task registry and readers
   evaluator  task loops over a model kind's window function (tcl_jax.kinds) on given devices
   report     tables and results.json
+
+The names below are loaded on first use, so `tcl_jax.zeroshot.protocol` stays light.
 """
 
-from tcl_jax.zeroshot.evaluator import evaluate_dataset
-from tcl_jax.zeroshot.evaluator import evaluate_tasks
-from tcl_jax.zeroshot.evaluator import make_window_fn
-from tcl_jax.zeroshot.evaluator import open_datasets
-from tcl_jax.zeroshot.pipeline import predict
-from tcl_jax.zeroshot.pipeline import Prediction
-from tcl_jax.zeroshot.pipeline import Protocol
-from tcl_jax.zeroshot.prompts import class_text_embedding
+import importlib
 
-__all__ = ["Prediction", "Protocol", "class_text_embedding", "evaluate_dataset", "evaluate_tasks",
-           "make_window_fn", "open_datasets", "predict"]
+_PUBLIC = {"Prediction": "pipeline", "predict": "pipeline", "Protocol": "protocol",
+           "class_text_embedding": "prompts", "evaluate_dataset": "evaluator",
+           "evaluate_tasks": "evaluator", "make_window_fn": "evaluator",
+           "open_datasets": "evaluator"}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
