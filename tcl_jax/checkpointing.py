@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -106,7 +107,6 @@ def gather_input_states(local_state: dict) -> dict:
   count = jax.process_count()
   if count == 1:
     return {"process_count": 1, "processes": {"0": local_state}}
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
   size = int(np.max(multihost_utils.process_allgather(np.array([data.size], np.int32))))
   padded = np.zeros([size], np.uint8)

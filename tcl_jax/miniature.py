@@ -28,19 +28,30 @@ import os
 import sys
 import time
 
+from absl import app
+from absl import flags
 from absl import logging
+from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
+import tensorflow as tf
 
-from tcl_jax import config_files
-from tcl_jax import miniature_record
 from tcl_jax import checkpointing
+from tcl_jax import config_files
 from tcl_jax import kinds
+from tcl_jax import miniature_record
+from tcl_jax import tokenizer
 from tcl_jax import train
 from tcl_jax import train_inputs
 from tcl_jax import zeroshot
+from tcl_jax.data import synthetic
 from tcl_jax.kinds import base
+from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import pipeline
@@ -72,8 +83,6 @@ def train_clip(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def world_token_ids() -> np.ndarray:
   """Every token id the miniature ever feeds the text tower: caption words, punctuation, and all
   evaluation prompts of the shapes classes (every template set)."""
-  from tcl_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  from tcl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   texts = [" ".join(synthetic.vocabulary()) + " , ."]
   texts += [t.format(c) for ts in prompts.TEMPLATES.values() for t in ts
             for c in synthetic.CLASSES[1:]]
@@ -125,9 +134,6 @@ def zero_shot_accuracy(clip_params: dict, clip_cfg, num_images: int = 300,
   single-object evaluation-stream scenes among the 12 classes; {"colour", "shape", "class"}
   accuracy (chance 1/4, 1/3, 1/12). A CLIP that knows colour but not shape gives TCL nothing to
   ground shape with (the first shipped one: colour 1.0, shape 0.34)."""
-  from tcl_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  from tcl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  from tcl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   images, labels, i = [], [], 0
   while len(images) < num_images:
     rgb, label, objects, _ = synthetic.scene(seed, synthetic.STREAM_EVAL, i)
@@ -161,7 +167,6 @@ _HEADER_PX, _LEGEND_ROW_PX, _SWATCH_PX = 24, 22, 14
 def class_colours(classes) -> np.ndarray:
   """uint8 [len(classes) + 1, 3]: each shapes-world class in its object's colour (the shape sets
   the shade, see `_SHADES`), background dark grey; the last row (white) is for other labels."""
-  from tcl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   out = []
   for name in classes:
     colour, _, shape = name.partition(" ")
@@ -180,7 +185,6 @@ def _colourise(label: np.ndarray, colours: np.ndarray) -> np.ndarray:
 
 
 def _font(size: int):
-  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
   try:
     return ImageFont.load_default(size=size)
   except TypeError:  # Pillow < 10.1: a fixed bitmap font
@@ -190,7 +194,6 @@ def _font(size: int):
 def _labelled(grid: np.ndarray, headers: list[str], classes, colours: np.ndarray) -> np.ndarray:
   """`grid` (columns of equal width) with a header over each column and, below, a legend: a
   swatch in each class's colour and its name."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top,g-multiple-import
   width = grid.shape[1]
   col = width // len(headers)
   font = _font(13)
@@ -299,7 +302,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | None:
-  from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
   mini = config.miniature
   model = kinds.build_model(config)  # checks config.model before any long work
   cfg = model.cfg
@@ -348,8 +350,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
                           "tcl_per_class_iou": _round(final[t]["per_class_iou"])}
                       for t in final if t != "average"}}
   if jax.process_index() == 0 and mini.num_mask_images:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     panel = mask_panel([step0_params(model, config, workdir), state.params], cfg, config, workdir,
                        mini.num_mask_images, ["baseline (step 0)",
                                               f"TCL ({config.total_steps} steps)"])
@@ -369,16 +369,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
 
 def main(argv):
   """`--rebuild_clip`: stage 1 alone, writing the shipped weights file."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
   if not f.rebuild_clip or not f.workdir:
     config_files.usage_error(f"usage: {REBUILD_COMMAND} [--output=PATH]")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # the input pipeline must leave accelerators to JAX
   config = clip_config()
   clip = train_clip(config, f.workdir)
-  from tcl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   acc = zero_shot_accuracy(clip, clip_lib.CLIPConfig(**config.model.clip.to_dict()))
   meta = {"command": REBUILD_COMMAND, "steps": int(config.total_steps), "seed": int(config.seed),
           "jax": jax.__version__, "zero_shot_accuracy": acc}
@@ -390,7 +387,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_bool("rebuild_clip", False, "Train stage 1 (configs/miniature_clip.py) and write "
                     "its weights file.")
   flags.DEFINE_string("workdir", None, "Stage 1 workdir (checkpoints, logs, data).")

@@ -29,6 +29,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from tcl_jax.zeroshot import datasets as seg_data
 
@@ -102,7 +103,6 @@ def convert(coco_path: str, out_dir: str = None, nproc: int = 1, progress: bool 
     else:
       it = map(fn, files)
     if progress:
-      from tqdm import tqdm
       it = tqdm(it, total=len(files), desc=split)
     for _ in it:
       done += 1

@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Iterator, Optional
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -226,7 +227,6 @@ class CorruptSample(ValueError):
 
 def read_image_bgr(path: str) -> np.ndarray:
   """`mmcv.imfrombytes(bytes, 'color')` (cv2 backend): OpenCV imdecode to BGR uint8 [H, W, 3]."""
-  import cv2
   try:
     buf = np.fromfile(path, dtype=np.uint8)
   except OSError as e:
