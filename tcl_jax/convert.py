@@ -566,6 +566,26 @@ def _root_cause(e: BaseException) -> str:
   return first[:300]
 
 
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed orbax restore, tensorstore still completes the other reads in flight and calls
+  back into the event loop that orbax has already closed; each callback's RuntimeError('Event
+  loop is closed') reaches sys.unraisablehook, which prints a traceback for every one (dozens,
+  after the error line). Drop exactly those, for the rest of the process; every other unraisable
+  exception goes to the previous hook as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
 def load_checkpoint(directory):
   """A directory written by `save_checkpoint` (or `python -m tcl_jax.convert`) -> (cfg, params).
 
@@ -583,6 +603,8 @@ def load_checkpoint(directory):
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f"{directory} is not a complete tcl_jax checkpoint: it has no params/; "
                             f"convert it again")
+  # Before the restore: the callbacks can come before a failure reaches the except clause.
+  _drop_closed_loop_callbacks()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(params_dir, target)
