@@ -23,7 +23,6 @@ transformers CLIP directory, or a Hub id of a repository holding any of the last
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -31,11 +30,11 @@ from typing import Optional
 
 import huggingface_hub
 import jax
-import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 
+from tcl_jax import checkpointing
+from tcl_jax import convert_maps
+from tcl_jax import model_files
 from tcl_jax import torch_pickle
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
@@ -54,218 +53,6 @@ NO_CLIP = ("this TCL checkpoint has no CLIP towers (clip_text_encoder.*, clip_im
            "like the official tcl.pth: pass OpenAI's ViT-B/16 file with --clip ViT-B-16.pt "
            "(clip= in Python)")
 
-# Layout changes torch -> flax, and their inverses (flax -> torch, e.g. to name gradients).
-_T, _CONV, _ID = "linear", "conv", "identity"
-_TO_FLAX = {
-    _T: lambda a: a.T,  # torch Linear [out, in] -> flax kernel [in, out]
-    _CONV: lambda a: a.transpose(2, 3, 1, 0),  # [O, I, kh, kw] -> [kh, kw, I, O]
-    _ID: lambda a: a,
-}
-_TO_TORCH = {
-    _T: lambda a: a.T,
-    _CONV: lambda a: a.transpose(3, 2, 0, 1),
-    _ID: lambda a: a,
-}
-
-
-class ConversionError(ValueError):
-  """A checkpoint that does not fit the model; the one-line message lists the problems."""
-
-
-def _listing(problems, limit=12):
-  more = f"; ... and {len(problems) - limit} more" if len(problems) > limit else ""
-  return "; ".join(problems[:limit]) + more
-
-
-# ----------------------------------------------------------------------------------------------
-# Key maps: flax path (tuple) -> (torch key, transform)
-# ----------------------------------------------------------------------------------------------
-
-def _block_map(prefix: str):
-  return {
-      ("ln_1", "scale"): (prefix + "ln_1.weight", _ID),
-      ("ln_1", "bias"): (prefix + "ln_1.bias", _ID),
-      ("attn", "in_proj", "kernel"): (prefix + "attn.in_proj_weight", _T),
-      ("attn", "in_proj", "bias"): (prefix + "attn.in_proj_bias", _ID),
-      ("attn", "out_proj", "kernel"): (prefix + "attn.out_proj.weight", _T),
-      ("attn", "out_proj", "bias"): (prefix + "attn.out_proj.bias", _ID),
-      ("ln_2", "scale"): (prefix + "ln_2.weight", _ID),
-      ("ln_2", "bias"): (prefix + "ln_2.bias", _ID),
-      ("c_fc", "kernel"): (prefix + "mlp.c_fc.weight", _T),
-      ("c_fc", "bias"): (prefix + "mlp.c_fc.bias", _ID),
-      ("c_proj", "kernel"): (prefix + "mlp.c_proj.weight", _T),
-      ("c_proj", "bias"): (prefix + "mlp.c_proj.bias", _ID),
-  }
-
-
-def _ln(flax_prefix, torch_prefix):
-  return {flax_prefix + ("scale",): (torch_prefix + "weight", _ID),
-          flax_prefix + ("bias",): (torch_prefix + "bias", _ID)}
-
-
-def _with_prefix(flax_prefix, m):
-  return {flax_prefix + k: v for k, v in m.items()}
-
-
-def clip_key_map(cfg: clip_lib.CLIPConfig, layout: str) -> dict:
-  """Flax path -> torch key for the CLIP towers, in the 'openai' or 'tcl' layout."""
-  if layout == "openai":
-    vis, vis_proj_ln, vis_proj, txt = "visual.", "visual.ln_post.", "visual.proj", ""
-  else:
-    vis = "clip_image_encoder.clip_visual."
-    vis_proj_ln = "clip_image_encoder.clip_proj.ln."
-    vis_proj = "clip_image_encoder.clip_proj.proj"
-    txt = "clip_text_encoder."
-  m = {
-      ("visual", "conv1", "kernel"): (vis + "conv1.weight", _CONV),
-      ("visual", "class_embedding"): (vis + "class_embedding", _ID),
-      ("visual", "positional_embedding"): (vis + "positional_embedding", _ID),
-      ("visual", "proj"): (vis_proj, _ID),
-      ("text", "token_embedding", "embedding"): (txt + "token_embedding.weight", _ID),
-      ("text", "positional_embedding"): (txt + "positional_embedding", _ID),
-      ("text", "text_projection"): (txt + "text_projection", _ID),
-  }
-  m.update(_ln(("visual", "ln_pre"), vis + "ln_pre."))
-  m.update(_ln(("visual", "ln_post"), vis_proj_ln))
-  m.update(_ln(("text", "ln_final"), txt + "ln_final."))
-  for i in range(cfg.vision_layers):
-    m.update(_with_prefix(("visual", f"resblocks_{i}"),
-                          _block_map(f"{vis}transformer.resblocks.{i}.")))
-  for i in range(cfg.transformer_layers):
-    m.update(_with_prefix(("text", f"resblocks_{i}"),
-                          _block_map(f"{txt}transformer.resblocks.{i}.")))
-  return m
-
-
-def masker_key_map(cfg: tcl_lib.TCLConfig) -> dict:
-  """Flax path (under params['masker'], plus the logit scales) -> torch key, official layout."""
-  enc = "masker.image_encoder."
-  m = {}
-  for i in range(cfg.ie_freeze, cfg.clip.vision_layers):
-    m.update(_with_prefix(("masker", "backbone", f"resblocks_{i}"),
-                          _block_map(f"{enc}backbone.transformer.resblocks.{i}.")))
-  convs = ("conv", "conv2") if cfg.decoder_double else ("conv",)
-  for j in range(cfg.decoder_n_layers):
-    for c in convs:
-      t = f"{enc}decoder.decoder.net.{j}.{c}."
-      f = ("masker", "decoder", f"net_{j}", c)
-      if cfg.decoder_norm == "ln":
-        m.update(_ln(f + ("norm",), t + "norm."))
-      m[f + ("conv", "kernel")] = (t + "conv.weight", _CONV)
-      m[f + ("conv", "bias")] = (t + "conv.bias", _ID)
-      m[f + ("gate",)] = (t + "gate.gate", _ID)
-  m.update(_ln(("masker", "image_proj", "ln"), enc + "decoder.image_proj.ln."))
-  m[("masker", "image_proj", "proj")] = (enc + "decoder.image_proj.proj", _ID)
-  m[("masker", "sim2mask", "w")] = ("masker.sim2mask.w", _ID)
-  m[("masker", "sim2mask", "b")] = ("masker.sim2mask.b", _ID)
-  m[("tcli_logit_scale",)] = ("tcli_loss.logit_scale", _ID)
-  m[("tclf_logit_scale",)] = ("tclf_loss.logit_scale", _ID)
-  return m
-
-
-def tcl_key_map(cfg: tcl_lib.TCLConfig) -> dict:
-  """Flax path tuple -> (official TCL state_dict key, layout), for every TCL parameter."""
-  m = {("clip",) + k: v for k, v in clip_key_map(cfg.clip, "tcl").items()}
-  m.update(masker_key_map(cfg))
-  return m
-
-
-def to_torch_state_dict(cfg: tcl_lib.TCLConfig, tree) -> dict:
-  """A params-shaped tree (parameters or their gradients) -> {official TCL key: torch-layout
-  numpy array}, for the leaves present in `tree`."""
-  key_map = tcl_key_map(cfg)
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    tkey, layout = key_map[tuple(p.key for p in path)]
-    out[tkey] = np.array(_TO_TORCH[layout](np.asarray(leaf)), order="C")
-  return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Config inference (the original's build_model, plus TCL's masker layout)
-# ----------------------------------------------------------------------------------------------
-
-def detect_layout(sd: dict) -> str:
-  if any(k.startswith("masker.") for k in sd):
-    return "tcl"
-  if "visual.proj" in sd and "token_embedding.weight" in sd:
-    return "openai"
-  if "visual.attnpool.positional_embedding" in sd:
-    raise ConversionError("this is a ResNet CLIP checkpoint; TCL supports ViT CLIP models only")
-  sample = ", ".join(list(sd)[:5])
-  raise ConversionError(
-      f"unrecognised checkpoint layout (neither official TCL nor OpenAI ViT CLIP); first keys: {sample}")
-
-
-def _count_blocks(sd, prefix):
-  pat = re.compile(re.escape(prefix) + r"(\d+)\.attn\.in_proj_weight$")
-  return len({int(m.group(1)) for k in sd for m in [pat.match(k)] if m})
-
-
-def _shape(sd, key):
-  if key not in sd:
-    raise ConversionError(f"checkpoint lacks {key!r}, needed to infer the model dims")
-  return tuple(sd[key].shape)
-
-
-def infer_clip_config(sd: dict, layout: str, *, vision_heads=None, text_heads=None):
-  vis = "visual." if layout == "openai" else "clip_image_encoder.clip_visual."
-  txt = "" if layout == "openai" else "clip_text_encoder."
-  conv = _shape(sd, vis + "conv1.weight")
-  width, patch = conv[0], conv[-1]
-  grid = round((_shape(sd, vis + "positional_embedding")[0] - 1) ** 0.5)
-  proj_key = "visual.proj" if layout == "openai" else "clip_image_encoder.clip_proj.proj"
-  _shape(sd, proj_key)
-  tw = _shape(sd, txt + "ln_final.weight")[0]
-  return clip_lib.CLIPConfig(
-      embed_dim=_shape(sd, txt + "text_projection")[1],
-      image_resolution=patch * grid,
-      vision_layers=_count_blocks(sd, vis + "transformer.resblocks."),
-      vision_width=width,
-      vision_patch_size=patch,
-      vision_heads=_heads("vision_heads", vision_heads, width, "vision"),
-      context_length=_shape(sd, txt + "positional_embedding")[0],
-      vocab_size=_shape(sd, txt + "token_embedding.weight")[0],
-      transformer_width=tw,
-      transformer_heads=_heads("text_heads", text_heads, tw, "text"),
-      transformer_layers=_count_blocks(sd, txt + "transformer.resblocks."),
-  )
-
-
-def _heads(name: str, given: Optional[int], width: int, tower: str) -> int:
-  """The attention heads of a tower: `given`, else width // 64 as the original's build_model."""
-  if given is None:
-    if width < 64:
-      raise ConversionError(f"the {tower} tower's width {width} is under 64, so its heads cannot be "
-                            f"assumed as width // 64; pass --{name} N ({name}=N in Python)")
-    return width // 64
-  if given < 1 or width % given:
-    raise ConversionError(f"--{name} {given} does not divide the {tower} tower's width {width}; "
-                          f"give the model's own head count, a divisor of {width}")
-  return given
-
-
-def infer_tcl_config(sd: dict, clip_cfg, layout: str, overrides: dict) -> tcl_lib.TCLConfig:
-  kw = {}
-  if layout == "tcl":
-    enc = "masker.image_encoder."
-    idx = sorted({int(m.group(1)) for k in sd
-                  for m in [re.match(re.escape(enc) + r"backbone\.transformer\.resblocks\.(\d+)\.", k)] if m})
-    kw["ie_freeze"] = idx[0] if idx else clip_cfg.vision_layers
-    dec = enc + "decoder.decoder.net."
-    layers = {int(m.group(1)) for k in sd for m in [re.match(re.escape(dec) + r"(\d+)\.", k)] if m}
-    kw["decoder_n_layers"] = len(layers)
-    kw["decoder_double"] = f"{dec}0.conv2.conv.weight" in sd
-    if f"{dec}0.conv.conv.weight" in sd:
-      kw["decoder_kernel_size"] = sd[f"{dec}0.conv.conv.weight"].shape[-1]
-    kw["decoder_norm"] = "ln" if f"{dec}0.conv.norm.weight" in sd else "none"
-  else:
-    # The paper's choice for ViT-B/16 is ie_freeze 11 = the last block trains as the masker.
-    kw["ie_freeze"] = clip_cfg.vision_layers - 1
-  kw.update({k: v for k, v in overrides.items() if v is not None})
-  return tcl_lib.TCLConfig(clip=clip_cfg, **kw)
-
-
 # ----------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +70,7 @@ def _fill(target_shapes, key_map: dict, sd: dict, used: set, problems: list):
       problems.append(f"missing key {tkey}")
       continue
     used.add(tkey)
-    arr = np.array(_TO_FLAX[fn](np.asarray(sd[tkey], np.float32)), order="C")
+    arr = np.array(convert_maps.TO_FLAX[fn](np.asarray(sd[tkey], np.float32)), order="C")
     if arr.shape != tuple(leaf.shape):
       problems.append(f"shape mismatch for {tkey}: checkpoint {tuple(sd[tkey].shape)}, "
                       f"model expects {tuple(leaf.shape)} (after layout transpose)")
@@ -292,21 +79,11 @@ def _fill(target_shapes, key_map: dict, sd: dict, used: set, problems: list):
   return flat
 
 
-def _unflatten(flat: dict) -> dict:
-  tree = {}
-  for names, arr in flat.items():
-    d = tree
-    for n in names[:-1]:
-      d = d.setdefault(n, {})
-    d[names[-1]] = jnp.asarray(arr)
-  return tree
-
-
 def _clip_in_tcl_layout(clip_sd: dict, clip_cfg) -> dict:
   """OpenAI CLIP keys -> the TCL checkpoint's names for the same tensors. Keys with no TCL name
   stay (marked) so that the conversion lists them as unexpected."""
-  tcl_names = clip_key_map(clip_cfg, "tcl")
-  rename = {oai: tcl_names[path][0] for path, (oai, _) in clip_key_map(clip_cfg, "openai").items()}
+  tcl_names = convert_maps.clip_key_map(clip_cfg, "tcl")
+  rename = {oai: tcl_names[path][0] for path, (oai, _) in convert_maps.clip_key_map(clip_cfg, "openai").items()}
   out = {}
   for k, v in clip_sd.items():
     if k in rename:
@@ -319,29 +96,29 @@ def _clip_in_tcl_layout(clip_sd: dict, clip_cfg) -> dict:
 def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Optional[int] = None,
                        vision_heads: Optional[int] = None, text_heads: Optional[int] = None,
                        seed: int = 0, **tcl_overrides):
-  """state_dict (name -> numpy) -> (TCLConfig, params). Fails listing every missing, unexpected
+  """state_dict (name -> numpy) -> (TCLConfig, params). Fails model_files.listing every missing, unexpected
   or mis-shaped key.
 
   `clip`: an OpenAI CLIP state_dict that supplies the CLIP towers and the model dims for a TCL
   state_dict that lacks them (the official tcl.pth); the TCL state_dict's own keys win.
   """
-  layout = detect_layout(sd)
+  layout = convert_maps.detect_layout(sd)
   if clip is not None:
     if layout != "tcl":
-      raise ConversionError("--clip (clip=) completes a TCL checkpoint; this source is a CLIP")
+      raise model_files.ConversionError("--clip (clip=) completes a TCL checkpoint; this source is a CLIP")
     try:
-      clip_layout = detect_layout(clip)
-    except ConversionError as e:
-      raise ConversionError(f"the --clip file: {e}") from None
+      clip_layout = convert_maps.detect_layout(clip)
+    except model_files.ConversionError as e:
+      raise model_files.ConversionError(f"the --clip file: {e}") from None
     if clip_layout != "openai":
-      raise ConversionError("the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), "
+      raise model_files.ConversionError("the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), "
                             "not a TCL checkpoint")
-    clip_cfg = infer_clip_config(clip, "openai", vision_heads=vision_heads, text_heads=text_heads)
+    clip_cfg = convert_maps.infer_clip_config(clip, "openai", vision_heads=vision_heads, text_heads=text_heads)
     sd = {**_clip_in_tcl_layout(clip, clip_cfg), **sd}  # the TCL file's own keys win
   else:
     if layout == "tcl" and not all(any(k.startswith(p) for k in sd) for p in CLIP_PREFIXES):
-      raise ConversionError(NO_CLIP)
-    clip_cfg = infer_clip_config(sd, layout, vision_heads=vision_heads, text_heads=text_heads)
+      raise model_files.ConversionError(NO_CLIP)
+    clip_cfg = convert_maps.infer_clip_config(sd, layout, vision_heads=vision_heads, text_heads=text_heads)
   notes = []
   if layout == "tcl":
     absent = [k for k in LOSS_SCALE_KEYS if k not in sd]
@@ -349,13 +126,13 @@ def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Opti
       sd = dict(sd, **{k: INITIAL_LOGIT_SCALE for k in absent})
       notes.append(f"note: the checkpoint has no {', '.join(absent)}; using the original's initial "
                    f"value log(1/0.07) = {INITIAL_LOGIT_SCALE:.4f} (it matters only for training)")
-  cfg = infer_tcl_config(sd, clip_cfg, layout, dict(tcl_overrides, ie_freeze=ie_freeze))
+  cfg = convert_maps.infer_tcl_config(sd, clip_cfg, layout, dict(tcl_overrides, ie_freeze=ie_freeze))
   shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
   used, problems = set(), []
   if layout == "tcl":
-    flat = _fill(shapes, tcl_key_map(cfg), sd, used, problems)
+    flat = _fill(shapes, convert_maps.tcl_key_map(cfg), sd, used, problems)
   else:
-    key_map = {("clip",) + k: v for k, v in clip_key_map(clip_cfg, "openai").items()}
+    key_map = {("clip",) + k: v for k, v in convert_maps.clip_key_map(clip_cfg, "openai").items()}
     flat = _fill({"clip": shapes["clip"]}, key_map, sd, used, problems)
   ignored = {k for k in sd if k.startswith(SKIPPED_PREFIXES) or k in SKIPPED_KEYS}
   if layout == "openai":
@@ -363,11 +140,11 @@ def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Opti
   unexpected = sorted(set(sd) - used - ignored)
   problems += [f"unexpected key {k}" for k in unexpected]
   if problems:
-    raise ConversionError(f"cannot convert this {layout} checkpoint to {_dims(cfg)}: "
-                          f"{len(problems)} problem(s): {_listing(problems)}")
+    raise model_files.ConversionError(f"cannot convert this {layout} checkpoint to {_dims(cfg)}: "
+                          f"{len(problems)} problem(s): {model_files.listing(problems)}")
   for note in notes:
     print(note, file=sys.stderr)
-  params = _unflatten(flat)
+  params = model_files.unflatten(flat)
   if layout == "openai":
     params = tcl_lib.init_params(cfg, jax.random.key(seed), clip_params=params["clip"])
   return cfg, params
@@ -451,12 +228,6 @@ def resolve(path) -> str:
   return hub_snapshot(repo) if repo else os.fspath(path)
 
 
-def is_converted(directory) -> bool:
-  """A directory written by `save_checkpoint` (config.json + params/)."""
-  return (os.path.isfile(os.path.join(directory, "config.json"))
-          and os.path.isdir(os.path.join(directory, "params")))
-
-
 def _hf_clip_module():
   # tcl_jax.hf_clip imports transformers (~1.5 s); only transformers sources pay for it.
   from tcl_jax import hf_clip  # pylint: disable=g-import-not-at-top
@@ -464,28 +235,9 @@ def _hf_clip_module():
 
 
 def _is_hf_clip_dir(directory) -> bool:
-  return (not is_converted(directory)
+  return (not model_files.is_converted(directory)
           and os.path.isfile(os.path.join(directory, "config.json"))
-          and "model_type" in _read_json(os.path.join(directory, "config.json"), quiet=True))
-
-
-def _read_json(path, quiet=False) -> dict:
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except OSError as e:
-    if quiet:
-      return {}
-    raise OSError(f"cannot read {path}: {e.strerror or e}") from None
-  except ValueError as e:
-    if quiet:
-      return {}
-    raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
-  if not isinstance(d, dict):
-    if quiet:
-      return {}
-    raise ValueError(f"{path} holds no JSON object; the checkpoint is damaged")
-  return d
+          and "model_type" in model_files.read_json(os.path.join(directory, "config.json"), quiet=True))
 
 
 def _state_dict(path, what: str):
@@ -494,7 +246,7 @@ def _state_dict(path, what: str):
     if _is_hf_clip_dir(path):
       sd, heads, _ = _hf_clip_module().load(path)
       return sd, heads
-    if is_converted(path):
+    if model_files.is_converted(path):
       raise ValueError(f"{what} {path} is already a converted tcl_jax checkpoint; load it as it "
                        f"is (e.g. --checkpoint {path}), or write one file with "
                        f"python -m tcl_jax.export {path} --output model.safetensors")
@@ -510,7 +262,7 @@ def _merge_heads(overrides: dict, stated: dict, source) -> dict:
     if out.get(k) is None:
       out[k] = v
     elif out[k] != v:
-      raise ConversionError(f"--{k} {out[k]} disagrees with {source}, whose config states {v}")
+      raise model_files.ConversionError(f"--{k} {out[k]} disagrees with {source}, whose config states {v}")
   return out
 
 
@@ -534,178 +286,6 @@ def load_source(path, clip=None, **overrides):
   return cfg, params, heads_from
 
 
-# ----------------------------------------------------------------------------------------------
-# tcl_jax checkpoint directories (config.json + orbax params) and one-file safetensors exports
-# ----------------------------------------------------------------------------------------------
-
-def save_checkpoint(directory, cfg: tcl_lib.TCLConfig, params) -> None:
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "params"), params, force=True)
-  tmp = os.path.join(directory, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(cfg.to_dict(), f, indent=1)
-  os.replace(tmp, os.path.join(directory, "config.json"))
-
-
-def _config_from_dict(d: dict, where: str) -> tcl_lib.TCLConfig:
-  try:
-    return tcl_lib.TCLConfig.from_dict(d)
-  except (TypeError, ValueError, KeyError) as e:
-    raise ValueError(f"{where} is not a tcl_jax model config ({e}); the checkpoint is damaged "
-                     f"or from another program") from None
-
-
-def _root_cause(e: BaseException) -> str:
-  """The innermost cause's first line (orbax wraps tensorstore's reason in pages of spec)."""
-  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
-    e = e.__cause__ or e.__context__
-  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-  return first[:300]
-
-
-def _drop_closed_loop_callbacks() -> None:
-  """After a failed orbax restore, tensorstore still completes the other reads in flight and calls
-  back into the event loop that orbax has already closed; each callback's RuntimeError('Event
-  loop is closed') reaches sys.unraisablehook, which prints a traceback for every one (dozens,
-  after the error line). Drop exactly those, for the rest of the process; every other unraisable
-  exception goes to the previous hook as before."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_callbacks", False):
-    return
-
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook.drops_closed_loop_callbacks = True
-  sys.unraisablehook = hook
-
-
-def load_checkpoint(directory):
-  """A directory written by `save_checkpoint` (or `python -m tcl_jax.convert`) -> (cfg, params).
-
-  A damaged one (a file under params/ missing or truncated, a broken config.json) raises one
-  ValueError naming the directory."""
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  cfg_path = os.path.join(directory, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{directory} is not a tcl_jax checkpoint (no config.json); convert a "
-                            f"PyTorch file first: python -m tcl_jax.convert SRC --output DIR")
-  cfg = _config_from_dict(_read_json(cfg_path), cfg_path)
-  target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
-  params_dir = os.path.join(directory, "params")
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"{directory} is not a complete tcl_jax checkpoint: it has no params/; "
-                            f"convert it again")
-  # Before the restore: the callbacks can come before a failure reaches the except clause.
-  _drop_closed_loop_callbacks()
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(params_dir, target)
-  except Exception as e:  # pylint: disable=broad-except
-    # orbax/tensorstore raise plain Exceptions whose text spans pages; one line is what helps.
-    raise ValueError(f"the checkpoint {directory} is damaged: its params/ cannot be read "
-                     f"({_root_cause(e)}); convert or copy it again") from None
-  return cfg, params
-
-
-def save_safetensors(path, cfg: tcl_lib.TCLConfig, params) -> None:
-  """Every parameter (frozen CLIP towers included) into one safetensors file, keyed by its flax
-  path joined with '/', and the model config as JSON in the file's metadata."""
-  tensors = {"/".join(p.key for p in path_): np.array(x, order="C")
-             for path_, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  metadata = {"format": "tcl_jax", "tcl_jax_config": json.dumps(cfg.to_dict())}
-  path = os.fspath(path)
-  tmp = path + ".tmp"
-  safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
-  os.replace(tmp, path)
-
-
-def load_safetensors(path):
-  """A file written by `save_safetensors` (`python -m tcl_jax.export`) -> (cfg, params), bitwise
-  as saved. A truncated, foreign or mismatched file raises one ValueError naming it."""
-  path = os.fspath(path)
-  try:
-    with safetensors.safe_open(path, framework="np") as f:
-      meta = f.metadata() or {}
-      if "tcl_jax_config" not in meta:
-        hint = ("a transformers CLIP's weights? give its directory (with config.json) instead"
-                if any(k.startswith("vision_model.") for k in f.keys()) else
-                "export one with python -m tcl_jax.export CKPT --output model.safetensors")
-        raise ValueError(f"{path} is not a tcl_jax checkpoint: its safetensors metadata has no "
-                         f"tcl_jax_config ({hint})")
-      tensors = {k: f.get_tensor(k) for k in f.keys()}
-  except safetensors.SafetensorError as e:
-    raise ValueError(f"{path} is not a readable safetensors file ({e}); truncated or damaged? "
-                     f"export it again") from None
-  try:
-    raw = json.loads(meta["tcl_jax_config"])
-  except ValueError as e:
-    raise ValueError(f"{path}: its tcl_jax_config metadata is not valid JSON ({e})") from None
-  cfg = _config_from_dict(raw, f"the tcl_jax_config metadata of {path}")
-  shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
-  flat, problems = {}, []
-  for p, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    names = tuple(k.key for k in p)
-    key = "/".join(names)
-    if key not in tensors:
-      problems.append(f"missing tensor {key}")
-      continue
-    arr = tensors.pop(key)
-    if arr.shape != leaf.shape or arr.dtype != leaf.dtype:
-      problems.append(f"tensor {key} is {arr.dtype}{list(arr.shape)}, the config implies "
-                      f"{leaf.dtype}{list(leaf.shape)}")
-    else:
-      flat[names] = arr
-  problems += [f"unexpected tensor {k}" for k in sorted(tensors)]
-  if problems:
-    raise ConversionError(f"{path} does not match its own config: {len(problems)} problem(s): "
-                          f"{_listing(problems)}")
-  return cfg, _unflatten(flat)
-
-
-def is_tcl_jax_safetensors(path) -> bool:
-  """Whether `path` is a safetensors file with tcl_jax metadata (cheap: reads the header)."""
-  try:
-    with safetensors.safe_open(os.fspath(path), framework="np") as f:
-      return "tcl_jax_config" in (f.metadata() or {})
-  except (safetensors.SafetensorError, OSError):
-    return False
-
-
-def load_training_checkpoint(workdir, step: Optional[int] = None):
-  """Parameters of a training run: `<workdir>/config.json` (its `model` section) and the orbax
-  train state at `step` (default: the latest) -> (cfg, params)."""
-  import orbax.checkpoint as ocp
-  workdir = os.path.abspath(workdir)
-  with open(os.path.join(workdir, "config.json")) as f:
-    model = json.load(f).get("model")
-  if not model:
-    raise ValueError(f"{workdir}/config.json has no 'model' section")
-  cfg = tcl_lib.TCLConfig.from_dict(model)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "input")) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
-    # Restore only the parameters (not the optimizer state) into the model's shapes.
-    target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
-    on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"params": target},
-            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=on_device),
-                                      {"params": target}),
-            partial_restore=True)))
-  return cfg, restored["state"]["params"]
-
-
 def load_any(path, **overrides):
   """Any checkpoint the front ends take -> (cfg, params): a converted tcl_jax directory, a
   training workdir (latest step), a one-file `.safetensors` export, a PyTorch file or a
@@ -713,18 +293,18 @@ def load_any(path, **overrides):
   a Hugging Face Hub id of a repository holding an export or a transformers CLIP."""
   local = resolve(path)
   if os.path.isdir(local):
-    if os.path.isdir(os.path.join(local, "checkpoints")):
-      return load_training_checkpoint(local)
+    if os.path.isdir(checkpointing.checkpoints_dir(local)):
+      return model_files.load_training_checkpoint(local)
     export = os.path.join(local, SAFETENSORS_NAME)
-    if not is_converted(local) and is_tcl_jax_safetensors(export):
-      return load_safetensors(export)
+    if not model_files.is_converted(local) and model_files.is_tcl_jax_safetensors(export):
+      return model_files.load_safetensors(export)
     if _is_hf_clip_dir(local):
       return load_source(local, **overrides)[:2]
-    return load_checkpoint(local)
+    return model_files.load_checkpoint(local)
   if not os.path.exists(local):
     raise FileNotFoundError(f"no checkpoint at {path}")
   if local.endswith(".safetensors"):
-    return load_safetensors(local)
+    return model_files.load_safetensors(local)
   return load_torch(local, **overrides)
 
 
@@ -788,10 +368,10 @@ def main(argv=None):
   if os.path.exists(out) and not os.path.isdir(out):
     ap.error(f"--output {out} is a file; give a directory")
   if os.path.isdir(out) and not args.overwrite and (
-      is_converted(out) or os.path.exists(os.path.join(out, "params"))):
+      model_files.is_converted(out) or os.path.exists(os.path.join(out, "params"))):
     ap.error(f"--output {out} already holds a converted checkpoint; pass --overwrite to replace "
              f"it, or give another directory")
-  if os.path.isdir(args.src) and is_converted(args.src):
+  if os.path.isdir(args.src) and model_files.is_converted(args.src):
     ap.error(f"{args.src} is already a converted tcl_jax checkpoint: use it as it is (e.g. "
              f"--checkpoint {args.src}), or write one file with python -m tcl_jax.export "
              f"{args.src} --output model.safetensors")
@@ -800,7 +380,7 @@ def main(argv=None):
   try:
     local = resolve(args.src)
     if os.path.isfile(local) and local.endswith(".safetensors") and args.clip is None:
-      cfg, params = load_safetensors(local)  # a one-file export back into a directory
+      cfg, params = model_files.load_safetensors(local)  # a one-file export back into a directory
       heads_from = {"vision_heads": "stored", "text_heads": "stored"}
     else:
       cfg, params, heads_from = load_source(local, clip=args.clip, **overrides)
@@ -808,7 +388,7 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    save_checkpoint(out, cfg, params)
+    model_files.save_checkpoint(out, cfg, params)
   except (ValueError, OSError) as e:
     print(f"error: cannot write {out}: {e}", file=sys.stderr)
     return 1

@@ -34,7 +34,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "Evaluation config file (default: "
                                   "configs/eval.py).", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "A converted tcl_jax checkpoint directory, a training "
-                      "workdir (its latest step), or a PyTorch TCL file.")
+                      "workdir (its latest step), a PyTorch TCL file, a .safetensors export or "
+                      "a Hugging Face Hub id.")
   flags.DEFINE_string("workdir", None, "Folder for results.json.")
 
 
@@ -70,7 +71,7 @@ def main(argv):
   if not FLAGS.checkpoint:
     config_files.usage_error("--checkpoint is required (a converted checkpoint directory, a "
                              "training workdir or a PyTorch TCL file)")
-  if not os.path.exists(FLAGS.checkpoint):
+  if not os.path.exists(FLAGS.checkpoint) and convert.hub_repo_id(FLAGS.checkpoint) is None:
     config_files.usage_error(f"--checkpoint={FLAGS.checkpoint} does not exist")
   if FLAGS.workdir and os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     config_files.usage_error(f"--workdir={FLAGS.workdir} is a file; give a directory")

@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 
+from tcl_jax import model_files
 from tcl_jax import convert
 
 
@@ -48,7 +49,7 @@ def main(argv=None):
     print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
     return 2
   try:
-    convert.save_safetensors(out, cfg, params)
+    model_files.save_safetensors(out, cfg, params)
   except (ValueError, OSError) as e:
     print(f"error: cannot write {out}: {e}", file=sys.stderr)
     return 1

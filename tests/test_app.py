@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcl_jax import convert
+from tcl_jax import model_files
 from tcl_jax import demo
 from tcl_jax.models import tcl as tcl_lib
 
@@ -46,7 +46,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("app")
   cfg = tcl_lib.tiny_config()
-  convert.save_checkpoint(tmp / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
+  model_files.save_checkpoint(tmp / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
   port = _free_port()
   url = f"http://127.0.0.1:{port}/"
   log = open(tmp / "server.log", "w+")

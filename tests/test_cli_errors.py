@@ -15,6 +15,8 @@ import urllib.request
 
 import pytest
 
+from tcl_jax.data import synthetic_segmentation
+
 from conftest import REPO
 
 
@@ -28,8 +30,8 @@ def no_heavy_imports(tmp_path_factory):
   return str(root)
 
 
-def _run(module, *args, cwd=REPO, pythonpath=None, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+def _run(module, *args, cwd=REPO, pythonpath=None, timeout=300, env=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="", **(env or {}))
   if pythonpath:
     env["PYTHONPATH"] = pythonpath
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
@@ -206,6 +208,13 @@ def test_evaluate_usage_errors(tmp_path):
   assert line.startswith("error: --checkpoint is required")
   line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path / 'nope'}"))
   assert line == f"error: --checkpoint={tmp_path / 'nope'} does not exist"
+  # A Hub id is taken (as by the demo and the app) and resolved offline from the cache: one line.
+  synthetic_segmentation.write_synthetic_segmentation(str(tmp_path), "voc", num_images=1)
+  line = _usage_error(_run("tcl_jax.evaluate", "--checkpoint=tiny-org/not-there",
+                           f"--config.data_root={tmp_path}", "--config.tasks=voc",
+                           env={"HF_HUB_OFFLINE": "1"}))
+  assert line.startswith("error: cannot load checkpoint tiny-org/not-there: ") and \
+      "not in the local Hub cache" in line, line
   line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.task=voc"))
   assert line == ("error: --config.task: the config has no field 'task'; did you mean "
                   "--config.tasks?")
@@ -248,10 +257,10 @@ def test_app_busy_port_and_foreign_host():
 def test_app_start_up_names_its_url_without_gradios_hints(tmp_path):
   # Was: Gradio's "To create a public link, set `share=True` in `launch()`."
   import jax  # pylint: disable=g-import-not-at-top
-  from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+  from tcl_jax import model_files  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
   cfg = tcl_lib.tiny_config()
-  convert.save_checkpoint(tmp_path / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
+  model_files.save_checkpoint(tmp_path / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -13,6 +13,8 @@ import omegaconf
 import pytest
 
 import torch_files
+from tcl_jax import convert_maps
+from tcl_jax import model_files
 from tcl_jax import convert
 from tcl_jax import torch_pickle
 from tcl_jax.models import tcl as tcl_lib
@@ -102,7 +104,7 @@ def test_tcl_and_openai_layouts_hold_the_same_clip():
 def test_round_trip_to_torch_layout_is_exact():
   sd = torch_pickle.load_state_dict(FIXTURE / "tcl_reference.pth")
   cfg, params = convert.convert_state_dict(sd, text_heads=2)
-  back = convert.to_torch_state_dict(cfg, params)
+  back = convert_maps.to_torch_state_dict(cfg, params)
   assert set(back) == {k for k in sd if not k.startswith("pamr.")}
   for k, v in back.items():
     np.testing.assert_array_equal(v, sd[k], err_msg=k)
@@ -115,7 +117,7 @@ def test_tampered_state_dicts_fail_listing_every_problem():
   del bad["masker.sim2mask.b"]
   bad["masker.image_encoder.decoder.image_proj.proj"] = np.zeros((128, 65), np.float32)
   bad["masker.extra_head.weight"] = np.zeros((3,), np.float32)
-  with pytest.raises(convert.ConversionError) as e:
+  with pytest.raises(model_files.ConversionError) as e:
     convert.convert_state_dict(bad, text_heads=2)
   msg = str(e.value)
   assert "3 problem(s)" in msg
@@ -123,7 +125,7 @@ def test_tampered_state_dicts_fail_listing_every_problem():
   assert "shape mismatch for masker.image_encoder.decoder.image_proj.proj" in msg
   assert "unexpected key masker.extra_head.weight" in msg
   assert "pamr" not in msg  # known buffers are skipped by name
-  with pytest.raises(convert.ConversionError, match="unrecognised checkpoint layout"):
+  with pytest.raises(model_files.ConversionError, match="unrecognised checkpoint layout"):
     convert.convert_state_dict({"foo.weight": np.zeros(3)})
 
 
@@ -181,7 +183,7 @@ def test_keys_of_the_tcl_file_are_checked_against_the_clip_file(tmp_path):
       "clip_text_encoder.text_projection": np.zeros((64, 65), np.float32),  # overrides: checked
       "masker.image_encoder.decoder.image_proj.proj": np.zeros((128, 65), np.float32),
       "masker.extra_head.weight": np.zeros((3,), np.float32)})
-  with pytest.raises(convert.ConversionError) as e:
+  with pytest.raises(model_files.ConversionError) as e:
     convert.load_torch(bad, clip=FIXTURE / "clip_openai_jit.pt", **heads)
   msg = str(e.value)
   assert "\n" not in msg and "3 problem(s)" in msg, msg
@@ -192,13 +194,13 @@ def test_keys_of_the_tcl_file_are_checked_against_the_clip_file(tmp_path):
   extra = dict(torch_pickle.load_state_dict(FIXTURE / "clip_openai.pt"),
                **{"visual.extra": np.ones(2)})
   clip = torch_files.save(torch_files.state_dict(extra), tmp_path / "clip_extra.pt")
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(model_files.ConversionError,
                      match=r"1 problem\(s\): unexpected key visual\.extra \(in the CLIP file\)"):
     convert.load_torch(_minimal(tmp_path), clip=clip, **heads)
   # --clip must be OpenAI's CLIP, and it completes TCL files only.
-  with pytest.raises(convert.ConversionError, match="must be OpenAI's CLIP"):
+  with pytest.raises(model_files.ConversionError, match="must be OpenAI's CLIP"):
     convert.load_torch(_minimal(tmp_path), clip=FIXTURE / "tcl_reference.pth", **heads)
-  with pytest.raises(convert.ConversionError, match="completes a TCL checkpoint"):
+  with pytest.raises(model_files.ConversionError, match="completes a TCL checkpoint"):
     convert.load_torch(FIXTURE / "clip_openai.pt", clip=FIXTURE / "clip_openai.pt", **heads)
 
 
@@ -233,7 +235,7 @@ def test_cli_converts_a_minimal_file_with_clip(tmp_path):
   assert "converted" in r.stdout
   note = [ln for ln in r.stderr.splitlines() if "logit_scale" in ln]
   assert len(note) == 1 and note[0].startswith("note:"), r.stderr
-  _, params = convert.load_checkpoint(out)
+  _, params = model_files.load_checkpoint(out)
   _, ref = convert.load_torch(minimal, clip=FIXTURE / "clip_openai_jit.pt", **_heads())
   _assert_same(params, ref)
 
@@ -263,7 +265,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError):
     convert.load_torch(f)
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    convert.load_checkpoint(tmp_path)
+    model_files.load_checkpoint(tmp_path)
 
 
 @needs_fixture
@@ -274,7 +276,7 @@ def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "converted" in r.stdout
   assert json.loads((out / "config.json").read_text())["ie_freeze"] == 3
-  cfg, params = convert.load_checkpoint(out)
+  cfg, params = model_files.load_checkpoint(out)
   _, ref = convert.load_torch(FIXTURE / "clip_openai_jit.pt", text_heads=2)
   la, lb = _leaves(params), _leaves(ref)
   assert la.keys() == lb.keys()
@@ -288,8 +290,8 @@ def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path):
 def test_random_params_survive_save_and_load(tmp_path):
   cfg = tcl_lib.tiny_config()
   params = tcl_lib.init_params(cfg, jax.random.key(3))
-  convert.save_checkpoint(tmp_path / "c", cfg, params)
-  cfg2, p2 = convert.load_checkpoint(tmp_path / "c")
+  model_files.save_checkpoint(tmp_path / "c", cfg, params)
+  cfg2, p2 = model_files.load_checkpoint(tmp_path / "c")
   assert cfg2 == cfg
   la, lb = _leaves(params), _leaves(p2)
   for k in la:
@@ -326,7 +328,7 @@ def test_cli_heads_are_checked_against_the_width_and_reported(tmp_path, capsys):
                               "--output", tmp_path / "a"))
   assert line.startswith("error: --text_heads 3 does not divide the text tower's width 64"), line
   assert not (tmp_path / "a").exists()
-  with pytest.raises(convert.ConversionError, match="--vision_heads 5 does not divide"):
+  with pytest.raises(model_files.ConversionError, match="--vision_heads 5 does not divide"):
     convert.load_torch(FIXTURE / "clip_openai.pt", vision_heads=5)
   # Heads are not in tensor shapes: the summary says which were given and which were assumed.
   r = _main(capsys, FIXTURE / "tcl_reference.pth", "--text_heads", "2", "--output", tmp_path / "b")
@@ -352,7 +354,7 @@ def test_cli_directories_as_source_or_output_are_one_line(tmp_path, capsys):
   cfg = tcl_lib.tiny_config()
   shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  convert.save_checkpoint(tmp_path / "done", cfg, params)
+  model_files.save_checkpoint(tmp_path / "done", cfg, params)
   (tmp_path / "plain").mkdir()
   line = _one_error_line(_main(capsys, tmp_path / "done", "--output", tmp_path / "new"))
   assert f"{tmp_path / 'done'} is already a converted tcl_jax checkpoint" in line, line
@@ -371,7 +373,7 @@ def test_damaged_converted_checkpoint_is_one_line(tmp_path):
   shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
-  convert.save_checkpoint(tmp_path / "good", cfg, params)
+  model_files.save_checkpoint(tmp_path / "good", cfg, params)
 
   def damaged(name, pick):
     d = tmp_path / name
@@ -407,4 +409,4 @@ def test_damaged_converted_checkpoint_is_one_line(tmp_path):
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
   (ckpt / "config.json").write_text("{not json")
   with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
-    convert.load_checkpoint(ckpt)
+    model_files.load_checkpoint(ckpt)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcl_jax import convert
+from tcl_jax import model_files
 from tcl_jax import demo
 from tcl_jax import kinds
 from tcl_jax import zeroshot
@@ -165,7 +165,7 @@ def _run(*args):
 
 def test_cli(model, tmp_path):
   cfg, params = model
-  convert.save_checkpoint(tmp_path / "ckpt", cfg, params)
+  model_files.save_checkpoint(tmp_path / "ckpt", cfg, params)
   Image.fromarray(_image(40, 48, 1)).save(tmp_path / "img.png")
   out = tmp_path / "seg.png"
   r = _run(f"--checkpoint={tmp_path / 'ckpt'}", f"--image={tmp_path / 'img.png'}",

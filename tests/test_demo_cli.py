@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tcl_jax import convert
+from tcl_jax import model_files
 from tcl_jax.models import tcl as tcl_lib
 
 
@@ -16,7 +16,7 @@ from tcl_jax.models import tcl as tcl_lib
 def ckpt(tmp_path_factory):
   cfg = tcl_lib.tiny_config()
   path = tmp_path_factory.mktemp("demo_cli") / "ckpt"
-  convert.save_checkpoint(path, cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
+  model_files.save_checkpoint(path, cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
   return path
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tcl_jax import kinds
+from tcl_jax import model_files
 from tcl_jax.data import synthetic_segmentation
 from tcl_jax.zeroshot import datasets as sd
 from tcl_jax.zeroshot import evaluator
@@ -28,7 +29,7 @@ def _run_cli(*args, timeout=420):
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-  from tcl_jax import convert
+  from tcl_jax import model_files
   from tcl_jax.models import tcl
   base = tmp_path_factory.mktemp("e2e")
   data = str(base / "data")
@@ -41,7 +42,7 @@ def e2e(tmp_path_factory):
   with open(os.path.join(voc, "ImageSets/Segmentation/val.txt"), "a") as f:
     f.write("2007_009999\n")
   cfg = tcl.tiny_config()
-  convert.save_checkpoint(str(base / "ckpt"), cfg, tcl.init_params(cfg, jax.random.key(0)))
+  model_files.save_checkpoint(str(base / "ckpt"), cfg, tcl.init_params(cfg, jax.random.key(0)))
   out = base / "out"
   proc = _run_cli("--config=configs/eval.py", f"--checkpoint={base / 'ckpt'}",
                   f"--workdir={out}", f"--config.data_root={data}",
@@ -97,7 +98,6 @@ def test_cli_same_as_library(e2e):
   """The CLI's numbers are evaluate_tasks' numbers (the training loop's entry point)."""
   data, out, proc = e2e
   assert proc.returncode == 0, proc.stderr[-3000:]
-  from tcl_jax import convert
   import importlib.util
   spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(REPO, "configs/eval.py"))
   mod = importlib.util.module_from_spec(spec)
@@ -108,7 +108,7 @@ def test_cli_same_as_library(e2e):
                                                                            "custom")
   config.update(dict(tasks="voc", data_root=data, img_scale=(256, 96), crop=96,
                      stride=48, pamr=False, batch=2, class_pad=64))
-  cfg, params = convert.load_checkpoint(str(os.path.dirname(out) + "/ckpt"))
+  cfg, params = model_files.load_checkpoint(str(os.path.dirname(out) + "/ckpt"))
   res = evaluator.evaluate_config(kinds.zero_shot_model(cfg), params, config, progress=False)
   with open(out / "results.json") as f:
     cli = json.load(f)

@@ -1,4 +1,4 @@
-"""One-file checkpoints: `python -m tcl_jax.export`, `convert.load_safetensors`, `from_pretrained`,
+"""One-file checkpoints: `python -m tcl_jax.export`, `model_files.load_safetensors`, `from_pretrained`,
 and the front ends reading them (the demo CLI). No network: the Hub test reads a Hub cache laid out
 in tmp_path with HF_HUB_OFFLINE=1."""
 
@@ -16,6 +16,7 @@ import safetensors
 import safetensors.numpy
 
 import tcl_jax
+from tcl_jax import model_files
 from tcl_jax import convert
 from tcl_jax.models import tcl as tcl_lib
 
@@ -64,7 +65,7 @@ def exported(model, tmp_path_factory):
   """The export CLI's file for the model, from a converted directory."""
   cfg, params = model
   d = tmp_path_factory.mktemp("export")
-  convert.save_checkpoint(d / "ckpt", cfg, params)
+  model_files.save_checkpoint(d / "ckpt", cfg, params)
   r = _run("-m", "tcl_jax.export", str(d / "ckpt"), "--output", str(d / "model.safetensors"))
   assert r.returncode == 0, r.stderr
   assert r.stdout.startswith("exported ") and "MiB" in r.stdout
@@ -81,7 +82,7 @@ def test_export_round_trip_is_bitwise_exact(model, exported):
   assert keys == set(_leaves(params))
   assert any(k.startswith("clip/visual/") for k in keys) and any(k.startswith("clip/text/")
                                                                for k in keys)
-  cfg2, params2 = convert.load_safetensors(exported)
+  cfg2, params2 = model_files.load_safetensors(exported)
   assert cfg2 == cfg
   _assert_bitwise(params2, params)
   _assert_bitwise(convert.load_any(str(exported))[1], params)
@@ -94,7 +95,7 @@ def test_export_round_trip_is_bitwise_exact(model, exported):
   # And `convert` turns the file back into a converted directory.
   r = _run("-m", "tcl_jax.convert", str(exported), "--output", str(exported.parent / "back"))
   assert r.returncode == 0, r.stderr
-  _assert_bitwise(convert.load_checkpoint(exported.parent / "back")[1], params)
+  _assert_bitwise(model_files.load_checkpoint(exported.parent / "back")[1], params)
 
 
 def test_bad_files_are_one_line(model, exported, tmp_path):
@@ -121,7 +122,7 @@ def test_bad_files_are_one_line(model, exported, tmp_path):
     assert want in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
   if HF_DIR.is_dir():  # transformers' own weights file: pointed at its directory
     with pytest.raises(ValueError, match="give its directory"):
-      convert.load_safetensors(HF_DIR / "model.safetensors")
+      model_files.load_safetensors(HF_DIR / "model.safetensors")
   # The command line: one line, exit 2.
   line = _one_line(_run("-m", "tcl_jax.export", str(tmp_path / "truncated.safetensors"),
                         "--output", str(tmp_path / "x.safetensors")))
@@ -150,7 +151,7 @@ def test_from_pretrained_reads_a_hub_repo_from_the_cache_offline(model, exported
   shutil.copy(exported, repo / "snapshots" / commit / "model.safetensors")
   code = ("import sys, numpy as np, jax, tcl_jax; from tcl_jax import convert; "
           "cfg, p = tcl_jax.from_pretrained('someone/tcl-tiny'); "
-          "cfg2, q = convert.load_safetensors(sys.argv[1]); "
+          "cfg2, q = model_files.load_safetensors(sys.argv[1]); "
           "assert cfg == cfg2 and all(np.asarray(a).tobytes() == np.asarray(b).tobytes() "
           "for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True)); print('same')")
   r = _run("-c", code, str(exported), env={"HF_HUB_CACHE": str(tmp_path / "hub")})

@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 
 import torch_files
+from tcl_jax import model_files
 from tcl_jax import convert
 from tcl_jax import hf_clip  # sets up transformers quietly (no torch)
 from tcl_jax import torch_pickle
@@ -326,7 +327,7 @@ def test_cli_converts_a_hub_id_offline_without_torch(tmp_path):
   assert r.returncode == 0, r.stderr
   assert "heads: vision 4 (from the transformers config), text 2 (from the transformers config)" \
       in r.stdout, r.stdout
-  _assert_same(convert.load_checkpoint(out)[1], convert.load_any(HF_DIR)[1])
+  _assert_same(model_files.load_checkpoint(out)[1], convert.load_any(HF_DIR)[1])
   # A Hub id that is not in the cache, offline: one line.
   line = _one_line(_run("-m", "tcl_jax.convert", "tiny-org/not-there", "--output",
                         str(tmp_path / "x"), env={"HF_HUB_CACHE": str(cache)}))

@@ -18,7 +18,7 @@ import pytest
 from tcl_jax import train_step as step_lib
 from tcl_jax import kinds
 from tcl_jax import checkpointing
-from tcl_jax import convert
+from tcl_jax import convert_maps
 from tcl_jax import optim
 
 from conftest import load_config_module
@@ -55,11 +55,11 @@ def model():
 
 def _torch_view(cfg, params):
   """Per leaf (in tree order): its official torch name and torch shape."""
-  key_map = convert.tcl_key_map(cfg)
+  key_map = convert_maps.tcl_key_map(cfg)
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     name, layout = key_map[tuple(p.key for p in path)]
-    shape = convert._TO_TORCH[layout](np.zeros(leaf.shape, np.float32)).shape
+    shape = convert_maps.TO_TORCH[layout](np.zeros(leaf.shape, np.float32)).shape
     out.append((name, shape))
   return out
 

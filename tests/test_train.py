@@ -352,15 +352,16 @@ def test_remat_and_bf16_steps_run_and_match_float32():
     np.testing.assert_allclose(remat[1][k], plain[1][k], rtol=1e-6, err_msg=k)
   assert_same_updates(remat[0], plain[0], init, labels, "remat", rel=1e-6)
   # bf16 compute (fp32 params, moments and loss): close to float32, not equal to it. Measured
-  # (2-core CPU): loss 0.2%, grad_norm 0.5%, the two steps' updates 11% apart (Adam turns bf16's
-  # 0.4% rounding of small gradients into large changes of their elements' updates).
-  for k, rel in (("loss", 1e-2), ("grad_norm", 2e-2)):
+  # (2-core CPU, this test's settings): loss 0.18%, grad_norm 0.48%, the two steps' updates 11%
+  # apart (Adam turns bf16's 0.4% rounding of small gradients into large changes of their
+  # elements' updates). The bounds are 2.3-2.8x those.
+  for k, rel in (("loss", 5e-3), ("grad_norm", 1.2e-2)):
     np.testing.assert_allclose(bf16[1][k], plain[1][k], rtol=rel, err_msg=k)
   assert bf16[1]["loss"] != plain[1]["loss"]
   trained = [k for k in init if labels[k] != optim.FROZEN]
   want = np.concatenate([(plain[0][k] - init[k]).ravel() for k in trained])
   got = np.concatenate([(bf16[0][k] - init[k]).ravel() for k in trained])
-  assert np.linalg.norm(got - want) < 0.3 * np.linalg.norm(want)
+  assert np.linalg.norm(got - want) < 0.25 * np.linalg.norm(want)
 
 
 # ------------------------------------------------------------------------------------------------

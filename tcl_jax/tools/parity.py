@@ -82,7 +82,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   bf16 = dtype == "bfloat16"
   dt = jnp.dtype(dtype)
   emb = "rel" if bf16 else "max_abs"  # bf16: relative, as the embeddings' scales differ
-  from tcl_jax import convert
+  from tcl_jax import convert_maps
   from tcl_jax.models import clip as clip_lib
   from tcl_jax.models import tcl as tcl_lib
   from tcl_jax.models import tcl_inference
@@ -128,7 +128,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   for k in tcl_lib.LOSS_TERMS:
     computed[f"loss/{k}"] = ("rel", aux[k])
   computed["total_loss"] = ("rel", total)
-  for name, g in convert.to_torch_state_dict(cfg, grads).items():
+  for name, g in convert_maps.to_torch_state_dict(cfg, grads).items():
     computed["grad/" + name] = ("grad_rel", g)
 
   # Mask inference in each recorded setting, from the fixture's class embeddings.

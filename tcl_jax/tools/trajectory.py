@@ -83,7 +83,7 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   """
   import functools
   import jax
-  from tcl_jax import convert
+  from tcl_jax import convert_maps
   from tcl_jax import optim
   from tcl_jax import sharding
 
@@ -93,7 +93,7 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   cfg, params = fixture.load_fixture_model(fixture_dir, fixture_meta)
   config = replay_config(fixture_meta, traj_meta, cfg, dtype)
   model = kinds.build_model(config)
-  init_params = convert.to_torch_state_dict(cfg, params)
+  init_params = convert_maps.to_torch_state_dict(cfg, params)
 
   # The same wiring as train.train_and_evaluate: optimizer, labels, mesh, state shardings, the
   # jitted state constructor and the donated, sharded train step.
@@ -128,7 +128,7 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
       state, m, _ = step_fn(state, batch)
       for name, v in jax.device_get(m).items():
         metrics.setdefault(name, []).append(float(v))
-  final = convert.to_torch_state_dict(cfg, jax.device_get(state.params))
+  final = convert_maps.to_torch_state_dict(cfg, jax.device_get(state.params))
   return cfg, {k: np.asarray(v) for k, v in metrics.items()}, final, init_params
 
 

@@ -1,0 +1,233 @@
+"""tcl_jax's own model files: converted checkpoint directories (config.json + orbax params), one-file
+safetensors exports, and the parameters of a training workdir. `tcl_jax.convert.load_any` reads
+these and every PyTorch / Hugging Face form."""
+
+import json
+import os
+import sys
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors
+import safetensors.numpy
+
+from tcl_jax import checkpointing
+from tcl_jax.models import tcl as tcl_lib
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the model; the one-line message lists the problems."""
+
+
+def listing(problems, limit=12):
+  more = f"; ... and {len(problems) - limit} more" if len(problems) > limit else ""
+  return "; ".join(problems[:limit]) + more
+
+
+def unflatten(flat: dict) -> dict:
+  tree = {}
+  for names, arr in flat.items():
+    d = tree
+    for n in names[:-1]:
+      d = d.setdefault(n, {})
+    d[names[-1]] = jnp.asarray(arr)
+  return tree
+
+
+
+def read_json(path, quiet=False) -> dict:
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except OSError as e:
+    if quiet:
+      return {}
+    raise OSError(f"cannot read {path}: {e.strerror or e}") from None
+  except ValueError as e:
+    if quiet:
+      return {}
+    raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+  if not isinstance(d, dict):
+    if quiet:
+      return {}
+    raise ValueError(f"{path} holds no JSON object; the checkpoint is damaged")
+  return d
+
+
+def is_converted(directory) -> bool:
+  """A directory written by `save_checkpoint` (config.json + params/)."""
+  return (os.path.isfile(os.path.join(directory, "config.json"))
+          and os.path.isdir(os.path.join(directory, "params")))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# tcl_jax checkpoint directories (config.json + orbax params) and one-file safetensors exports
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(directory, cfg: tcl_lib.TCLConfig, params) -> None:
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+  tmp = os.path.join(directory, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(cfg.to_dict(), f, indent=1)
+  os.replace(tmp, os.path.join(directory, "config.json"))
+
+
+def _config_from_dict(d: dict, where: str) -> tcl_lib.TCLConfig:
+  try:
+    return tcl_lib.TCLConfig.from_dict(d)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ValueError(f"{where} is not a tcl_jax model config ({e}); the checkpoint is damaged "
+                     f"or from another program") from None
+
+
+def _root_cause(e: BaseException) -> str:
+  """The innermost cause's first line (orbax wraps tensorstore's reason in pages of spec)."""
+  while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+    e = e.__cause__ or e.__context__
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return first[:300]
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """After a failed orbax restore, tensorstore still completes the other reads in flight and calls
+  back into the event loop that orbax has already closed; each callback's RuntimeError('Event
+  loop is closed') reaches sys.unraisablehook, which prints a traceback for every one (dozens,
+  after the error line). Drop exactly those, for the rest of the process; every other unraisable
+  exception goes to the previous hook as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def load_checkpoint(directory):
+  """A directory written by `save_checkpoint` (or `python -m tcl_jax.convert`) -> (cfg, params).
+
+  A damaged one (a file under params/ missing or truncated, a broken config.json) raises one
+  ValueError naming the directory."""
+  directory = os.path.abspath(directory)
+  cfg_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{directory} is not a tcl_jax checkpoint (no config.json); convert a "
+                            f"PyTorch file first: python -m tcl_jax.convert SRC --output DIR")
+  cfg = _config_from_dict(read_json(cfg_path), cfg_path)
+  target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+  params_dir = os.path.join(directory, "params")
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{directory} is not a complete tcl_jax checkpoint: it has no params/; "
+                            f"convert it again")
+  # Before the restore: the callbacks can come before a failure reaches the except clause.
+  _drop_closed_loop_callbacks()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_dir, target)
+  except Exception as e:  # pylint: disable=broad-except
+    # orbax/tensorstore raise plain Exceptions whose text spans pages; one line is what helps.
+    raise ValueError(f"the checkpoint {directory} is damaged: its params/ cannot be read "
+                     f"({_root_cause(e)}); convert or copy it again") from None
+  return cfg, params
+
+
+def save_safetensors(path, cfg: tcl_lib.TCLConfig, params) -> None:
+  """Every parameter (frozen CLIP towers included) into one safetensors file, keyed by its flax
+  path joined with '/', and the model config as JSON in the file's metadata."""
+  tensors = {"/".join(p.key for p in path_): np.array(x, order="C")
+             for path_, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  metadata = {"format": "tcl_jax", "tcl_jax_config": json.dumps(cfg.to_dict())}
+  path = os.fspath(path)
+  tmp = path + ".tmp"
+  safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
+  os.replace(tmp, path)
+
+
+def load_safetensors(path):
+  """A file written by `save_safetensors` (`python -m tcl_jax.export`) -> (cfg, params), bitwise
+  as saved. A truncated, foreign or mismatched file raises one ValueError naming it."""
+  path = os.fspath(path)
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      meta = f.metadata() or {}
+      if "tcl_jax_config" not in meta:
+        hint = ("a transformers CLIP's weights? give its directory (with config.json) instead"
+                if any(k.startswith("vision_model.") for k in f.keys()) else
+                "export one with python -m tcl_jax.export CKPT --output model.safetensors")
+        raise ValueError(f"{path} is not a tcl_jax checkpoint: its safetensors metadata has no "
+                         f"tcl_jax_config ({hint})")
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path} is not a readable safetensors file ({e}); truncated or damaged? "
+                     f"export it again") from None
+  try:
+    raw = json.loads(meta["tcl_jax_config"])
+  except ValueError as e:
+    raise ValueError(f"{path}: its tcl_jax_config metadata is not valid JSON ({e})") from None
+  cfg = _config_from_dict(raw, f"the tcl_jax_config metadata of {path}")
+  shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+  flat, problems = {}, []
+  for p, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    names = tuple(k.key for k in p)
+    key = "/".join(names)
+    if key not in tensors:
+      problems.append(f"missing tensor {key}")
+      continue
+    arr = tensors.pop(key)
+    if arr.shape != leaf.shape or arr.dtype != leaf.dtype:
+      problems.append(f"tensor {key} is {arr.dtype}{list(arr.shape)}, the config implies "
+                      f"{leaf.dtype}{list(leaf.shape)}")
+    else:
+      flat[names] = arr
+  problems += [f"unexpected tensor {k}" for k in sorted(tensors)]
+  if problems:
+    raise ConversionError(f"{path} does not match its own config: {len(problems)} problem(s): "
+                          f"{listing(problems)}")
+  return cfg, unflatten(flat)
+
+
+def is_tcl_jax_safetensors(path) -> bool:
+  """Whether `path` is a safetensors file with tcl_jax metadata (cheap: reads the header)."""
+  try:
+    with safetensors.safe_open(os.fspath(path), framework="np") as f:
+      return "tcl_jax_config" in (f.metadata() or {})
+  except (safetensors.SafetensorError, OSError):
+    return False
+
+
+def load_training_checkpoint(workdir, step: Optional[int] = None):
+  """Parameters of a training run: `<workdir>/config.json` (its `model` section) and the orbax
+  train state at `step` (default: the latest) -> (cfg, params)."""
+  workdir = os.path.abspath(workdir)
+  config_path = checkpointing.config_path(workdir)
+  model = read_json(config_path).get("model")
+  if not model:
+    raise ValueError(f"{config_path} has no 'model' section")
+  cfg = _config_from_dict(model, f"the 'model' section of {config_path}")
+  ckpt_dir = checkpointing.checkpoints_dir(workdir)
+  with ocp.CheckpointManager(ckpt_dir, item_names=checkpointing.ITEMS) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
+    # Restore only the parameters (not the optimizer state) into the model's shapes.
+    target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+    on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=on_device),
+                                      {"params": target}),
+            partial_restore=True)))
+  return cfg, restored["state"]["params"]
