@@ -25,16 +25,20 @@ TOL_LOSS_REL = 1e-5
 TOL_GRAD_REL = 1e-4
 
 # --dtype bfloat16: bf16 compute with float32 params, as training runs on GPU/TPU, against the
-# original's float32 values. Bounds are about 2-3x the errors measured on CPU (in parentheses);
-# the accelerators issue's starting points were 2e-2 (losses), cosine >= 0.99 (gradients) and
-# 99% of mask pixels. Scalar gradients (gates, Sim2Mask w/b, logit scales) get a relative bound,
-# since the cosine of two scalars is only their sign.
+# original's float32 values. Bounds are 1.7-3x the errors measured on CPU on the shared tcl_tiny
+# fixture (in parentheses; docs/results/parity_tcl_tiny_bfloat16.json); the accelerators issue's
+# starting points were 2e-2 (losses), cosine >= 0.99 (gradients) and 99% of mask pixels. Scalar
+# gradients (gates, Sim2Mask w/b, logit scales) get a relative bound, since the cosine of two
+# scalars is only their sign. On the H200 every quantity was within 57% of the earlier bounds
+# (rel 1.5e-2, 1-cos 2e-3, grad_rel 6e-2, max_abs 1e-2, label_diff 2e-3); label_diff keeps room
+# for that.
 BF16_TOL = {
-    "rel": 1.5e-2,  # loss terms (7.5e-3, TCL_i) and embeddings (8.6e-3, text)
-    "1-cos": 2e-3,  # gradients with more than one element (6.2e-4)
+    "rel": 1.5e-2,  # loss terms (7.5e-3, TCL_i) and embeddings (8.6e-3, text; H200 8.6e-3 too)
+    "1-cos": 1.5e-3,  # gradients with more than one element (6.2e-4)
     "grad_rel": 6e-2,  # scalar gradients (2.5e-2, a logit scale)
-    "max_abs": 1e-2,  # similarity maps (3.3e-3)
-    "label_diff": 2e-3,  # pixels whose label changes (background < 0.5, else argmax) (2.5e-4)
+    "max_abs": 8e-3,  # similarity maps (3.3e-3)
+    "label_diff": 1.2e-3,  # pixels whose label changes (background < 0.5, else argmax) (3.1e-4;
+                           # the H200's is only known to be <= 1.14e-3)
 }
 
 # Arrays that are inputs of the original's computation, not results to compare.

@@ -21,11 +21,17 @@ from tcl_jax import train_step as step_lib
 from tcl_jax import kinds
 from tcl_jax.tools import fixture
 
-# The fixture README's tolerances for a faithful float32 port; bfloat16 compute is held to the
-# accelerators issue's looser bounds (the rate is computed in float32 either way).
+# The fixture README's tolerances for a faithful float32 port. bfloat16 compute is held to bounds
+# of ~3x the CPU's measured errors on shared/fixtures/tcl_tiny (in parentheses;
+# docs/results/parity_tcl_tiny_bfloat16.json), except each trained tensor's movement over the steps,
+# which may be 25% off the original's (6.0% measured: tensors that start training at the UST
+# switch take sign-like first Adam steps, so bf16's rounding of their small gradients changes
+# whole elements' steps). The H200 run checked the earlier grad-norm bound, 5e-2, only. The rate
+# is computed in float32 either way.
 TOLERANCES = {
     "float32": {"lr": 1e-6, "loss": 1e-4, "grad_norm": 1e-4, "final": 5e-3},
-    "bfloat16": {"lr": 1e-6, "loss": 5e-2, "grad_norm": 5e-2, "final": 2.5e-1},
+    "bfloat16": {"lr": 1e-6, "loss": 5e-2, "grad_norm": 1.5e-2, "final": 2.5e-1},
+    # bf16 measured: loss terms 1.65e-2 (TCL_i), grad norm 4.1e-3, movement 6.0e-2.
 }
 
 
