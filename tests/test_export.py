@@ -149,7 +149,7 @@ def test_from_pretrained_reads_a_hub_repo_from_the_cache_offline(model, exported
   (repo / "refs").mkdir()
   (repo / "refs" / "main").write_text(commit)
   shutil.copy(exported, repo / "snapshots" / commit / "model.safetensors")
-  code = ("import sys, numpy as np, jax, tcl_jax; from tcl_jax import convert; "
+  code = ("import sys, numpy as np, jax, tcl_jax; from tcl_jax import model_files; "
           "cfg, p = tcl_jax.from_pretrained('someone/tcl-tiny'); "
           "cfg2, q = model_files.load_safetensors(sys.argv[1]); "
           "assert cfg == cfg2 and all(np.asarray(a).tobytes() == np.asarray(b).tobytes() "
