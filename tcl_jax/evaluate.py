@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from tcl_jax import checkpointing
@@ -78,6 +79,9 @@ def main(argv):
   config_files.quiet_orbax_info()
   given = {f.split(".")[0] for f in config_files.overrides(sys.argv)}
   config = config_for_checkpoint(FLAGS.config, FLAGS.checkpoint, given)
+  # Several processes (a pod slice, a SLURM job): every process runs this command and evaluates
+  # its share of each benchmark; process 0 prints and writes the merged results.
+  sharding.maybe_initialize_distributed(config.get("distributed"))
   problem = config_checks.eval_value_problem(config)  # also the values a workdir supplied
   if problem:
     config_files.usage_error(problem)
@@ -91,10 +95,12 @@ def main(argv):
     model = kinds.zero_shot_model(cfg)
   except (ValueError, OSError) as e:
     config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
-  # This host's devices (several local devices: windows split over them).
+  # This host's devices (several local devices: its windows split over them).
   mesh = sharding.local_mesh()
   results = zeroshot.evaluate_tasks(model, params, tasks, zeroshot.Protocol.from_config(config),
                                     mesh=mesh, progress=True)
+  if jax.process_index() != 0:
+    return
   for t, r in results.items():
     if t != "average":
       print(report.format_task_table(t, r))

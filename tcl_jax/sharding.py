@@ -70,9 +70,9 @@ def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding
 
 
 def local_mesh() -> jax.sharding.Mesh | None:
-  """This host's devices as a 1-D "data" mesh for evaluation outside training; None on one device
-  or with several processes (each host then evaluates on one local device)."""
-  if jax.process_count() > 1 or jax.local_device_count() == 1:
+  """This host's devices as a 1-D "data" mesh, for evaluation (each process evaluates its share
+  of the images on its own devices); None with one local device."""
+  if jax.local_device_count() == 1:
     return None
   return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,),
                        devices=jax.local_devices())

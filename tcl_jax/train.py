@@ -64,9 +64,10 @@ def run_evaluation(params, model: base.Model, config, workdir: str, mesh=None) -
   eval_config = ml_collections.ConfigDict(evals.to_dict())
   if "data_root" in eval_config:
     eval_config.data_root = checkpointing.expand_workdir(eval_config.data_root, workdir)
-  # With several processes each host evaluates the whole set on one local device for now.
-  if jax.process_count() > 1 or mesh is None or mesh.devices.size == 1:
-    mesh = None
+  # Each process evaluates its share of the images on its own devices of the training mesh.
+  if mesh is not None:
+    mesh = mesh.local_mesh if jax.process_count() > 1 else mesh
+    mesh = mesh if mesh.devices.size > 1 else None
   return evaluator.evaluate_config(model.zero_shot, params, eval_config, mesh=mesh,
                                    progress=False)
 

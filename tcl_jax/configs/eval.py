@@ -8,10 +8,22 @@ Without PAMR the original README uses bg_thresh 0.5.
 
 import ml_collections
 
+from tcl_jax import config_files
 from tcl_jax.zeroshot.protocol import Protocol
+
+common = config_files.sibling(__file__, "common")
 
 
 def get_config():
+  """The evaluation command's config: `evals_config()` and the multi-process settings."""
+  config = evals_config()
+  # Several processes, as in training (configs/common.py: jax.distributed.initialize arguments).
+  config.distributed = common.distributed_config()
+  return config
+
+
+def evals_config():
+  """Tasks, data and protocol: also a training config's `evals` (training-time evaluation)."""
   p = Protocol()  # the protocol's defaults live there (tcl_jax/zeroshot/protocol.py)
   config = ml_collections.ConfigDict()
   # Comma-separated task names: voc, voc20, context, context59, coco_stuff, coco_object,

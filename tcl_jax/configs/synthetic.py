@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       base_lr=1e-3, min_lr=1e-5, lr_scale_reference_batch=0,
       warmup_steps=max(arg.steps // 10, 1), ust_steps=arg.steps // 3)
 
-  config.evals = eval_configs.get_config()
+  config.evals = eval_configs.evals_config()
   config.evals.tasks = "shapes,shapes12"  # as voc and voc20: with and without background
   config.evals.data_root = "{workdir}/data/seg"
   # The original README's setting without PAMR; one prompt, the form the captions use.

@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = common.tcl_optim()
 
   # ------------------------------------------------------------------ evaluation during training
-  config.evals = eval_configs.get_config()
+  config.evals = eval_configs.evals_config()
   config.evals.tasks = "t_voc20,t_context59"  # configs/tcl.yml evaluate.task
 
   # ------------------------------------------------------------------ systems

@@ -10,6 +10,7 @@ import math
 from typing import Callable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
@@ -69,18 +70,34 @@ def _prepare(ds: datasets.SegDataset, i: int, protocol: pipeline.Protocol):
   return i, (pipeline.preprocess(sample.image, protocol), sample.image.shape[:2], sample.label), None
 
 
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+  """Exact sum over all processes of an int64 array (pixel counts can pass 2**31, and jax
+  gathers 32-bit integers: the halves of each value travel separately)."""
+  x = np.asarray(x, np.int64)
+  halves = np.stack([x >> 31, x & (2**31 - 1)]).astype(np.int32)  # [2, ...]
+  every = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)  # [P, 2, ...]
+  return (every[:, 0].sum(0) << 31) + every[:, 1].sum(0)
+
+
 def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pipeline.Protocol, *,
                      progress: bool = True, workers: int = 2) -> dict:
   """Run the pipeline over a dataset; returns {"miou", "per_class_iou", "num_images",
-  "num_skipped"} (percent; miou rounded to 2 decimals as mmseg reports it).
+  "num_skipped", "intersect", "union"} (percent; miou rounded to 2 decimals as mmseg reports
+  it; intersect/union: the per-class pixel counts summed over the dataset).
 
   window_fn(windows) -> [n, >= len(spec.text_classes), h, w] masks of the text classes; datasets
   with background get the constant bg_thresh channel in front.
+
+  With several processes, process p reads and predicts images p, p + P, p + 2P, ... (its own
+  share, on its own devices through window_fn), and the counts of all processes are summed: every
+  process returns the same result, identical to one process evaluating every image.
   """
   spec = ds.spec
   acc = metrics.IoUAccumulator(spec.num_classes, datasets.IGNORE_INDEX, spec.reduce_zero_label)
   ds.num_skipped, ds.skipped = 0, []
-  bar = tqdm(total=len(ds), desc=spec.name, unit="img", dynamic_ncols=True) if progress else None
+  mine = list(range(jax.process_index(), len(ds), jax.process_count()))
+  bar = (tqdm(total=len(mine), desc=spec.name, unit="img", dynamic_ncols=True)
+         if progress and jax.process_index() == 0 else None)
   pending = None  # (device prediction, label) of the previous image: overlaps host and device
 
   def finish(item):
@@ -90,12 +107,12 @@ def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pip
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     futures = {}
     ahead = max(2, 2 * workers)
-    for i in range(min(ahead, len(ds))):
-      futures[i] = pool.submit(_prepare, ds, i, protocol)
-    for i in range(len(ds)):
-      _, prepared, err = futures.pop(i).result()
-      if i + ahead < len(ds):
-        futures[i + ahead] = pool.submit(_prepare, ds, i + ahead, protocol)
+    for k in range(min(ahead, len(mine))):
+      futures[k] = pool.submit(_prepare, ds, mine[k], protocol)
+    for k, i in enumerate(mine):
+      _, prepared, err = futures.pop(k).result()
+      if k + ahead < len(mine):
+        futures[k + ahead] = pool.submit(_prepare, ds, mine[k + ahead], protocol)
       if prepared is None:
         ds.num_skipped += 1
         ds.skipped.append(ds.names[i])
@@ -114,13 +131,21 @@ def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pip
   if bar is not None:
     bar.close()
 
-  miou, iou = acc.result()
+  intersect, union = acc.intersect, acc.union
+  num_images, num_skipped = acc.count, ds.num_skipped
+  if jax.process_count() > 1:
+    intersect, union = _sum_over_processes(intersect), _sum_over_processes(union)
+    num_images, num_skipped = (int(v) for v in _sum_over_processes(
+        np.array([num_images, num_skipped])))
+  miou, iou = metrics.mean_iou(intersect, union)
   return {
       "miou": None if math.isnan(miou) else round(miou * 100, 2),
       "per_class_iou": {c: (None if math.isnan(v) else float(v * 100))
                         for c, v in zip(spec.classes, iou)},
-      "num_images": acc.count,
-      "num_skipped": ds.num_skipped,
+      "num_images": num_images,
+      "num_skipped": num_skipped,
+      "intersect": [int(v) for v in intersect],
+      "union": [int(v) for v in union],
   }
 
 
