@@ -8,4 +8,5 @@ def from_pretrained(path_or_hub_id, **overrides):
   nothing is downloaded."""
   # Imported here so that `import tcl_jax` stays cheap (convert imports jax).
   from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+
   return convert.from_pretrained(path_or_hub_id, **overrides)

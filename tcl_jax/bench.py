@@ -38,26 +38,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcl_jax import sharding
 from tcl_jax import kinds
+from tcl_jax import sharding
 from tcl_jax import train_step as step_lib
-from tcl_jax.models import clip as clip_lib
 from tcl_jax.kinds import base
+from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets, no sparsity), matched in order against
 # jax's device_kind: more specific names first.
 PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
-    ("V100", 125e12),
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
-    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+  ("H100 PCIe", 756e12),
+  ("H100", 989e12),
+  ("H200", 989e12),
+  ("GH200", 989e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("L40S", 362e12),
+  ("L4", 121e12),
+  ("A10G", 70e12),
+  ("V100", 125e12),
+  ("TPU v4", 275e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v6e", 918e12),
 )
 
 # The original's forward+backward on CPU (shared/reference/time_reference.py), for context only.
-ORIGINAL_CPU_REFERENCE = ("original PyTorch TCL, ViT-B/16 dims, batch 4 at 224x224, float32 "
-                          "forward+backward: 9.2 s/step on a 2-core Intel Xeon (Sapphire Rapids) VM")
+ORIGINAL_CPU_REFERENCE = (
+  "original PyTorch TCL, ViT-B/16 dims, batch 4 at 224x224, float32 "
+  "forward+backward: 9.2 s/step on a 2-core Intel Xeon (Sapphire Rapids) VM"
+)
 
 
 class Fields(dict):
@@ -76,9 +90,21 @@ class Fields(dict):
 
 # configs/common.py:tcl_optim() (tests/test_bench.py keeps the two equal), with UST off so that
 # the masker backbone trains as after step 30k: the full step.
-OPTIM = Fields(base_lr=3e-4, min_lr=4e-5, lr_scale_reference_batch=4096, warmup_steps=15000,
-               warmup_start_factor=1e-4, ust_steps=0, weight_decay=0.05, clip_grad=5.0,
-               b1=0.9, b2=0.999, eps=1e-6, frozen_regex=r"^clip/", ust_regex=r"^masker/backbone/")
+OPTIM = Fields(
+  base_lr=3e-4,
+  min_lr=4e-5,
+  lr_scale_reference_batch=4096,
+  warmup_steps=15000,
+  warmup_start_factor=1e-4,
+  ust_steps=0,
+  weight_decay=0.05,
+  clip_grad=5.0,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-6,
+  frozen_regex=r"^clip/",
+  ust_regex=r"^masker/backbone/",
+)
 MESH = Fields(shape=(-1,), axes=("data",), axis_types="auto", param_rules=((".*", "replicate"),))
 
 
@@ -136,22 +162,40 @@ def _peak_memory_gib() -> float | None:
 def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True):
   """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
   (with `materialize=False` the inputs are ShapeDtypeStructs: enough to lower the step)."""
-  config = Fields(model=Fields(cfg.to_dict()), compute_dtype=dtype, remat=remat, optim=OPTIM,
-                  mesh=MESH, seed=0, total_steps=50_000, batch_size=global_batch)
+  config = Fields(
+    model=Fields(cfg.to_dict()),
+    compute_dtype=dtype,
+    remat=remat,
+    optim=OPTIM,
+    mesh=MESH,
+    seed=0,
+    total_steps=50_000,
+    batch_size=global_batch,
+  )
   model = kinds.build_model(config)
   mesh = sharding.make_mesh(MESH)
   batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
   plan = step_lib.plan_training(config, model, mesh)
   abstract_state, state_sharding = plan.abstract_state, plan.state_sharding
-  step = step_lib.make_jit_train_step(model=model, tx=plan.tx, labels=plan.labels,
-                                      schedule=plan.schedule, config=config,
-                                      state_sharding=state_sharding,
-                                      batch_sharding=batch_sharding, repl=repl)
+  step = step_lib.make_jit_train_step(
+    model=model,
+    tx=plan.tx,
+    labels=plan.labels,
+    schedule=plan.schedule,
+    config=config,
+    state_sharding=state_sharding,
+    batch_sharding=batch_sharding,
+    repl=repl,
+  )
   if not materialize:
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     host = _random_batch(global_batch, res)
-    return (mesh, step, jax.tree.map(spec, abstract_state, state_sharding),
-            jax.tree.map(lambda x: spec(x, batch_sharding), host))
+    return (
+      mesh,
+      step,
+      jax.tree.map(spec, abstract_state, state_sharding),
+      jax.tree.map(lambda x: spec(x, batch_sharding), host),
+    )
   with jax.set_mesh(mesh):
     init_rng, state_rng = step_lib.init_rngs(config)
     params = jax.jit(model.init, out_shardings=state_sharding.params)(init_rng)
@@ -167,8 +211,9 @@ def model_flops(preset_name: str, per_device_batch: int, dtype: str) -> float | 
   cost analysis of unoptimised HLO (jax 0.11's CUDA backend)."""
   cfg, res = preset(preset_name)
   with clip_lib.force_attention("xla"):
-    mesh, step, state, batch = _setup(cfg, res, per_device_batch * jax.device_count(), dtype,
-                                      remat=False, materialize=False)
+    mesh, step, state, batch = _setup(
+      cfg, res, per_device_batch * jax.device_count(), dtype, remat=False, materialize=False
+    )
     with jax.set_mesh(mesh):
       cost = step.lower(state, batch).cost_analysis()
   return _flops(cost)
@@ -179,8 +224,13 @@ def _flops(cost) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def train_bench(preset_name: str = "vitb16", per_device_batch: int = 8, steps: int = 10,
-                dtype: str = "auto", remat: bool = False) -> dict:
+def train_bench(
+  preset_name: str = "vitb16",
+  per_device_batch: int = 8,
+  steps: int = 10,
+  dtype: str = "auto",
+  remat: bool = False,
+) -> dict:
   """The full training step: compile time, step time, images/s, peak memory, MFU."""
   cfg, res = preset(preset_name)
   dtype = base.resolve_compute_dtype(dtype).name
@@ -200,29 +250,52 @@ def train_bench(preset_name: str = "vitb16", per_device_batch: int = 8, steps: i
       state, metrics, _ = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / steps
-  flops, flops_source = model_flops(preset_name, per_device_batch, dtype), \
-      "XLA cost analysis of the lowered step (remat off, XLA attention)"
+  flops, flops_source = (
+    model_flops(preset_name, per_device_batch, dtype),
+    "XLA cost analysis of the lowered step (remat off, XLA attention)",
+  )
   if flops is None and not remat:  # the compiled step's count (fusions, cuDNN kernels unseen),
     per_device = _flops(compiled.cost_analysis())  # which is per device (the SPMD partition)
     flops = per_device * n if per_device is not None else None
     flops_source = "XLA cost analysis of the compiled step"
   peak = peak_flops_per_chip()
-  return {"what": "train_step", "preset": preset_name, "device": device_label(),
-          "devices": n, "per_device_batch": per_device_batch, "global_batch": global_batch,
-          "resolution": res, "dtype": dtype, "remat": remat, "compile_s": compile_s,
-          "step_s": step_s, "images_per_s": global_batch / step_s,
-          "peak_memory_gib": _peak_memory_gib(),
-          # XLA's buffer assignment for the step (per device): arguments + outputs + temporaries
-          "step_memory_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / 2**30,
-          "model_flops_per_step": flops,
-          "flops_source": flops_source if flops else None,
-          "mfu": flops / (step_s * n * peak) if peak and flops else None,
-          "loss": float(jax.device_get(metrics["loss"]))}
+  return {
+    "what": "train_step",
+    "preset": preset_name,
+    "device": device_label(),
+    "devices": n,
+    "per_device_batch": per_device_batch,
+    "global_batch": global_batch,
+    "resolution": res,
+    "dtype": dtype,
+    "remat": remat,
+    "compile_s": compile_s,
+    "step_s": step_s,
+    "images_per_s": global_batch / step_s,
+    "peak_memory_gib": _peak_memory_gib(),
+    # XLA's buffer assignment for the step (per device): arguments + outputs + temporaries
+    "step_memory_gib": (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+    )
+    / 2**30,
+    "model_flops_per_step": flops,
+    "flops_source": flops_source if flops else None,
+    "mfu": flops / (step_s * n * peak) if peak and flops else None,
+    "loss": float(jax.device_get(metrics["loss"])),
+  }
 
 
-def max_batch(preset_name: str, dtype: str, remat: bool, probe: int = 32, multiple: int = 8,
-              headroom: float = 0.9) -> int:
+def max_batch(
+  preset_name: str,
+  dtype: str,
+  remat: bool,
+  probe: int = 32,
+  multiple: int = 8,
+  headroom: float = 0.9,
+) -> int:
   """Largest per-device batch (a multiple of `multiple`) predicted to fit in device memory.
 
   One compilation at batch `probe`; XLA's buffer assignment then gives the step's memory as
@@ -235,20 +308,27 @@ def max_batch(preset_name: str, dtype: str, remat: bool, probe: int = 32, multip
     raise ValueError("--max-batch needs a device that reports its memory limit (GPU, TPU)")
   cfg, res = preset(preset_name)
   dtype = base.resolve_compute_dtype(dtype).name
-  mesh, step, state, batch = _setup(cfg, res, probe * jax.device_count(), dtype, remat,
-                                    materialize=False)
+  mesh, step, state, batch = _setup(
+    cfg, res, probe * jax.device_count(), dtype, remat, materialize=False
+  )
   with jax.set_mesh(mesh):
     mem = step.lower(state, batch).compile().memory_analysis()
   batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) / jax.device_count()
   fixed = mem.argument_size_in_bytes - batch_bytes
-  per_example = (mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                 + batch_bytes) / probe
+  per_example = (
+    mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + batch_bytes
+  ) / probe
   fit = (headroom * stats["bytes_limit"] - fixed) / per_example
   return max(int(fit) // multiple * multiple, 0)
 
 
-def eval_bench(preset_name: str = "vitb16", windows: int = 8, steps: int = 5, res: int = 448,
-               num_classes: int = 21) -> list[dict]:
+def eval_bench(
+  preset_name: str = "vitb16",
+  windows: int = 8,
+  steps: int = 5,
+  res: int = 448,
+  num_classes: int = 21,
+) -> list[dict]:
   """448x448 windows/s of mask inference with and without PAMR (KP branch on, kp_w 0.3)."""
   cfg, _ = preset(preset_name)
   params = tcl_lib.init_params(cfg, jax.random.key(0))
@@ -258,8 +338,9 @@ def eval_bench(preset_name: str = "vitb16", windows: int = 8, steps: int = 5, re
   text = jnp.asarray(text / np.linalg.norm(text, axis=-1, keepdims=True))
   out = []
   for apply_pamr in (False, True):
-    fn = functools.partial(kinds.zero_shot_model(cfg).window_masks, params, pamr=apply_pamr,
-                           kp_w=0.3, simmaps=False)
+    fn = functools.partial(
+      kinds.zero_shot_model(cfg).window_masks, params, pamr=apply_pamr, kp_w=0.3, simmaps=False
+    )
     t0 = time.perf_counter()
     jax.block_until_ready(fn(text, images))  # compile + first run
     first_s = time.perf_counter() - t0
@@ -268,22 +349,48 @@ def eval_bench(preset_name: str = "vitb16", windows: int = 8, steps: int = 5, re
       masks = fn(text, images)
     jax.block_until_ready(masks)
     dt = (time.perf_counter() - t0) / steps
-    out.append({"what": "eval_windows", "preset": preset_name, "device": device_label(),
-                "windows": windows, "resolution": res, "classes": num_classes,
-                "pamr": apply_pamr, "dtype": "float32", "first_call_s": first_s,
-                "batch_s": dt, "windows_per_s": windows / dt})
+    out.append(
+      {
+        "what": "eval_windows",
+        "preset": preset_name,
+        "device": device_label(),
+        "windows": windows,
+        "resolution": res,
+        "classes": num_classes,
+        "pamr": apply_pamr,
+        "dtype": "float32",
+        "first_call_s": first_s,
+        "batch_s": dt,
+        "windows_per_s": windows / dt,
+      }
+    )
   return out
 
 
 def torch_reference(ref_repo: str, per_device_batch: int, steps: int, res: int) -> dict:
   """The original's training step in a subprocess (before JAX claims the device's memory)."""
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench_torch", "--ref-repo", ref_repo,
-                      "--batch", str(per_device_batch), "--steps", str(steps),
-                      "--resolution", str(res)], capture_output=True, text=True)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.bench_torch",
+      "--ref-repo",
+      ref_repo,
+      "--batch",
+      str(per_device_batch),
+      "--steps",
+      str(steps),
+      "--resolution",
+      str(res),
+    ],
+    capture_output=True,
+    text=True,
+  )
   if r.returncode:
     lines = r.stderr.strip().splitlines()
-    raise RuntimeError(lines[-1].removeprefix("error: ") if lines
-                       else f"bench_torch exited {r.returncode}")
+    raise RuntimeError(
+      lines[-1].removeprefix("error: ") if lines else f"bench_torch exited {r.returncode}"
+    )
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -294,27 +401,47 @@ def _fmt(v, spec):
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m tcl_jax.bench", description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="vitb16", choices=["vitb16", "tiny"])
-  ap.add_argument("--batch", type=int, default=None,
-                  help="per-device training batch (default 8 on accelerators, 2 on CPU)")
+  ap.add_argument(
+    "--batch",
+    type=int,
+    default=None,
+    help="per-device training batch (default 8 on accelerators, 2 on CPU)",
+  )
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
   ap.add_argument("--remat", action="store_true", help="recompute transformer blocks in backward")
-  ap.add_argument("--max-batch", action="store_true",
-                  help="time the largest per-device batch predicted to fit (GPU/TPU)")
-  ap.add_argument("--eval-windows", type=int, default=None,
-                  help="448x448 windows per eval batch (default 8 on accelerators, 1 on CPU; "
-                       "0 skips the eval benchmark)")
-  ap.add_argument("--torch-ref", default=None, metavar="DIR",
-                  help="checkout of kakaobrain/tcl: also time the original (needs torch, einops)")
+  ap.add_argument(
+    "--max-batch",
+    action="store_true",
+    help="time the largest per-device batch predicted to fit (GPU/TPU)",
+  )
+  ap.add_argument(
+    "--eval-windows",
+    type=int,
+    default=None,
+    help="448x448 windows per eval batch (default 8 on accelerators, 1 on CPU; "
+    "0 skips the eval benchmark)",
+  )
+  ap.add_argument(
+    "--torch-ref",
+    default=None,
+    metavar="DIR",
+    help="checkout of kakaobrain/tcl: also time the original (needs torch, einops)",
+  )
   ap.add_argument("--json", dest="json_out", default=None)
   args = ap.parse_args(argv)
   if args.torch_ref and not os.path.isfile(os.path.join(args.torch_ref, "models", "tcl", "tcl.py")):
-    print(f"error: --torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl "
-          f"(no models/tcl/tcl.py)", file=sys.stderr)
+    print(
+      f"error: --torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl "
+      f"(no models/tcl/tcl.py)",
+      file=sys.stderr,
+    )
     return 2
   if args.torch_ref and args.preset != "vitb16":
-    print("error: --torch-ref times the original at ViT-B/16; use it with --preset vitb16",
-          file=sys.stderr)
+    print(
+      "error: --torch-ref times the original at ViT-B/16; use it with --preset vitb16",
+      file=sys.stderr,
+    )
     return 2
   if args.steps < 1 or (args.batch is not None and args.batch < 1):
     print("error: --steps and --batch must be >= 1", file=sys.stderr)
@@ -334,8 +461,10 @@ def main(argv=None) -> int:
     results.append(theirs)
     print(json.dumps(theirs), flush=True)  # kept even if our step fails later
 
-  print(f"# {device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
-        + ("  (CPU: no MFU)" if on_cpu else ""))
+  print(
+    f"# {device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
+    + ("  (CPU: no MFU)" if on_cpu else "")
+  )
   if args.max_batch:
     try:
       batch = max_batch(args.preset, args.dtype, args.remat)
@@ -354,36 +483,46 @@ def main(argv=None) -> int:
       if not ("RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()):
         raise
       if not args.max_batch or batch <= 8:
-        print(f"error: per-device batch {batch} does not fit in device memory; try --max-batch",
-              file=sys.stderr)
+        print(
+          f"error: per-device batch {batch} does not fit in device memory; try --max-batch",
+          file=sys.stderr,
+        )
         return 1
       batch = max(8, int(batch * 0.85) // 8 * 8)  # the prediction was optimistic
       print(f"# out of memory; retrying at per-device batch {batch}")
   results.append(ours)
-  print(f"train step  {ours['preset']} batch {ours['global_batch']} ({batch}/device) at "
-        f"{ours['resolution']}², {ours['dtype']}, remat {ours['remat']}: "
-        f"{ours['step_s']:.4f} s/step, {ours['images_per_s']:.1f} images/s, "
-        f"compile {ours['compile_s']:.1f} s, peak memory {_fmt(ours['peak_memory_gib'], '.2f')} GiB "
-        f"(step buffers {ours['step_memory_gib']:.2f} GiB/device), "
-        f"{_fmt(ours['model_flops_per_step'] and ours['model_flops_per_step'] / 1e12, '.3f')} "
-        f"model TFLOP/step, "
-        f"MFU {_fmt(ours['mfu'] and 100 * ours['mfu'], '.1f')}%")
+  print(
+    f"train step  {ours['preset']} batch {ours['global_batch']} ({batch}/device) at "
+    f"{ours['resolution']}², {ours['dtype']}, remat {ours['remat']}: "
+    f"{ours['step_s']:.4f} s/step, {ours['images_per_s']:.1f} images/s, "
+    f"compile {ours['compile_s']:.1f} s, peak memory {_fmt(ours['peak_memory_gib'], '.2f')} GiB "
+    f"(step buffers {ours['step_memory_gib']:.2f} GiB/device), "
+    f"{_fmt(ours['model_flops_per_step'] and ours['model_flops_per_step'] / 1e12, '.3f')} "
+    f"model TFLOP/step, "
+    f"MFU {_fmt(ours['mfu'] and 100 * ours['mfu'], '.1f')}%"
+  )
   if theirs:
     ours["ratio_vs_original"] = ours["images_per_s"] / theirs["images_per_s"]
-    print(f"original    same device, batch {theirs['batch']}, {theirs['precision']}: "
-          f"{theirs['step_s']:.4f} s/step, {theirs['images_per_s']:.1f} images/s  ->  "
-          f"tcl_jax / original = {ours['ratio_vs_original']:.2f}x (same run)")
+    print(
+      f"original    same device, batch {theirs['batch']}, {theirs['precision']}: "
+      f"{theirs['step_s']:.4f} s/step, {theirs['images_per_s']:.1f} images/s  ->  "
+      f"tcl_jax / original = {ours['ratio_vs_original']:.2f}x (same run)"
+    )
   elif on_cpu and args.preset == "vitb16":
-    print(f"reference   {ORIGINAL_CPU_REFERENCE} (another machine and step: no ratio; "
-          f"--torch-ref DIR measures the original here)")
+    print(
+      f"reference   {ORIGINAL_CPU_REFERENCE} (another machine and step: no ratio; "
+      f"--torch-ref DIR measures the original here)"
+    )
 
   windows = args.eval_windows if args.eval_windows is not None else (1 if on_cpu else 8)
   if windows:
     for r in eval_bench(args.preset, windows, steps=max(1, args.steps // 2)):
       results.append(r)
-      print(f"eval        {r['windows']} windows of {r['resolution']}², {r['classes']} classes, "
-            f"PAMR {'on ' if r['pamr'] else 'off'}: {r['windows_per_s']:.2f} windows/s "
-            f"(first call {r['first_call_s']:.1f} s)")
+      print(
+        f"eval        {r['windows']} windows of {r['resolution']}², {r['classes']} classes, "
+        f"PAMR {'on ' if r['pamr'] else 'off'}: {r['windows_per_s']:.2f} windows/s "
+        f"(first call {r['first_call_s']:.1f} s)"
+      )
   for r in results:
     if r is not theirs:  # (printed when measured)
       print(json.dumps(r))

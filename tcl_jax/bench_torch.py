@@ -22,16 +22,31 @@ import time
 import types
 
 # ViT-B/16 CLIP (sclip.model.CLIP's arguments) and configs/tcl.yml's model section.
-CLIP_VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                    vision_patch_size=16, context_length=77, vocab_size=49408,
-                    transformer_width=512, transformer_heads=8, transformer_layers=12)
+CLIP_VIT_B16 = dict(
+  embed_dim=512,
+  image_resolution=224,
+  vision_layers=12,
+  vision_width=768,
+  vision_patch_size=16,
+  context_length=77,
+  vocab_size=49408,
+  transformer_width=512,
+  transformer_heads=8,
+  transformer_layers=12,
+)
 TCL_ARGS = dict(
-    clip_model="ViT-B/16", ie_freeze=11, ie_ignore_last_attn=True,
-    masker=dict(type="Masker",
-                decoder=dict(type="GDecoder", double=True, n_layers=2, kernel_size=3, act="gelu",
-                             norm="ln"),
-                sim2mask=dict(init_w=10.0, init_b=-2.5, gumbel_tau=1.0, learnable=True)),
-    tcl_w=0.1, area_w=0.4, tv_w=1.0)
+  clip_model="ViT-B/16",
+  ie_freeze=11,
+  ie_ignore_last_attn=True,
+  masker=dict(
+    type="Masker",
+    decoder=dict(type="GDecoder", double=True, n_layers=2, kernel_size=3, act="gelu", norm="ln"),
+    sim2mask=dict(init_w=10.0, init_b=-2.5, gumbel_tau=1.0, learnable=True),
+  ),
+  tcl_w=0.1,
+  area_w=0.4,
+  tv_w=1.0,
+)
 
 
 class _Registry:
@@ -44,6 +59,7 @@ class _Registry:
     def register(cls):
       self.modules[name or cls.__name__] = cls
       return cls
+
     return register
 
   def build(self, cfg):
@@ -60,13 +76,17 @@ def _module(name, **attrs):
 def build_original(ref_repo: str, seed: int = 0):
   """The original TCL (random ViT-B/16 CLIP), imported from `ref_repo` with stubbed imports."""
   import torch  # pylint: disable=g-import-not-at-top
+
   logger = lambda *a, **k: logging.getLogger("tcl")
   mmcv_utils = _module("mmcv.utils", Registry=_Registry, get_logger=logger)
-  sys.modules.update({
-      "mmcv": _module("mmcv", utils=mmcv_utils), "mmcv.utils": mmcv_utils,
+  sys.modules.update(
+    {
+      "mmcv": _module("mmcv", utils=mmcv_utils),
+      "mmcv.utils": mmcv_utils,
       "omegaconf": _module("omegaconf", OmegaConf=None),  # only models.build_model uses it
       "utils": _module("utils", get_logger=logger),  # the original's utils: only get_logger
-  })
+    }
+  )
   # sclip as a bare package: its __init__ imports clip.py (torchvision, weight downloads).
   sclip = _module("sclip", __path__=[os.path.join(ref_repo, "sclip")])
   sys.modules["sclip"] = sclip
@@ -88,6 +108,7 @@ def build_original(ref_repo: str, seed: int = 0):
 def run(ref_repo: str, batch: int, steps: int, resolution: int = 224, seed: int = 0) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.distributed as dist  # pylint: disable=g-import-not-at-top
+
   cuda = torch.cuda.is_available()
   device = "cuda" if cuda else "cpu"
   # The original's contrastive losses all-gather over the process group: a group of one.
@@ -101,8 +122,12 @@ def run(ref_repo: str, batch: int, steps: int, resolution: int = 224, seed: int 
   for name, p in model.named_parameters():
     if p.requires_grad:
       (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-  opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=7.5e-5, eps=1e-6, weight_decay=0.05)
+  opt = torch.optim.AdamW(
+    [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=7.5e-5,
+    eps=1e-6,
+    weight_decay=0.05,
+  )
   scaler = torch.amp.GradScaler(device, enabled=cuda)
   g = torch.Generator().manual_seed(seed)
   images = torch.randn(batch, 3, resolution, resolution, generator=g).to(device)
@@ -134,36 +159,45 @@ def run(ref_repo: str, batch: int, steps: int, resolution: int = 224, seed: int 
     loss = step()
   sync()
   step_s = (time.perf_counter() - t0) / steps
-  return {"impl": "pytorch original", "device": torch.cuda.get_device_name() if cuda else "cpu",
-          "precision": "fp16 autocast" if cuda else "float32", "batch": batch,
-          "resolution": resolution, "step_s": step_s, "images_per_s": batch / step_s,
-          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-          "loss": float(loss), "torch": torch.__version__}
+  return {
+    "impl": "pytorch original",
+    "device": torch.cuda.get_device_name() if cuda else "cpu",
+    "precision": "fp16 autocast" if cuda else "float32",
+    "batch": batch,
+    "resolution": resolution,
+    "step_s": step_s,
+    "images_per_s": batch / step_s,
+    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    "loss": float(loss),
+    "torch": torch.__version__,
+  }
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m tcl_jax.bench_torch",
-                               description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(
+    prog="python -m tcl_jax.bench_torch", description=__doc__.split("\n")[0]
+  )
   ap.add_argument("--ref-repo", required=True)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--resolution", type=int, default=224)
   args = ap.parse_args(argv)
   if not os.path.isfile(os.path.join(args.ref_repo, "models", "tcl", "tcl.py")):
-    print(f"error: {args.ref_repo} is not a checkout of kakaobrain/tcl (no models/tcl/tcl.py)",
-          file=sys.stderr)
+    print(
+      f"error: {args.ref_repo} is not a checkout of kakaobrain/tcl (no models/tcl/tcl.py)",
+      file=sys.stderr,
+    )
     return 2
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
     import einops  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     print(f"error: timing the original needs torch and einops ({e})", file=sys.stderr)
     return 1
   try:
     print(json.dumps(run(args.ref_repo, args.batch, args.steps, args.resolution)))
   except torch.cuda.OutOfMemoryError:
-    print(f"error: the original runs out of device memory at batch {args.batch}",
-          file=sys.stderr)
+    print(f"error: the original runs out of device memory at batch {args.batch}", file=sys.stderr)
     return 1
   return 0
 

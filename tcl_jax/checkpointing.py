@@ -57,29 +57,42 @@ def create_checkpoint_manager(workdir: str, ckpt_config) -> ocp.CheckpointManage
   """CheckpointManager under `<workdir>/checkpoints` (saving steps are decided by the caller)."""
   policies = [ocp.checkpoint_managers.LatestN(n=max(int(ckpt_config.keep), 1))]
   if ckpt_config.get("keep_best", 0):
-    policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda m: m["miou"], reverse=False, n=int(ckpt_config.keep_best),
-        keep_checkpoints_without_metrics=False))
+    policies.append(
+      ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda m: m["miou"],
+        reverse=False,
+        n=int(ckpt_config.keep_best),
+        keep_checkpoints_without_metrics=False,
+      )
+    )
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=1,
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=bool(ckpt_config.get("async_save", True)),
-      create=True,
+    save_interval_steps=1,
+    preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+    enable_async_checkpointing=bool(ckpt_config.get("async_save", True)),
+    create=True,
   )
   return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, input_state: dict | None,
-         metrics: dict | None = None) -> bool:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state,
+  input_state: dict | None,
+  metrics: dict | None = None,
+) -> bool:
   """Saves (possibly asynchronously) `state` and the iterator state at `step`."""
   if mngr.latest_step() == step:  # e.g. a final save right after a periodic one
     return False
   saved = mngr.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          input=ocp.args.JsonSave(input_state if input_state is not None else {})),
-      metrics=metrics, force=True)
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      input=ocp.args.JsonSave(input_state if input_state is not None else {}),
+    ),
+    metrics=metrics,
+    force=True,
+  )
   if saved:
     logging.info("Checkpoint at step %d%s", step, f" (metrics {metrics})" if metrics else "")
   return saved
@@ -89,17 +102,19 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any
   """(state, input_state) at `step`, laid out as `abstract_state` (ShapeDtypeStructs with
   shardings)."""
   restored = mngr.restore(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          input=ocp.args.JsonRestore()))
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), input=ocp.args.JsonRestore()
+    ),
+  )
   return restored["state"], restored["input"]
 
 
 def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs that carry the target shardings (the restore target)."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings
+  )
 
 
 def gather_input_states(local_state: dict) -> dict:
@@ -110,7 +125,7 @@ def gather_input_states(local_state: dict) -> dict:
   data = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
   size = int(np.max(multihost_utils.process_allgather(np.array([data.size], np.int32))))
   padded = np.zeros([size], np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   gathered = np.asarray(multihost_utils.process_allgather(padded))  # [P, size]
   states = {}
   for i in range(count):
@@ -126,8 +141,11 @@ def local_input_state(saved: dict | None) -> dict | None:
   if "processes" not in saved:  # a bare single-process state
     return saved
   if int(saved.get("process_count", 1)) != jax.process_count():
-    logging.warning("Checkpoint input state is for %s processes, running %d: the input "
-                    "pipeline restarts from its beginning.", saved.get("process_count"),
-                    jax.process_count())
+    logging.warning(
+      "Checkpoint input state is for %s processes, running %d: the input "
+      "pipeline restarts from its beginning.",
+      saved.get("process_count"),
+      jax.process_count(),
+    )
     return None
   return saved["processes"].get(str(jax.process_index()))

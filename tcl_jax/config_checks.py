@@ -20,41 +20,41 @@ import tempfile
 # (field, kind, low, high): kind "int" (a whole number, not a bool) or "float"; None = unbounded.
 # Fields a config does not have are skipped.
 _EVAL_RULES = (
-    ("bg_thresh", "float", 0.0, 1.0),
-    ("kp_w", "float", 0.0, None),
-    ("max_images", "int", 0, None),
-    ("crop", "int", 1, None),
-    ("stride", "int", 1, None),
-    ("batch", "int", 1, None),
-    ("class_pad", "int", 0, None),
+  ("bg_thresh", "float", 0.0, 1.0),
+  ("kp_w", "float", 0.0, None),
+  ("max_images", "int", 0, None),
+  ("crop", "int", 1, None),
+  ("stride", "int", 1, None),
+  ("batch", "int", 1, None),
+  ("class_pad", "int", 0, None),
 )
 _TRAIN_RULES = (
-    ("total_steps", "int", 1, None),
-    ("batch_size", "int", 1, None),
-    ("seed", "int", 0, None),
-    ("log_every_steps", "int", 1, None),
-    ("checkpoint_every_steps", "int", 0, None),
-    ("eval_every_steps", "int", 0, None),
-    ("image_log_every_steps", "int", 0, None),
-    ("image_log_num", "int", 0, None),
-    ("input.image_size", "int", 1, None),
-    ("optim.base_lr", "float", 0.0, None),
-    ("optim.min_lr", "float", 0.0, None),
-    ("optim.lr_scale_reference_batch", "int", 0, None),
-    ("optim.warmup_steps", "int", 0, None),
-    ("optim.warmup_start_factor", "float", 0.0, 1.0),
-    ("optim.ust_steps", "int", 0, None),
-    ("optim.weight_decay", "float", 0.0, None),
-    ("optim.clip_grad", "float", 0.0, None),
-    ("checkpoint.keep", "int", 1, None),
-    ("checkpoint.keep_best", "int", 0, None),
-    ("synthetic.num_train_examples", "int", 1, None),
-    ("synthetic.image_size", "int", 1, None),
-    ("synthetic.num_shards", "int", 1, None),
-    ("synthetic.seed", "int", 0, None),
-    ("synthetic.num_eval_images", "int", 0, None),
-    ("miniature.clip_steps", "int", 0, None),
-    ("miniature.num_mask_images", "int", 0, None),
+  ("total_steps", "int", 1, None),
+  ("batch_size", "int", 1, None),
+  ("seed", "int", 0, None),
+  ("log_every_steps", "int", 1, None),
+  ("checkpoint_every_steps", "int", 0, None),
+  ("eval_every_steps", "int", 0, None),
+  ("image_log_every_steps", "int", 0, None),
+  ("image_log_num", "int", 0, None),
+  ("input.image_size", "int", 1, None),
+  ("optim.base_lr", "float", 0.0, None),
+  ("optim.min_lr", "float", 0.0, None),
+  ("optim.lr_scale_reference_batch", "int", 0, None),
+  ("optim.warmup_steps", "int", 0, None),
+  ("optim.warmup_start_factor", "float", 0.0, 1.0),
+  ("optim.ust_steps", "int", 0, None),
+  ("optim.weight_decay", "float", 0.0, None),
+  ("optim.clip_grad", "float", 0.0, None),
+  ("checkpoint.keep", "int", 1, None),
+  ("checkpoint.keep_best", "int", 0, None),
+  ("synthetic.num_train_examples", "int", 1, None),
+  ("synthetic.image_size", "int", 1, None),
+  ("synthetic.num_shards", "int", 1, None),
+  ("synthetic.seed", "int", 0, None),
+  ("synthetic.num_eval_images", "int", 0, None),
+  ("miniature.clip_steps", "int", 0, None),
+  ("miniature.num_mask_images", "int", 0, None),
 ) + tuple((f"evals.{f}", kind, lo, hi) for f, kind, lo, hi in _EVAL_RULES)
 
 
@@ -75,8 +75,7 @@ def _rule_problem(value, field: str, kind: str, lo, hi, flag: str) -> str | None
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     what = "a whole number"
   else:
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     what = "a number"
   if ok and (lo is None or value >= lo) and (hi is None or value <= hi):
     return None
@@ -90,9 +89,11 @@ def _rule_problem(value, field: str, kind: str, lo, hi, flag: str) -> str | None
 
 
 def _scale_problem(value, field: str, flag: str) -> str | None:
-  if (isinstance(value, (tuple, list)) and len(value) == 2
-      and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-              for v in value)):
+  if (
+    isinstance(value, (tuple, list))
+    and len(value) == 2
+    and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value)
+  ):
     return None
   return f"{flag}.{field} must be two whole numbers >= 1 (long side, short side), got {value!r}"
 
@@ -134,8 +135,9 @@ def workdir_problem(workdir: str, flag: str = "--workdir") -> str | None:
     with tempfile.TemporaryFile(dir=workdir):
       pass
   except OSError as e:
-    return (f"{flag}={workdir} is not writable ({e.strerror or e}); give a directory you can "
-            "write to")
+    return (
+      f"{flag}={workdir} is not writable ({e.strerror or e}); give a directory you can write to"
+    )
   return None
 
 
@@ -151,8 +153,10 @@ def path_problem(config, workdir: str, resolve=lambda p: p) -> str | None:
   if init and _local(init):
     path = init.replace("{workdir}", workdir)
     if not os.path.exists(path):
-      return (f"config.init_checkpoint={init}: {path} does not exist (a CLIP .pt, a TCL .pth, a "
-              "converted directory or a training workdir; '' starts from random weights)")
+      return (
+        f"config.init_checkpoint={init}: {path} does not exist (a CLIP .pt, a TCL .pth, a "
+        "converted directory or a training workdir; '' starts from random weights)"
+      )
     if not os.access(path, os.R_OK):
       return f"config.init_checkpoint={init}: {path} is not readable"
   mini = config.get("miniature") if hasattr(config, "keys") else None
@@ -160,6 +164,7 @@ def path_problem(config, workdir: str, resolve=lambda p: p) -> str | None:
   if weights and _local(weights):
     path = resolve(weights)
     if not os.path.isfile(path):
-      return (f"config.miniature.clip_weights={weights}: no such file (empty: train the CLIP in "
-              "the run)")
+      return (
+        f"config.miniature.clip_weights={weights}: no such file (empty: train the CLIP in the run)"
+      )
   return None

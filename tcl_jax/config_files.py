@@ -62,7 +62,7 @@ def resolve(path: str) -> str:
   norm = path.replace(os.sep, "/").removeprefix("./")
   for prefix, inside in _PACKAGE_PREFIXES.items():
     if norm.startswith(prefix):
-      found = packaged(inside + norm[len(prefix):])
+      found = packaged(inside + norm[len(prefix) :])
       if os.path.exists(found):
         return found
   return path
@@ -84,12 +84,14 @@ class _QuietOrbax:
 
 def quiet_orbax_info() -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 # ------------------------------------------------------------------------------------------------
 # The --config flag
 # ------------------------------------------------------------------------------------------------
+
 
 def _find_config_arg(argv: list[str], name: str) -> int:
   """Index of the `--config=...` / `--config ...` argument (-1 if absent)."""
@@ -127,8 +129,7 @@ def check_override(config, field: str, flag: str = "config") -> str | None:
   node = config
   for i, part in enumerate(parts):
     if not hasattr(node, "keys"):
-      return (f"--{flag}.{field}: {flag}.{'.'.join(parts[:i])} is a value, not a group of "
-              "fields")
+      return f"--{flag}.{field}: {flag}.{'.'.join(parts[:i])} is a value, not a group of fields"
     if part in node:
       node = node[part]
       continue
@@ -145,8 +146,9 @@ def check_override(config, field: str, flag: str = "config") -> str | None:
   return None
 
 
-def parse_flags(argv: list[str], *, default_config: str | None = None,
-                flag: str = "config") -> list[str]:
+def parse_flags(
+  argv: list[str], *, default_config: str | None = None, flag: str = "config"
+) -> list[str]:
   """`absl.app.run(main, flags_parser=parse_flags)`: parses `argv` into absl's FLAGS.
 
   Resolves a relative `configs/...` path against the installed package when it is not found from
@@ -156,6 +158,7 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
   flag itself without a default: config_flags applies overrides to a default at definition).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   argv = list(argv)
   i = _find_config_arg(argv, flag)
   if i < 0 and default_config:
@@ -169,8 +172,10 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
     path, colon, arg = spec.partition(":")
     found = resolve(path)
     if not os.path.isfile(found):
-      usage_error(f"--{flag}={spec}: config file {path} not found (in {os.getcwd()} or in "
-                  f"the package's configs, {packaged('configs')})")
+      usage_error(
+        f"--{flag}={spec}: config file {path} not found (in {os.getcwd()} or in "
+        f"the package's configs, {packaged('configs')})"
+      )
     argv[j] = found + colon + arg
     if j == i:
       argv[j] = f"--{flag}={argv[j]}"
@@ -208,9 +213,10 @@ def parse_flags(argv: list[str], *, default_config: str | None = None,
 # Lines native libraries print to stderr while they load, which a user can do nothing about:
 # TensorFlow's oneDNN and CPU-feature notices (absl's C++ logging ignores TF_CPP_MIN_LOG_LEVEL).
 _NATIVE_NOISE = re.compile(
-    r"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are on"
-    r"|cpu_feature_guard\.cc|To enable the following instructions:|rebuild TensorFlow with the "
-    r"appropriate compiler flags")
+  r"All log messages before absl::InitializeLog\(\) is called|oneDNN custom operations are on"
+  r"|cpu_feature_guard\.cc|To enable the following instructions:|rebuild TensorFlow with the "
+  r"appropriate compiler flags"
+)
 
 
 @contextlib.contextmanager

@@ -49,13 +49,16 @@ CLIP_PREFIXES = ("clip_text_encoder.", "clip_image_encoder.")
 LOSS_SCALE_KEYS = ("tcli_loss.logit_scale", "tclf_loss.logit_scale")
 # InfoNCE / ExtendedInfoNCE start at logit_scale = log(1 / T_init), T_init 0.07 (models/tcl/mi.py).
 INITIAL_LOGIT_SCALE = np.float32(clip_lib.INITIAL_LOGIT_SCALE)
-NO_CLIP = ("this TCL checkpoint has no CLIP towers (clip_text_encoder.*, clip_image_encoder.*), "
-           "like the official tcl.pth: pass OpenAI's ViT-B/16 file with --clip ViT-B-16.pt "
-           "(clip= in Python)")
+NO_CLIP = (
+  "this TCL checkpoint has no CLIP towers (clip_text_encoder.*, clip_image_encoder.*), "
+  "like the official tcl.pth: pass OpenAI's ViT-B/16 file with --clip ViT-B-16.pt "
+  "(clip= in Python)"
+)
 
 # ----------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------
+
 
 def _fill(target_shapes, key_map: dict, sd: dict, used: set, problems: list):
   """Build a params tree shaped like target_shapes from sd through key_map."""
@@ -72,8 +75,10 @@ def _fill(target_shapes, key_map: dict, sd: dict, used: set, problems: list):
     used.add(tkey)
     arr = np.array(convert_maps.TO_FLAX[fn](np.asarray(sd[tkey], np.float32)), order="C")
     if arr.shape != tuple(leaf.shape):
-      problems.append(f"shape mismatch for {tkey}: checkpoint {tuple(sd[tkey].shape)}, "
-                      f"model expects {tuple(leaf.shape)} (after layout transpose)")
+      problems.append(
+        f"shape mismatch for {tkey}: checkpoint {tuple(sd[tkey].shape)}, "
+        f"model expects {tuple(leaf.shape)} (after layout transpose)"
+      )
       continue
     flat[names] = arr
   return flat
@@ -83,7 +88,10 @@ def _clip_in_tcl_layout(clip_sd: dict, clip_cfg) -> dict:
   """OpenAI CLIP keys -> the TCL checkpoint's names for the same tensors. Keys with no TCL name
   stay (marked) so that the conversion lists them as unexpected."""
   tcl_names = convert_maps.clip_key_map(clip_cfg, "tcl")
-  rename = {oai: tcl_names[path][0] for path, (oai, _) in convert_maps.clip_key_map(clip_cfg, "openai").items()}
+  rename = {
+    oai: tcl_names[path][0]
+    for path, (oai, _) in convert_maps.clip_key_map(clip_cfg, "openai").items()
+  }
   out = {}
   for k, v in clip_sd.items():
     if k in rename:
@@ -93,9 +101,16 @@ def _clip_in_tcl_layout(clip_sd: dict, clip_cfg) -> dict:
   return out
 
 
-def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Optional[int] = None,
-                       vision_heads: Optional[int] = None, text_heads: Optional[int] = None,
-                       seed: int = 0, **tcl_overrides):
+def convert_state_dict(
+  sd: dict,
+  *,
+  clip: Optional[dict] = None,
+  ie_freeze: Optional[int] = None,
+  vision_heads: Optional[int] = None,
+  text_heads: Optional[int] = None,
+  seed: int = 0,
+  **tcl_overrides,
+):
   """state_dict (name -> numpy) -> (TCLConfig, params). Fails model_files.listing every missing, unexpected
   or mis-shaped key.
 
@@ -105,28 +120,39 @@ def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Opti
   layout = convert_maps.detect_layout(sd)
   if clip is not None:
     if layout != "tcl":
-      raise model_files.ConversionError("--clip (clip=) completes a TCL checkpoint; this source is a CLIP")
+      raise model_files.ConversionError(
+        "--clip (clip=) completes a TCL checkpoint; this source is a CLIP"
+      )
     try:
       clip_layout = convert_maps.detect_layout(clip)
     except model_files.ConversionError as e:
       raise model_files.ConversionError(f"the --clip file: {e}") from None
     if clip_layout != "openai":
-      raise model_files.ConversionError("the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), "
-                            "not a TCL checkpoint")
-    clip_cfg = convert_maps.infer_clip_config(clip, "openai", vision_heads=vision_heads, text_heads=text_heads)
+      raise model_files.ConversionError(
+        "the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), not a TCL checkpoint"
+      )
+    clip_cfg = convert_maps.infer_clip_config(
+      clip, "openai", vision_heads=vision_heads, text_heads=text_heads
+    )
     sd = {**_clip_in_tcl_layout(clip, clip_cfg), **sd}  # the TCL file's own keys win
   else:
     if layout == "tcl" and not all(any(k.startswith(p) for k in sd) for p in CLIP_PREFIXES):
       raise model_files.ConversionError(NO_CLIP)
-    clip_cfg = convert_maps.infer_clip_config(sd, layout, vision_heads=vision_heads, text_heads=text_heads)
+    clip_cfg = convert_maps.infer_clip_config(
+      sd, layout, vision_heads=vision_heads, text_heads=text_heads
+    )
   notes = []
   if layout == "tcl":
     absent = [k for k in LOSS_SCALE_KEYS if k not in sd]
     if absent:
       sd = dict(sd, **{k: INITIAL_LOGIT_SCALE for k in absent})
-      notes.append(f"note: the checkpoint has no {', '.join(absent)}; using the original's initial "
-                   f"value log(1/0.07) = {INITIAL_LOGIT_SCALE:.4f} (it matters only for training)")
-  cfg = convert_maps.infer_tcl_config(sd, clip_cfg, layout, dict(tcl_overrides, ie_freeze=ie_freeze))
+      notes.append(
+        f"note: the checkpoint has no {', '.join(absent)}; using the original's initial "
+        f"value log(1/0.07) = {INITIAL_LOGIT_SCALE:.4f} (it matters only for training)"
+      )
+  cfg = convert_maps.infer_tcl_config(
+    sd, clip_cfg, layout, dict(tcl_overrides, ie_freeze=ie_freeze)
+  )
   shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
   used, problems = set(), []
   if layout == "tcl":
@@ -140,8 +166,10 @@ def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Opti
   unexpected = sorted(set(sd) - used - ignored)
   problems += [f"unexpected key {k}" for k in unexpected]
   if problems:
-    raise model_files.ConversionError(f"cannot convert this {layout} checkpoint to {_dims(cfg)}: "
-                          f"{len(problems)} problem(s): {model_files.listing(problems)}")
+    raise model_files.ConversionError(
+      f"cannot convert this {layout} checkpoint to {_dims(cfg)}: "
+      f"{len(problems)} problem(s): {model_files.listing(problems)}"
+    )
   for note in notes:
     print(note, file=sys.stderr)
   params = model_files.unflatten(flat)
@@ -152,8 +180,10 @@ def convert_state_dict(sd: dict, *, clip: Optional[dict] = None, ie_freeze: Opti
 
 def _dims(cfg):
   c = cfg.clip
-  return (f"ViT (width {c.vision_width}, {c.vision_layers} layers, patch {c.vision_patch_size}), "
-          f"text (width {c.transformer_width}, {c.transformer_layers} layers), ie_freeze {cfg.ie_freeze}")
+  return (
+    f"ViT (width {c.vision_width}, {c.vision_layers} layers, patch {c.vision_patch_size}), "
+    f"text (width {c.transformer_width}, {c.transformer_layers} layers), ie_freeze {cfg.ie_freeze}"
+  )
 
 
 def load_torch(path, clip=None, **overrides):
@@ -184,8 +214,12 @@ def hub_repo_id(path) -> Optional[str]:
   """`path` as a Hub repository id when it names nothing on disk (and does not read as a local
   path: absolute, with a file suffix, or under a directory that exists), else None."""
   s = os.fspath(path)
-  if (os.path.exists(s) or not HUB_ID.match(s) or s.endswith(FILE_SUFFIXES)
-      or os.path.isdir(s.split("/")[0])):
+  if (
+    os.path.exists(s)
+    or not HUB_ID.match(s)
+    or s.endswith(FILE_SUFFIXES)
+    or os.path.isdir(s.split("/")[0])
+  ):
     return None
   return s
 
@@ -200,23 +234,31 @@ def hub_snapshot(repo_id: str) -> str:
   offline = _offline()
 
   def fetch(patterns):
-    return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns,
-                                             local_files_only=offline)
+    return huggingface_hub.snapshot_download(
+      repo_id, allow_patterns=patterns, local_files_only=offline
+    )
+
   try:
     local = fetch(HUB_PATTERNS)
     if not any(n.endswith(".safetensors") for n in os.listdir(local)):
       local = fetch(HUB_TORCH_PATTERNS)
   except huggingface_hub.errors.LocalEntryNotFoundError:
-    why = ("HF_HUB_OFFLINE=1 is set" if offline else "the Hub could not be reached")
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hub could not be reached"
     raise FileNotFoundError(
-        f"no file or directory {repo_id}, and as a Hugging Face Hub id it is not in the local "
-        f"Hub cache ({why}); download it once with network access, or give a local path") from None
+      f"no file or directory {repo_id}, and as a Hugging Face Hub id it is not in the local "
+      f"Hub cache ({why}); download it once with network access, or give a local path"
+    ) from None
   except (huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.GatedRepoError):
     raise FileNotFoundError(
-        f"no file or directory {repo_id}, and no Hugging Face Hub repository of that name that "
-        f"this machine may read (private or gated repositories need `hf auth login`)") from None
-  except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.HFValidationError,
-          ValueError, OSError) as e:
+      f"no file or directory {repo_id}, and no Hugging Face Hub repository of that name that "
+      f"this machine may read (private or gated repositories need `hf auth login`)"
+    ) from None
+  except (
+    huggingface_hub.errors.HfHubHTTPError,
+    huggingface_hub.errors.HFValidationError,
+    ValueError,
+    OSError,
+  ) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise OSError(f"cannot fetch {repo_id} from the Hugging Face Hub: {first}") from None
   return local
@@ -231,13 +273,16 @@ def resolve(path) -> str:
 def _hf_clip_module():
   # tcl_jax.hf_clip imports transformers (~1.5 s); only transformers sources pay for it.
   from tcl_jax import hf_clip  # pylint: disable=g-import-not-at-top
+
   return hf_clip
 
 
 def _is_hf_clip_dir(directory) -> bool:
-  return (not model_files.is_converted(directory)
-          and os.path.isfile(os.path.join(directory, "config.json"))
-          and "model_type" in model_files.read_json(os.path.join(directory, "config.json"), quiet=True))
+  return (
+    not model_files.is_converted(directory)
+    and os.path.isfile(os.path.join(directory, "config.json"))
+    and "model_type" in model_files.read_json(os.path.join(directory, "config.json"), quiet=True)
+  )
 
 
 def _state_dict(path, what: str):
@@ -247,11 +292,15 @@ def _state_dict(path, what: str):
       sd, heads, _ = _hf_clip_module().load(path)
       return sd, heads
     if model_files.is_converted(path):
-      raise ValueError(f"{what} {path} is already a converted tcl_jax checkpoint; load it as it "
-                       f"is (e.g. --checkpoint {path}), or write one file with "
-                       f"python -m tcl_jax.export {path} --output model.safetensors")
-    raise ValueError(f"{what} {path} is a directory, but not a transformers CLIP directory "
-                     f"(config.json + model.safetensors) nor a PyTorch file")
+      raise ValueError(
+        f"{what} {path} is already a converted tcl_jax checkpoint; load it as it "
+        f"is (e.g. --checkpoint {path}), or write one file with "
+        f"python -m tcl_jax.export {path} --output model.safetensors"
+      )
+    raise ValueError(
+      f"{what} {path} is a directory, but not a transformers CLIP directory "
+      f"(config.json + model.safetensors) nor a PyTorch file"
+    )
   return torch_pickle.load_state_dict(path), {}
 
 
@@ -262,7 +311,9 @@ def _merge_heads(overrides: dict, stated: dict, source) -> dict:
     if out.get(k) is None:
       out[k] = v
     elif out[k] != v:
-      raise model_files.ConversionError(f"--{k} {out[k]} disagrees with {source}, whose config states {v}")
+      raise model_files.ConversionError(
+        f"--{k} {out[k]} disagrees with {source}, whose config states {v}"
+      )
   return out
 
 
@@ -281,8 +332,10 @@ def load_source(path, clip=None, **overrides):
     overrides = _merge_heads(overrides, clip_stated, clip)
     stated = {**clip_stated, **stated}
   cfg, params = convert_state_dict(sd, clip=clip_sd, **overrides)
-  heads_from = {k: "given" if k in given else "config" if k in stated else "assumed"
-                for k in ("vision_heads", "text_heads")}
+  heads_from = {
+    k: "given" if k in given else "config" if k in stated else "assumed"
+    for k in ("vision_heads", "text_heads")
+  }
   return cfg, params, heads_from
 
 
@@ -319,6 +372,7 @@ def from_pretrained(path_or_hub_id, **overrides):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+
 class ArgumentParser(argparse.ArgumentParser):
   """Usage errors as one `error: ...` line on stderr and exit status 2 (--help unchanged)."""
 
@@ -328,38 +382,61 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def heads_summary(cfg: tcl_lib.TCLConfig, heads_from: dict) -> str:
   """'heads: vision 2 (...), text 2 (...)', saying where each count came from."""
-  why = {"given": "given", "config": "from the transformers config", "stored": "as exported",
-         "assumed": "assumed width // 64: heads are not stored in PyTorch files; pass --{} if "
-                    "the model has others"}
+  why = {
+    "given": "given",
+    "config": "from the transformers config",
+    "stored": "as exported",
+    "assumed": "assumed width // 64: heads are not stored in PyTorch files; pass --{} if "
+    "the model has others",
+  }
   parts = []
-  for tower, key, n in (("vision", "vision_heads", cfg.clip.vision_heads),
-                        ("text", "text_heads", cfg.clip.transformer_heads)):
+  for tower, key, n in (
+    ("vision", "vision_heads", cfg.clip.vision_heads),
+    ("text", "text_heads", cfg.clip.transformer_heads),
+  ):
     parts.append(f"{tower} {n} ({why[heads_from[key]].format(key)})")
   return "heads: " + ", ".join(parts)
 
 
 def main(argv=None):
   ap = ArgumentParser(prog="python -m tcl_jax.convert", description=__doc__.split("\n")[0])
-  ap.add_argument("src", help="official tcl.pth, a TCL training checkpoint, OpenAI CLIP .pt "
-                              "(TorchScript) or a state_dict file, a transformers CLIP directory "
-                              "or a Hugging Face Hub id (openai/clip-vit-base-patch16)")
+  ap.add_argument(
+    "src",
+    help="official tcl.pth, a TCL training checkpoint, OpenAI CLIP .pt "
+    "(TorchScript) or a state_dict file, a transformers CLIP directory "
+    "or a Hugging Face Hub id (openai/clip-vit-base-patch16)",
+  )
   ap.add_argument("--output", required=True, help="output directory (config.json + params/)")
-  ap.add_argument("--clip", default=None,
-                  help="the CLIP towers and model dims for a TCL file without them (the official "
-                       "tcl.pth): OpenAI's ViT-B-16.pt, a transformers CLIP directory or a Hub id; "
-                       "the TCL file's own keys win")
-  ap.add_argument("--ie_freeze", type=int, default=None,
-                  help="for CLIP-only sources: first CLIP block copied into the masker "
-                       "(default: vision_layers - 1, the paper's 11 for ViT-B/16)")
-  ap.add_argument("--vision_heads", type=int, default=None,
-                  help="vision attention heads (default: the transformers config's, else "
-                       "width // 64)")
-  ap.add_argument("--text_heads", type=int, default=None,
-                  help="text attention heads (default: the transformers config's, else "
-                       "width // 64)")
+  ap.add_argument(
+    "--clip",
+    default=None,
+    help="the CLIP towers and model dims for a TCL file without them (the official "
+    "tcl.pth): OpenAI's ViT-B-16.pt, a transformers CLIP directory or a Hub id; "
+    "the TCL file's own keys win",
+  )
+  ap.add_argument(
+    "--ie_freeze",
+    type=int,
+    default=None,
+    help="for CLIP-only sources: first CLIP block copied into the masker "
+    "(default: vision_layers - 1, the paper's 11 for ViT-B/16)",
+  )
+  ap.add_argument(
+    "--vision_heads",
+    type=int,
+    default=None,
+    help="vision attention heads (default: the transformers config's, else width // 64)",
+  )
+  ap.add_argument(
+    "--text_heads",
+    type=int,
+    default=None,
+    help="text attention heads (default: the transformers config's, else width // 64)",
+  )
   ap.add_argument("--seed", type=int, default=0, help="decoder init seed for CLIP-only sources")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace a converted checkpoint already at --output")
+  ap.add_argument(
+    "--overwrite", action="store_true", help="replace a converted checkpoint already at --output"
+  )
   args = ap.parse_args(argv)
   for flag in ("vision_heads", "text_heads"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -367,16 +444,27 @@ def main(argv=None):
   out = args.output
   if os.path.exists(out) and not os.path.isdir(out):
     ap.error(f"--output {out} is a file; give a directory")
-  if os.path.isdir(out) and not args.overwrite and (
-      model_files.is_converted(out) or os.path.exists(os.path.join(out, "params"))):
-    ap.error(f"--output {out} already holds a converted checkpoint; pass --overwrite to replace "
-             f"it, or give another directory")
+  if (
+    os.path.isdir(out)
+    and not args.overwrite
+    and (model_files.is_converted(out) or os.path.exists(os.path.join(out, "params")))
+  ):
+    ap.error(
+      f"--output {out} already holds a converted checkpoint; pass --overwrite to replace "
+      f"it, or give another directory"
+    )
   if os.path.isdir(args.src) and model_files.is_converted(args.src):
-    ap.error(f"{args.src} is already a converted tcl_jax checkpoint: use it as it is (e.g. "
-             f"--checkpoint {args.src}), or write one file with python -m tcl_jax.export "
-             f"{args.src} --output model.safetensors")
-  overrides = dict(ie_freeze=args.ie_freeze, vision_heads=args.vision_heads,
-                   text_heads=args.text_heads, seed=args.seed)
+    ap.error(
+      f"{args.src} is already a converted tcl_jax checkpoint: use it as it is (e.g. "
+      f"--checkpoint {args.src}), or write one file with python -m tcl_jax.export "
+      f"{args.src} --output model.safetensors"
+    )
+  overrides = dict(
+    ie_freeze=args.ie_freeze,
+    vision_heads=args.vision_heads,
+    text_heads=args.text_heads,
+    seed=args.seed,
+  )
   try:
     local = resolve(args.src)
     if os.path.isfile(local) and local.endswith(".safetensors") and args.clip is None:
@@ -393,8 +481,10 @@ def main(argv=None):
     print(f"error: cannot write {out}: {e}", file=sys.stderr)
     return 1
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f"converted {args.src} -> {out}: {_dims(cfg)}, {n / 1e6:.1f}M parameters; "
-        f"{heads_summary(cfg, heads_from)}")
+  print(
+    f"converted {args.src} -> {out}: {_dims(cfg)}, {n / 1e6:.1f}M parameters; "
+    f"{heads_summary(cfg, heads_from)}"
+  )
   return 0
 
 

@@ -15,14 +15,14 @@ from tcl_jax.models import tcl as tcl_lib
 # Layout changes torch -> flax, and their inverses (flax -> torch, e.g. to name gradients).
 _T, _CONV, _ID = "linear", "conv", "identity"
 TO_FLAX = {
-    _T: lambda a: a.T,  # torch Linear [out, in] -> flax kernel [in, out]
-    _CONV: lambda a: a.transpose(2, 3, 1, 0),  # [O, I, kh, kw] -> [kh, kw, I, O]
-    _ID: lambda a: a,
+  _T: lambda a: a.T,  # torch Linear [out, in] -> flax kernel [in, out]
+  _CONV: lambda a: a.transpose(2, 3, 1, 0),  # [O, I, kh, kw] -> [kh, kw, I, O]
+  _ID: lambda a: a,
 }
 TO_TORCH = {
-    _T: lambda a: a.T,
-    _CONV: lambda a: a.transpose(3, 2, 0, 1),
-    _ID: lambda a: a,
+  _T: lambda a: a.T,
+  _CONV: lambda a: a.transpose(3, 2, 0, 1),
+  _ID: lambda a: a,
 }
 
 
@@ -30,26 +30,29 @@ TO_TORCH = {
 # Key maps: flax path (tuple) -> (torch key, transform)
 # ----------------------------------------------------------------------------------------------
 
+
 def _block_map(prefix: str):
   return {
-      ("ln_1", "scale"): (prefix + "ln_1.weight", _ID),
-      ("ln_1", "bias"): (prefix + "ln_1.bias", _ID),
-      ("attn", "in_proj", "kernel"): (prefix + "attn.in_proj_weight", _T),
-      ("attn", "in_proj", "bias"): (prefix + "attn.in_proj_bias", _ID),
-      ("attn", "out_proj", "kernel"): (prefix + "attn.out_proj.weight", _T),
-      ("attn", "out_proj", "bias"): (prefix + "attn.out_proj.bias", _ID),
-      ("ln_2", "scale"): (prefix + "ln_2.weight", _ID),
-      ("ln_2", "bias"): (prefix + "ln_2.bias", _ID),
-      ("c_fc", "kernel"): (prefix + "mlp.c_fc.weight", _T),
-      ("c_fc", "bias"): (prefix + "mlp.c_fc.bias", _ID),
-      ("c_proj", "kernel"): (prefix + "mlp.c_proj.weight", _T),
-      ("c_proj", "bias"): (prefix + "mlp.c_proj.bias", _ID),
+    ("ln_1", "scale"): (prefix + "ln_1.weight", _ID),
+    ("ln_1", "bias"): (prefix + "ln_1.bias", _ID),
+    ("attn", "in_proj", "kernel"): (prefix + "attn.in_proj_weight", _T),
+    ("attn", "in_proj", "bias"): (prefix + "attn.in_proj_bias", _ID),
+    ("attn", "out_proj", "kernel"): (prefix + "attn.out_proj.weight", _T),
+    ("attn", "out_proj", "bias"): (prefix + "attn.out_proj.bias", _ID),
+    ("ln_2", "scale"): (prefix + "ln_2.weight", _ID),
+    ("ln_2", "bias"): (prefix + "ln_2.bias", _ID),
+    ("c_fc", "kernel"): (prefix + "mlp.c_fc.weight", _T),
+    ("c_fc", "bias"): (prefix + "mlp.c_fc.bias", _ID),
+    ("c_proj", "kernel"): (prefix + "mlp.c_proj.weight", _T),
+    ("c_proj", "bias"): (prefix + "mlp.c_proj.bias", _ID),
   }
 
 
 def _ln(flax_prefix, torch_prefix):
-  return {flax_prefix + ("scale",): (torch_prefix + "weight", _ID),
-          flax_prefix + ("bias",): (torch_prefix + "bias", _ID)}
+  return {
+    flax_prefix + ("scale",): (torch_prefix + "weight", _ID),
+    flax_prefix + ("bias",): (torch_prefix + "bias", _ID),
+  }
 
 
 def _with_prefix(flax_prefix, m):
@@ -66,23 +69,25 @@ def clip_key_map(cfg: clip_lib.CLIPConfig, layout: str) -> dict:
     vis_proj = "clip_image_encoder.clip_proj.proj"
     txt = "clip_text_encoder."
   m = {
-      ("visual", "conv1", "kernel"): (vis + "conv1.weight", _CONV),
-      ("visual", "class_embedding"): (vis + "class_embedding", _ID),
-      ("visual", "positional_embedding"): (vis + "positional_embedding", _ID),
-      ("visual", "proj"): (vis_proj, _ID),
-      ("text", "token_embedding", "embedding"): (txt + "token_embedding.weight", _ID),
-      ("text", "positional_embedding"): (txt + "positional_embedding", _ID),
-      ("text", "text_projection"): (txt + "text_projection", _ID),
+    ("visual", "conv1", "kernel"): (vis + "conv1.weight", _CONV),
+    ("visual", "class_embedding"): (vis + "class_embedding", _ID),
+    ("visual", "positional_embedding"): (vis + "positional_embedding", _ID),
+    ("visual", "proj"): (vis_proj, _ID),
+    ("text", "token_embedding", "embedding"): (txt + "token_embedding.weight", _ID),
+    ("text", "positional_embedding"): (txt + "positional_embedding", _ID),
+    ("text", "text_projection"): (txt + "text_projection", _ID),
   }
   m.update(_ln(("visual", "ln_pre"), vis + "ln_pre."))
   m.update(_ln(("visual", "ln_post"), vis_proj_ln))
   m.update(_ln(("text", "ln_final"), txt + "ln_final."))
   for i in range(cfg.vision_layers):
-    m.update(_with_prefix(("visual", f"resblocks_{i}"),
-                          _block_map(f"{vis}transformer.resblocks.{i}.")))
+    m.update(
+      _with_prefix(("visual", f"resblocks_{i}"), _block_map(f"{vis}transformer.resblocks.{i}."))
+    )
   for i in range(cfg.transformer_layers):
-    m.update(_with_prefix(("text", f"resblocks_{i}"),
-                          _block_map(f"{txt}transformer.resblocks.{i}.")))
+    m.update(
+      _with_prefix(("text", f"resblocks_{i}"), _block_map(f"{txt}transformer.resblocks.{i}."))
+    )
   return m
 
 
@@ -91,8 +96,12 @@ def masker_key_map(cfg: tcl_lib.TCLConfig) -> dict:
   enc = "masker.image_encoder."
   m = {}
   for i in range(cfg.ie_freeze, cfg.clip.vision_layers):
-    m.update(_with_prefix(("masker", "backbone", f"resblocks_{i}"),
-                          _block_map(f"{enc}backbone.transformer.resblocks.{i}.")))
+    m.update(
+      _with_prefix(
+        ("masker", "backbone", f"resblocks_{i}"),
+        _block_map(f"{enc}backbone.transformer.resblocks.{i}."),
+      )
+    )
   convs = ("conv", "conv2") if cfg.decoder_double else ("conv",)
   for j in range(cfg.decoder_n_layers):
     for c in convs:
@@ -134,6 +143,7 @@ def to_torch_state_dict(cfg: tcl_lib.TCLConfig, tree) -> dict:
 # Config inference (the original's build_model, plus TCL's masker layout)
 # ----------------------------------------------------------------------------------------------
 
+
 def detect_layout(sd: dict) -> str:
   if any(k.startswith("masker.") for k in sd):
     return "tcl"
@@ -143,7 +153,8 @@ def detect_layout(sd: dict) -> str:
     raise ConversionError("this is a ResNet CLIP checkpoint; TCL supports ViT CLIP models only")
   sample = ", ".join(list(sd)[:5])
   raise ConversionError(
-      f"unrecognised checkpoint layout (neither official TCL nor OpenAI ViT CLIP); first keys: {sample}")
+    f"unrecognised checkpoint layout (neither official TCL nor OpenAI ViT CLIP); first keys: {sample}"
+  )
 
 
 def _count_blocks(sd, prefix):
@@ -167,17 +178,17 @@ def infer_clip_config(sd: dict, layout: str, *, vision_heads=None, text_heads=No
   _shape(sd, proj_key)
   tw = _shape(sd, txt + "ln_final.weight")[0]
   return clip_lib.CLIPConfig(
-      embed_dim=_shape(sd, txt + "text_projection")[1],
-      image_resolution=patch * grid,
-      vision_layers=_count_blocks(sd, vis + "transformer.resblocks."),
-      vision_width=width,
-      vision_patch_size=patch,
-      vision_heads=_heads("vision_heads", vision_heads, width, "vision"),
-      context_length=_shape(sd, txt + "positional_embedding")[0],
-      vocab_size=_shape(sd, txt + "token_embedding.weight")[0],
-      transformer_width=tw,
-      transformer_heads=_heads("text_heads", text_heads, tw, "text"),
-      transformer_layers=_count_blocks(sd, txt + "transformer.resblocks."),
+    embed_dim=_shape(sd, txt + "text_projection")[1],
+    image_resolution=patch * grid,
+    vision_layers=_count_blocks(sd, vis + "transformer.resblocks."),
+    vision_width=width,
+    vision_patch_size=patch,
+    vision_heads=_heads("vision_heads", vision_heads, width, "vision"),
+    context_length=_shape(sd, txt + "positional_embedding")[0],
+    vocab_size=_shape(sd, txt + "token_embedding.weight")[0],
+    transformer_width=tw,
+    transformer_heads=_heads("text_heads", text_heads, tw, "text"),
+    transformer_layers=_count_blocks(sd, txt + "transformer.resblocks."),
   )
 
 
@@ -185,12 +196,16 @@ def _heads(name: str, given: Optional[int], width: int, tower: str) -> int:
   """The attention heads of a tower: `given`, else width // 64 as the original's build_model."""
   if given is None:
     if width < 64:
-      raise ConversionError(f"the {tower} tower's width {width} is under 64, so its heads cannot be "
-                            f"assumed as width // 64; pass --{name} N ({name}=N in Python)")
+      raise ConversionError(
+        f"the {tower} tower's width {width} is under 64, so its heads cannot be "
+        f"assumed as width // 64; pass --{name} N ({name}=N in Python)"
+      )
     return width // 64
   if given < 1 or width % given:
-    raise ConversionError(f"--{name} {given} does not divide the {tower} tower's width {width}; "
-                          f"give the model's own head count, a divisor of {width}")
+    raise ConversionError(
+      f"--{name} {given} does not divide the {tower} tower's width {width}; "
+      f"give the model's own head count, a divisor of {width}"
+    )
   return given
 
 
@@ -198,8 +213,14 @@ def infer_tcl_config(sd: dict, clip_cfg, layout: str, overrides: dict) -> tcl_li
   kw = {}
   if layout == "tcl":
     enc = "masker.image_encoder."
-    idx = sorted({int(m.group(1)) for k in sd
-                  for m in [re.match(re.escape(enc) + r"backbone\.transformer\.resblocks\.(\d+)\.", k)] if m})
+    idx = sorted(
+      {
+        int(m.group(1))
+        for k in sd
+        for m in [re.match(re.escape(enc) + r"backbone\.transformer\.resblocks\.(\d+)\.", k)]
+        if m
+      }
+    )
     kw["ie_freeze"] = idx[0] if idx else clip_cfg.vision_layers
     dec = enc + "decoder.decoder.net."
     layers = {int(m.group(1)) for k in sd for m in [re.match(re.escape(dec) + r"(\d+)\.", k)] if m}

@@ -41,11 +41,31 @@ from tcl_jax.zeroshot import pipeline
 from tcl_jax.zeroshot import prompts
 
 # Distinct colours for up to 20 classes (background is left uncoloured); more classes cycle.
-PALETTE = np.array([
-    [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-    [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-    [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]], np.uint8)
+PALETTE = np.array(
+  [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [210, 245, 60],
+    [250, 190, 212],
+    [0, 128, 128],
+    [220, 190, 255],
+    [170, 110, 40],
+    [255, 250, 200],
+    [128, 0, 0],
+    [170, 255, 195],
+    [128, 128, 0],
+    [255, 215, 180],
+    [0, 0, 128],
+    [128, 128, 128],
+  ],
+  np.uint8,
+)
 
 SAMPLE_IMAGE = str(importlib.resources.files("tcl_jax") / "assets" / "sample.png")
 SAMPLE_CLASSES = "sky, grass, house, sun, tree"
@@ -66,6 +86,7 @@ def class_bucket(n: int) -> int:
 @dataclasses.dataclass
 class Segmentation:
   """One image's result, all at the input image's size [H, W]."""
+
   classes: list
   labels: np.ndarray  # int32 [H, W]: 0 = background, i = classes[i - 1]
   scores: np.ndarray  # float32 [N, H, W]: window-averaged soft masks, what bg_thresh is compared to
@@ -80,15 +101,19 @@ class Segmentation:
   def shares(self) -> dict:
     """{"background" and each class: % of pixels}."""
     counts = np.bincount(self.labels.ravel(), minlength=len(self.classes) + 1)
-    return {name: 100.0 * c / self.labels.size
-            for name, c in zip(["background"] + list(self.classes), counts)}
+    return {
+      name: 100.0 * c / self.labels.size
+      for name, c in zip(["background"] + list(self.classes), counts)
+    }
 
   def note(self) -> Optional[str]:
     """A line for the user when the result needs explaining (every pixel background)."""
     if (self.labels == 0).all():
-      return (f"every pixel is background: no class reaches bg_thresh={self.bg_thresh:g} (best "
-              f"score {self.scores.max():.3f}); lower bg_thresh, or check the weights (random or "
-              f"untrained weights give this)")
+      return (
+        f"every pixel is background: no class reaches bg_thresh={self.bg_thresh:g} (best "
+        f"score {self.scores.max():.3f}); lower bg_thresh, or check the weights (random or "
+        f"untrained weights give this)"
+      )
     return None
 
 
@@ -106,37 +131,56 @@ class Segmenter:
     key = tuple(classes)
     if key not in self._text:
       padded = key + key[:1] * (class_bucket(len(key)) - len(key))
-      self._text[key] = prompts.class_text_embedding(self.model, self.params, padded,
-                                                     self.protocol.template)
+      self._text[key] = prompts.class_text_embedding(
+        self.model, self.params, padded, self.protocol.template
+      )
     return self._text[key]
 
-  def __call__(self, image_rgb: np.ndarray, classes: Sequence[str], *,
-               pamr: bool = zeroshot.Protocol.pamr, kp_w: float = zeroshot.Protocol.kp_w,
-               bg_thresh: float = zeroshot.Protocol.bg_thresh) -> Segmentation:
+  def __call__(
+    self,
+    image_rgb: np.ndarray,
+    classes: Sequence[str],
+    *,
+    pamr: bool = zeroshot.Protocol.pamr,
+    kp_w: float = zeroshot.Protocol.kp_w,
+    bg_thresh: float = zeroshot.Protocol.bg_thresh,
+  ) -> Segmentation:
     image_rgb = np.asarray(image_rgb)
     if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3 or image_rgb.dtype != np.uint8:
-      raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image_rgb.dtype} "
-                       f"{image_rgb.shape}")
+      raise ValueError(
+        f"expected an RGB uint8 image [H, W, 3], got {image_rgb.dtype} {image_rgb.shape}"
+      )
     classes = [str(c) for c in classes]
     if not classes:
       raise ValueError("give at least one class name")
     h0, w0 = image_rgb.shape[:2]
-    protocol = dataclasses.replace(self.protocol, pamr=bool(pamr), kp_w=float(kp_w),
-                                   bg_thresh=float(bg_thresh))
+    protocol = dataclasses.replace(
+      self.protocol, pamr=bool(pamr), kp_w=float(kp_w), bg_thresh=float(bg_thresh)
+    )
     if min(pipeline.mmcv_rescale_size(w0, h0, protocol.img_scale)) < self.model.min_size:
       raise ValueError(f"image {w0}x{h0} is too elongated for the pipeline's resize")
     with jax.default_matmul_precision("highest"):  # as evaluation: float32 matmuls everywhere
       text_emb = self.text_embedding(classes)
       n = text_emb.shape[0]  # padded class count
-      window_fn = zeroshot.make_window_fn(self.model, self.params, text_emb, protocol,
-                                          simmaps=True)
+      window_fn = zeroshot.make_window_fn(self.model, self.params, text_emb, protocol, simmaps=True)
       # The evaluation's pipeline: BGR uint8 -> resize -> normalise -> windows -> labels from
       # the n (padded) mask channels; window-averaged maps of the masks and similarity maps.
-      pred = zeroshot.predict(np.ascontiguousarray(image_rgb[..., ::-1]), window_fn, n, protocol,
-                              background=True, num_maps=2 * n)
+      pred = zeroshot.predict(
+        np.ascontiguousarray(image_rgb[..., ::-1]),
+        window_fn,
+        n,
+        protocol,
+        background=True,
+        num_maps=2 * n,
+      )
     k = len(classes)
-    return Segmentation(classes=classes, labels=pred.labels, scores=pred.maps[:k],
-                        simmaps=pred.maps[n:n + k], bg_thresh=float(bg_thresh))
+    return Segmentation(
+      classes=classes,
+      labels=pred.labels,
+      scores=pred.maps[:k],
+      simmaps=pred.maps[n : n + k],
+      bg_thresh=float(bg_thresh),
+    )
 
 
 def parse_classes(text: str) -> list:
@@ -188,6 +232,7 @@ def load_image(source: str, max_side: Optional[int] = None):
     return read_image(SAMPLE_IMAGE, max_side)
   if source.startswith(("http://", "https://")):
     import urllib.request
+
     try:
       with urllib.request.urlopen(source, timeout=30) as r:
         return read_image(r.read(), max_side)
@@ -211,10 +256,17 @@ def draw_sample(width: int = 500, height: int = 375) -> np.ndarray:
   d.ellipse([-width * 0.2, horizon - 25, width * 0.6, horizon + 40], fill=(80, 160, 65))
   hx, hw_, hh = int(width * 0.18), int(width * 0.3), int(height * 0.26)  # house body
   d.rectangle([hx, horizon - hh + 20, hx + hw_, horizon + 20], fill=(200, 120, 90))
-  d.polygon([(hx - 12, horizon - hh + 20), (hx + hw_ // 2, horizon - hh - 50),
-             (hx + hw_ + 12, horizon - hh + 20)], fill=(140, 45, 40))
-  d.rectangle([hx + hw_ // 2 - 16, horizon - 35, hx + hw_ // 2 + 16, horizon + 20],
-              fill=(90, 60, 40))
+  d.polygon(
+    [
+      (hx - 12, horizon - hh + 20),
+      (hx + hw_ // 2, horizon - hh - 50),
+      (hx + hw_ + 12, horizon - hh + 20),
+    ],
+    fill=(140, 45, 40),
+  )
+  d.rectangle(
+    [hx + hw_ // 2 - 16, horizon - 35, hx + hw_ // 2 + 16, horizon + 20], fill=(90, 60, 40)
+  )
   for wx in (hx + 18, hx + hw_ - 48):
     d.rectangle([wx, horizon - hh + 45, wx + 30, horizon - hh + 75], fill=(170, 210, 240))
   tx = int(width * 0.7)  # tree
@@ -260,16 +312,18 @@ def legend(classes: Sequence[str], width: int) -> np.ndarray:
   d = ImageDraw.Draw(img)
   for (x, r), name, colour in zip(places, classes, colours(len(classes))):
     top = pad + r * row_h
-    d.rectangle([x, top, x + box - 1, top + box - 1], fill=tuple(int(c) for c in colour),
-                outline=(0, 0, 0))
+    d.rectangle(
+      [x, top, x + box - 1, top + box - 1], fill=tuple(int(c) for c in colour), outline=(0, 0, 0)
+    )
     d.text((x + box + pad // 2, top + box // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
   return np.asarray(img)
 
 
 def overlay_with_legend(image_rgb: np.ndarray, seg: Segmentation, alpha: float = 0.5):
   """The overlay with the legend strip below it: uint8 [H + legend height, W, 3]."""
-  return np.concatenate([overlay(image_rgb, seg.labels, alpha),
-                         legend(seg.classes, image_rgb.shape[1])])
+  return np.concatenate(
+    [overlay(image_rgb, seg.labels, alpha), legend(seg.classes, image_rgb.shape[1])]
+  )
 
 
 def class_mask_images(image_rgb: np.ndarray, seg: Segmentation) -> list:
@@ -301,24 +355,39 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv=None):
   defaults = zeroshot.Protocol()
-  ap = ArgumentParser(prog="python -m tcl_jax.demo",
-                      description="Segments one image with any list of class names (the "
-                                  "evaluation's zero-shot pipeline) and writes the overlay.")
-  ap.add_argument("--checkpoint", required=True,
-                  help="converted directory, training workdir, PyTorch TCL file, .safetensors "
-                       "file or Hugging Face Hub id")
+  ap = ArgumentParser(
+    prog="python -m tcl_jax.demo",
+    description="Segments one image with any list of class names (the "
+    "evaluation's zero-shot pipeline) and writes the overlay.",
+  )
+  ap.add_argument(
+    "--checkpoint",
+    required=True,
+    help="converted directory, training workdir, PyTorch TCL file, .safetensors "
+    "file or Hugging Face Hub id",
+  )
   ap.add_argument("--clip", default=None, help="OpenAI ViT-B-16.pt, for a minimal release tcl.pth")
   ap.add_argument("--image", required=True, help="path, http(s) URL, or 'sample'")
   ap.add_argument("--classes", required=True, help="comma-separated class names")
   ap.add_argument("--output", default="segmentation.png", help="overlay with legend (PNG)")
-  ap.add_argument("--no_pamr", action="store_true",
-                  help="skip PAMR, the mask refinement by image colour (faster, coarser)")
-  ap.add_argument("--kp_w", type=float, default=defaults.kp_w,
-                  help=f"weight of the KP branch, the frozen CLIP's dense scores (default "
-                       f"{defaults.kp_w})")
-  ap.add_argument("--bg_thresh", type=float, default=defaults.bg_thresh,
-                  help=f"pixels where no class scores above this are background (default "
-                       f"{defaults.bg_thresh}; lower it to see weak masks)")
+  ap.add_argument(
+    "--no_pamr",
+    action="store_true",
+    help="skip PAMR, the mask refinement by image colour (faster, coarser)",
+  )
+  ap.add_argument(
+    "--kp_w",
+    type=float,
+    default=defaults.kp_w,
+    help=f"weight of the KP branch, the frozen CLIP's dense scores (default {defaults.kp_w})",
+  )
+  ap.add_argument(
+    "--bg_thresh",
+    type=float,
+    default=defaults.bg_thresh,
+    help=f"pixels where no class scores above this are background (default "
+    f"{defaults.bg_thresh}; lower it to see weak masks)",
+  )
   ap.add_argument("--max_side", type=int, default=2048, help="downscale larger images to this")
   args = ap.parse_args(argv)
   classes = parse_classes(args.classes)
@@ -342,8 +411,9 @@ def main(argv=None):
     print(note)
   start = time.perf_counter()
   try:
-    seg = Segmenter(params, cfg)(image, classes, pamr=not args.no_pamr, kp_w=args.kp_w,
-                                 bg_thresh=args.bg_thresh)
+    seg = Segmenter(params, cfg)(
+      image, classes, pamr=not args.no_pamr, kp_w=args.kp_w, bg_thresh=args.bg_thresh
+    )
   except ValueError as e:  # e.g. an image too elongated for the pipeline's resize
     h, w = full.shape[:2]
     print(f"error: --image {args.image} ({w}x{h}): {e}", file=sys.stderr)

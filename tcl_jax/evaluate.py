@@ -32,11 +32,16 @@ from tcl_jax.zeroshot import report
 def _define_flags():
   if "checkpoint" in flags.FLAGS:
     return
-  config_flags.DEFINE_config_file("config", None, "Evaluation config file (default: "
-                                  "configs/eval.py).", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "A converted tcl_jax checkpoint directory, a training "
-                      "workdir (its latest step), a PyTorch TCL file, a .safetensors export or "
-                      "a Hugging Face Hub id.")
+  config_flags.DEFINE_config_file(
+    "config", None, "Evaluation config file (default: configs/eval.py).", lock_config=True
+  )
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "A converted tcl_jax checkpoint directory, a training "
+    "workdir (its latest step), a PyTorch TCL file, a .safetensors export or "
+    "a Hugging Face Hub id.",
+  )
   flags.DEFINE_string("workdir", None, "Folder for results.json.")
 
 
@@ -70,8 +75,10 @@ def main(argv):
   if len(argv) > 1:
     config_files.usage_error(f"unexpected arguments {argv[1:]}")
   if not FLAGS.checkpoint:
-    config_files.usage_error("--checkpoint is required (a converted checkpoint directory, a "
-                             "training workdir or a PyTorch TCL file)")
+    config_files.usage_error(
+      "--checkpoint is required (a converted checkpoint directory, a "
+      "training workdir or a PyTorch TCL file)"
+    )
   if not os.path.exists(FLAGS.checkpoint) and convert.hub_repo_id(FLAGS.checkpoint) is None:
     config_files.usage_error(f"--checkpoint={FLAGS.checkpoint} does not exist")
   if FLAGS.workdir and os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
@@ -97,8 +104,9 @@ def main(argv):
     config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
   # This host's devices (several local devices: its windows split over them).
   mesh = sharding.local_mesh()
-  results = zeroshot.evaluate_tasks(model, params, tasks, zeroshot.Protocol.from_config(config),
-                                    mesh=mesh, progress=True)
+  results = zeroshot.evaluate_tasks(
+    model, params, tasks, zeroshot.Protocol.from_config(config), mesh=mesh, progress=True
+  )
   if jax.process_index() != 0:
     return
   for t, r in results.items():
@@ -113,8 +121,9 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main, flags_parser=functools.partial(config_files.parse_flags,
-                                                default_config="configs/eval.py"))
+  app.run(
+    main, flags_parser=functools.partial(config_files.parse_flags, default_config="configs/eval.py")
+  )
 
 
 if __name__ == "__main__":

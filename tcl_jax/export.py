@@ -17,21 +17,36 @@ import sys
 import jax
 import numpy as np
 
-from tcl_jax import model_files
 from tcl_jax import convert
+from tcl_jax import model_files
 
 
 def main(argv=None):
   ap = convert.ArgumentParser(prog="python -m tcl_jax.export", description=__doc__.split("\n")[0])
-  ap.add_argument("checkpoint", help="converted directory, training workdir, PyTorch file, "
-                                     "transformers CLIP directory or Hub id")
+  ap.add_argument(
+    "checkpoint",
+    help="converted directory, training workdir, PyTorch file, "
+    "transformers CLIP directory or Hub id",
+  )
   ap.add_argument("--output", required=True, help="the .safetensors file to write")
-  ap.add_argument("--clip", default=None, help="completes a minimal release tcl.pth (OpenAI's "
-                                               "ViT-B-16.pt, a transformers CLIP or a Hub id)")
-  ap.add_argument("--vision_heads", type=int, default=None,
-                  help="for PyTorch sources: vision attention heads (default width // 64)")
-  ap.add_argument("--text_heads", type=int, default=None,
-                  help="for PyTorch sources: text attention heads (default width // 64)")
+  ap.add_argument(
+    "--clip",
+    default=None,
+    help="completes a minimal release tcl.pth (OpenAI's "
+    "ViT-B-16.pt, a transformers CLIP or a Hub id)",
+  )
+  ap.add_argument(
+    "--vision_heads",
+    type=int,
+    default=None,
+    help="for PyTorch sources: vision attention heads (default width // 64)",
+  )
+  ap.add_argument(
+    "--text_heads",
+    type=int,
+    default=None,
+    help="for PyTorch sources: text attention heads (default width // 64)",
+  )
   args = ap.parse_args(argv)
   out = args.output
   if not out.endswith(".safetensors"):
@@ -41,8 +56,15 @@ def main(argv=None):
   parent = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(parent):
     ap.error(f"--output {out}: its directory {parent} does not exist")
-  overrides = {k: v for k, v in (("clip", args.clip), ("vision_heads", args.vision_heads),
-                                 ("text_heads", args.text_heads)) if v is not None}
+  overrides = {
+    k: v
+    for k, v in (
+      ("clip", args.clip),
+      ("vision_heads", args.vision_heads),
+      ("text_heads", args.text_heads),
+    )
+    if v is not None
+  }
   try:
     cfg, params = convert.load_any(args.checkpoint, **overrides)
   except (ValueError, OSError) as e:
@@ -55,8 +77,10 @@ def main(argv=None):
     return 1
   leaves = jax.tree.leaves(params)
   n = sum(int(np.prod(x.shape)) for x in leaves)
-  print(f"exported {args.checkpoint} -> {out}: {len(leaves)} tensors, {n / 1e6:.1f}M parameters, "
-        f"{os.path.getsize(out) / 2**20:.1f} MiB")
+  print(
+    f"exported {args.checkpoint} -> {out}: {len(leaves)} tensors, {n / 1e6:.1f}M parameters, "
+    f"{os.path.getsize(out) / 2**20:.1f} MiB"
+  )
   return 0
 
 

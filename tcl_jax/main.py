@@ -30,9 +30,9 @@ def check_before_work(config, workdir: str) -> None:
   """Usage errors found from the config and the files alone (exit status 2, one line): values
   were checked by parse_flags; here the workdir, the files the run reads, and for the miniature
   whether the workdir was made by the same settings."""
-  problem = (config_checks.workdir_problem(workdir)
-             or config_checks.path_problem(config, os.path.abspath(workdir),
-                                           config_files.resolve))
+  problem = config_checks.workdir_problem(workdir) or config_checks.path_problem(
+    config, os.path.abspath(workdir), config_files.resolve
+  )
   if not problem and config.get("miniature"):
     problem = miniature_record.problem(config, os.path.abspath(workdir), config_files.resolve)
   if problem:
@@ -41,15 +41,20 @@ def check_before_work(config, workdir: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    config_files.usage_error(f"unexpected arguments {argv[1:]} (flags are --config, --workdir "
-                             "and --config.<field>=value)")
+    config_files.usage_error(
+      f"unexpected arguments {argv[1:]} (flags are --config, --workdir and --config.<field>=value)"
+    )
   config, workdir = FLAGS.config, FLAGS.workdir
   check_before_work(config, workdir)
   if config.get("miniature"):
     stored = miniature_record.finished(os.path.abspath(workdir))
     if stored is not None:  # a finished run of the same settings: its figures, not a re-run
-      print(miniature_record.report_line(stored, stored.get("tcl_steps", config.total_steps),
-                                         os.path.abspath(workdir), stored=True), flush=True)
+      print(
+        miniature_record.report_line(
+          stored, stored.get("tcl_steps", config.total_steps), os.path.abspath(workdir), stored=True
+        ),
+        flush=True,
+      )
       return
   config_files.quiet_orbax_info()
   config_files.quiet_startup()
@@ -60,17 +65,26 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
 
   from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
+
   # Before anything touches the devices.
   sharding.maybe_initialize_distributed(config.get("distributed"))
 
   import jax  # pylint: disable=g-import-not-at-top
+
   from tcl_jax import preemption  # pylint: disable=g-import-not-at-top
   from tcl_jax import train  # pylint: disable=g-import-not-at-top
-  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+
+  logging.info(
+    "JAX %s, process %d/%d, devices: %s",
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.devices(),
+  )
   try:
     if config.get("miniature"):  # configs/synthetic.py: baseline, TCL, report
       from tcl_jax import miniature  # pylint: disable=g-import-not-at-top
+
       miniature.run(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)

@@ -66,6 +66,7 @@ _TOKEN_EMB = "text/token_embedding/embedding"
 # Stage 1: the CLIP, and its weights file
 # ------------------------------------------------------------------------------------------------
 
+
 def clip_config(steps: int | None = None) -> ml_collections.ConfigDict:
   """configs/miniature_clip.py (optionally with fewer steps)."""
   module = config_files.load_module(config_files.packaged("configs/miniature_clip.py"))
@@ -84,8 +85,9 @@ def world_token_ids() -> np.ndarray:
   """Every token id the miniature ever feeds the text tower: caption words, punctuation, and all
   evaluation prompts of the shapes classes (every template set)."""
   texts = [" ".join(synthetic.vocabulary()) + " , ."]
-  texts += [t.format(c) for ts in prompts.TEMPLATES.values() for t in ts
-            for c in synthetic.CLASSES[1:]]
+  texts += [
+    t.format(c) for ts in prompts.TEMPLATES.values() for t in ts for c in synthetic.CLASSES[1:]
+  ]
   return np.unique(np.asarray(tokenizer.tokenize(texts)))
 
 
@@ -128,8 +130,7 @@ def load_clip(path: str) -> dict:
   return tree
 
 
-def zero_shot_accuracy(clip_params: dict, clip_cfg, num_images: int = 300,
-                       seed: int = 123) -> dict:
+def zero_shot_accuracy(clip_params: dict, clip_cfg, num_images: int = 300, seed: int = 123) -> dict:
   """What a stage-1 CLIP recognises: zero-shot classification ("a photo of a <class>.") of
   single-object evaluation-stream scenes among the 12 classes; {"colour", "shape", "class"}
   accuracy (chance 1/4, 1/3, 1/12). A CLIP that knows colour but not shape gives TCL nothing to
@@ -142,15 +143,18 @@ def zero_shot_accuracy(clip_params: dict, clip_cfg, num_images: int = 300,
       images.append(pipeline.normalize_image(rgb[..., ::-1]))
       labels.append(synthetic.CLASSES.index(objects[0]) - 1)
   classes = synthetic.CLASSES[1:]
-  text = clip_lib.encode_text(clip_params, clip_cfg, np.asarray(
-      tokenizer.tokenize([f"a photo of a {c}." for c in classes])))
+  text = clip_lib.encode_text(
+    clip_params, clip_cfg, np.asarray(tokenizer.tokenize([f"a photo of a {c}." for c in classes]))
+  )
   image = clip_lib.encode_image(clip_params, clip_cfg, np.stack(images))
   pred = np.asarray(jax.numpy.argmax(image @ text.T, axis=-1))  # (norms do not change argmax)
   labels = np.asarray(labels)
   per = len(synthetic.SHAPES)
-  return {"colour": float(np.mean(pred // per == labels // per)),
-          "shape": float(np.mean(pred % per == labels % per)),
-          "class": float(np.mean(pred == labels))}
+  return {
+    "colour": float(np.mean(pred // per == labels // per)),
+    "shape": float(np.mean(pred % per == labels % per)),
+    "class": float(np.mean(pred == labels)),
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,8 +223,9 @@ def _labelled(grid: np.ndarray, headers: list[str], classes, colours: np.ndarray
   return np.asarray(canvas)
 
 
-def mask_panel(param_sets: list, cfg, config, workdir: str, num_images: int,
-               headers: list[str] | None = None) -> np.ndarray:
+def mask_panel(
+  param_sets: list, cfg, config, workdir: str, num_images: int, headers: list[str] | None = None
+) -> np.ndarray:
   """uint8 grid, one row per evaluation image: the image, its ground truth, then the predicted
   class map of each parameter set, through the evaluation's own pipeline; upscaled x2, with a
   header over each column (`headers`: one per parameter set) and a legend of the class colours
@@ -241,8 +246,9 @@ def mask_panel(param_sets: list, cfg, config, workdir: str, num_images: int,
     for sample in ds:
       cells = [sample.image[..., ::-1], _colourise(sample.label, colours)]
       for fn in fns:
-        pred = zeroshot.predict(sample.image, fn, len(classes), protocol,
-                                background=ds.spec.with_bg)
+        pred = zeroshot.predict(
+          sample.image, fn, len(classes), protocol, background=ds.spec.with_bg
+        )
         cells.append(_colourise(pred.labels, colours))
       rows.append(np.concatenate(cells, axis=1))
   grid = np.concatenate(rows, axis=0).astype(np.uint8)
@@ -254,6 +260,7 @@ def mask_panel(param_sets: list, cfg, config, workdir: str, num_images: int,
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
+
 
 def _miou(results) -> float | None:
   """The mean over the evaluated tasks (shapes and shapes12: with and without background)."""
@@ -286,8 +293,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     raise ValueError(problem)
   stored = miniature_record.finished(workdir)
   if stored is not None:  # finished: its figures and wall time as they were measured
-    print(miniature_record.report_line(stored, stored.get("tcl_steps", config.total_steps),
-                                       workdir, stored=True), flush=True)
+    print(
+      miniature_record.report_line(
+        stored, stored.get("tcl_steps", config.total_steps), workdir, stored=True
+      ),
+      flush=True,
+    )
     return stored
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -311,13 +322,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
     clip = load_clip(config_files.resolve(mini.clip_weights))
   else:
     clip = train_clip(clip_config(mini.get("clip_steps") or None), os.path.join(workdir, "clip"))
-    save_clip(clip, os.path.join(workdir, "clip", "miniature_clip.npz"),
-              {"command": REBUILD_COMMAND})
+    save_clip(
+      clip, os.path.join(workdir, "clip", "miniature_clip.npz"), {"command": REBUILD_COMMAND}
+    )
   expected = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0))["clip"])
   if jax.tree.structure(expected) != jax.tree.structure(clip) or any(
-      e.shape != c.shape for e, c in zip(jax.tree.leaves(expected), jax.tree.leaves(clip))):
+    e.shape != c.shape for e, c in zip(jax.tree.leaves(expected), jax.tree.leaves(clip))
+  ):
     raise ValueError(f"CLIP weights {mini.clip_weights} do not match config.model.clip")
-  model = dataclasses.replace(model, init=lambda rng: tcl_lib.init_params(cfg, rng, clip_params=clip))
+  model = dataclasses.replace(
+    model, init=lambda rng: tcl_lib.init_params(cfg, rng, clip_params=clip)
+  )
 
   # Baseline: TCL inference at step 0, by the evaluation the loop runs (once per workdir).
   train_inputs.prepare_synthetic_data(config, workdir)
@@ -341,23 +356,39 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
     logging.info("No evaluation tasks configured: no miniature report.")
     return None
 
-  out = {"baseline_miou": _miou(baseline), "tcl_miou": _miou(final), "seed": int(config.seed),
-         "tcl_steps": int(config.total_steps),
-         "wall_s": round(miniature_record.spent(workdir) + time.time() - t0, 1),
-         "per_task": {t: {"baseline_miou": _round(baseline[t]["miou"]),
-                          "tcl_miou": _round(final[t]["miou"]),
-                          "baseline_per_class_iou": _round(baseline[t]["per_class_iou"]),
-                          "tcl_per_class_iou": _round(final[t]["per_class_iou"])}
-                      for t in final if t != "average"}}
+  out = {
+    "baseline_miou": _miou(baseline),
+    "tcl_miou": _miou(final),
+    "seed": int(config.seed),
+    "tcl_steps": int(config.total_steps),
+    "wall_s": round(miniature_record.spent(workdir) + time.time() - t0, 1),
+    "per_task": {
+      t: {
+        "baseline_miou": _round(baseline[t]["miou"]),
+        "tcl_miou": _round(final[t]["miou"]),
+        "baseline_per_class_iou": _round(baseline[t]["per_class_iou"]),
+        "tcl_per_class_iou": _round(final[t]["per_class_iou"]),
+      }
+      for t in final
+      if t != "average"
+    },
+  }
   if jax.process_index() == 0 and mini.num_mask_images:
-    panel = mask_panel([step0_params(model, config, workdir), state.params], cfg, config, workdir,
-                       mini.num_mask_images, ["baseline (step 0)",
-                                              f"TCL ({config.total_steps} steps)"])
+    panel = mask_panel(
+      [step0_params(model, config, workdir), state.params],
+      cfg,
+      config,
+      workdir,
+      mini.num_mask_images,
+      ["baseline (step 0)", f"TCL ({config.total_steps} steps)"],
+    )
     Image.fromarray(panel).save(os.path.join(workdir, miniature_record.MASKS))
     writer = metric_writers.create_default_writer(workdir)
     writer.write_images(config.total_steps, {"miniature/masks": panel[None]})
-    writer.write_scalars(config.total_steps, {"miniature/baseline_miou": out["baseline_miou"],
-                                              "miniature/tcl_miou": out["tcl_miou"]})
+    writer.write_scalars(
+      config.total_steps,
+      {"miniature/baseline_miou": out["baseline_miou"], "miniature/tcl_miou": out["tcl_miou"]},
+    )
     writer.close()
   if jax.process_index() == 0:  # last: its presence marks the run finished (miniature_record)
     out["wall_s"] = round(miniature_record.spent(workdir) + time.time() - t0, 1)
@@ -377,18 +408,26 @@ def main(argv):
   config = clip_config()
   clip = train_clip(config, f.workdir)
   acc = zero_shot_accuracy(clip, clip_lib.CLIPConfig(**config.model.clip.to_dict()))
-  meta = {"command": REBUILD_COMMAND, "steps": int(config.total_steps), "seed": int(config.seed),
-          "jax": jax.__version__, "zero_shot_accuracy": acc}
+  meta = {
+    "command": REBUILD_COMMAND,
+    "steps": int(config.total_steps),
+    "seed": int(config.seed),
+    "jax": jax.__version__,
+    "zero_shot_accuracy": acc,
+  }
   save_clip(clip, f.output, meta)
-  print(f"wrote {f.output} ({os.path.getsize(f.output) / 2**20:.1f} MiB); zero-shot on "
-        f"single-object scenes: colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
-        f"class {acc['class']:.1%} (chance 25%, 33%, 8.3%)")
+  print(
+    f"wrote {f.output} ({os.path.getsize(f.output) / 2**20:.1f} MiB); zero-shot on "
+    f"single-object scenes: colour {acc['colour']:.1%}, shape {acc['shape']:.1%}, "
+    f"class {acc['class']:.1%} (chance 25%, 33%, 8.3%)"
+  )
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  flags.DEFINE_bool("rebuild_clip", False, "Train stage 1 (configs/miniature_clip.py) and write "
-                    "its weights file.")
+  flags.DEFINE_bool(
+    "rebuild_clip", False, "Train stage 1 (configs/miniature_clip.py) and write its weights file."
+  )
   flags.DEFINE_string("workdir", None, "Stage 1 workdir (checkpoints, logs, data).")
   flags.DEFINE_string("output", ASSET, "Where to write the weights file.")
   app.run(main)

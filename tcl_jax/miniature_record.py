@@ -19,8 +19,17 @@ REPORT = "miniature.json"
 MASKS = "miniature_masks.png"
 # Fields that change neither the data nor the figures; total_steps is compared only with a
 # finished run's (an unfinished run may be shortened or lengthened, as the training loop allows).
-_IGNORED = ("total_steps", "log_every_steps", "checkpoint_every_steps", "image_log_every_steps", "image_log_num",
-            "check_finite_every_step", "checkpoint", "distributed", "miniature.num_mask_images")
+_IGNORED = (
+  "total_steps",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "image_log_every_steps",
+  "image_log_num",
+  "check_finite_every_step",
+  "checkpoint",
+  "distributed",
+  "miniature.num_mask_images",
+)
 # What a workdir holds once any run (miniature or not) has started in it.
 _RUN_FILES = ("checkpoints", "data", "config.json", "clip", "miniature_baseline.json", REPORT)
 
@@ -73,25 +82,30 @@ def problem(config, workdir: str, resolve=lambda p: p) -> str | None:
   settings)."""
   record = _read(os.path.join(workdir, RECORD))
   if record is None:
-    if os.path.isdir(workdir) and any(os.path.exists(os.path.join(workdir, f))
-                                      for f in _RUN_FILES):
-      return (f"--workdir={workdir} holds another run's files but no {RECORD} (what they were "
-              "made with is unknown); use a new --workdir")
+    if os.path.isdir(workdir) and any(os.path.exists(os.path.join(workdir, f)) for f in _RUN_FILES):
+      return (
+        f"--workdir={workdir} holds another run's files but no {RECORD} (what they were "
+        "made with is unknown); use a new --workdir"
+      )
     return None
   stored, now = record.get("settings", {}), settings(config, resolve)
   diff = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
   report = _read(os.path.join(workdir, REPORT))
   if not diff and report is not None and report.get("tcl_steps") != config.total_steps:
-    return (f"--workdir={workdir} holds a finished miniature run of {report.get('tcl_steps')} "
-            f"TCL steps; this command asks for total_steps={config.total_steps}: use a new "
-            "--workdir")
+    return (
+      f"--workdir={workdir} holds a finished miniature run of {report.get('tcl_steps')} "
+      f"TCL steps; this command asks for total_steps={config.total_steps}: use a new "
+      "--workdir"
+    )
   if not diff:
     return None
   shown = ", ".join(f"{k}={_show(stored.get(k))}" for k in diff[:3])
   asked = ", ".join(f"{k}={_show(now.get(k))}" for k in diff[:3])
   more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-  return (f"--workdir={workdir} holds a miniature run made with {shown}{more}; this command has "
-          f"{asked}: use a new --workdir (or the workdir's own settings, to resume or report it)")
+  return (
+    f"--workdir={workdir} holds a miniature run made with {shown}{more}; this command has "
+    f"{asked}: use a new --workdir (or the workdir's own settings, to resume or report it)"
+  )
 
 
 def start(config, workdir: str, resolve=lambda p: p) -> None:
@@ -131,14 +145,19 @@ def finished(workdir: str) -> dict | None:
 
 def report_line(out: dict, steps: int, workdir: str, stored: bool = False) -> str:
   """The line the run prints: both mIoUs, the gain, each task, the wall time, the picture."""
-  tasks = ", ".join(f"{t} {v['baseline_miou']:.2f} -> {v['tcl_miou']:.2f}"
-                    for t, v in out["per_task"].items())
-  line = (f"miniature (seed {out['seed']}): zero-shot mIoU (%) on the shapes world, frozen-CLIP "
-          f"baseline (TCL at step 0) {out['baseline_miou']:.2f}, after {steps} TCL steps "
-          f"{out['tcl_miou']:.2f} ({out['tcl_miou'] - out['baseline_miou']:+.2f} points; "
-          f"{tasks}); {out['wall_s']:.0f} s. Masks: {os.path.join(workdir, MASKS)} "
-          "(image | truth | baseline | TCL)")
+  tasks = ", ".join(
+    f"{t} {v['baseline_miou']:.2f} -> {v['tcl_miou']:.2f}" for t, v in out["per_task"].items()
+  )
+  line = (
+    f"miniature (seed {out['seed']}): zero-shot mIoU (%) on the shapes world, frozen-CLIP "
+    f"baseline (TCL at step 0) {out['baseline_miou']:.2f}, after {steps} TCL steps "
+    f"{out['tcl_miou']:.2f} ({out['tcl_miou'] - out['baseline_miou']:+.2f} points; "
+    f"{tasks}); {out['wall_s']:.0f} s. Masks: {os.path.join(workdir, MASKS)} "
+    "(image | truth | baseline | TCL)"
+  )
   if stored:
-    line += (f". A finished run: these are the figures stored in "
-             f"{os.path.join(workdir, REPORT)}, nothing was recomputed")
+    line += (
+      f". A finished run: these are the figures stored in "
+      f"{os.path.join(workdir, REPORT)}, nothing was recomputed"
+    )
   return line

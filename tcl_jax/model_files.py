@@ -37,7 +37,6 @@ def unflatten(flat: dict) -> dict:
   return tree
 
 
-
 def read_json(path, quiet=False) -> dict:
   try:
     with open(path) as f:
@@ -59,14 +58,15 @@ def read_json(path, quiet=False) -> dict:
 
 def is_converted(directory) -> bool:
   """A directory written by `save_checkpoint` (config.json + params/)."""
-  return (os.path.isfile(os.path.join(directory, "config.json"))
-          and os.path.isdir(os.path.join(directory, "params")))
-
+  return os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(
+    os.path.join(directory, "params")
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # tcl_jax checkpoint directories (config.json + orbax params) and one-file safetensors exports
 # ----------------------------------------------------------------------------------------------
+
 
 def save_checkpoint(directory, cfg: tcl_lib.TCLConfig, params) -> None:
   directory = os.path.abspath(directory)
@@ -83,8 +83,10 @@ def _config_from_dict(d: dict, where: str) -> tcl_lib.TCLConfig:
   try:
     return tcl_lib.TCLConfig.from_dict(d)
   except (TypeError, ValueError, KeyError) as e:
-    raise ValueError(f"{where} is not a tcl_jax model config ({e}); the checkpoint is damaged "
-                     f"or from another program") from None
+    raise ValueError(
+      f"{where} is not a tcl_jax model config ({e}); the checkpoint is damaged "
+      f"or from another program"
+    ) from None
 
 
 def _root_cause(e: BaseException) -> str:
@@ -123,14 +125,17 @@ def load_checkpoint(directory):
   directory = os.path.abspath(directory)
   cfg_path = os.path.join(directory, "config.json")
   if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{directory} is not a tcl_jax checkpoint (no config.json); convert a "
-                            f"PyTorch file first: python -m tcl_jax.convert SRC --output DIR")
+    raise FileNotFoundError(
+      f"{directory} is not a tcl_jax checkpoint (no config.json); convert a "
+      f"PyTorch file first: python -m tcl_jax.convert SRC --output DIR"
+    )
   cfg = _config_from_dict(read_json(cfg_path), cfg_path)
   target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
   params_dir = os.path.join(directory, "params")
   if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"{directory} is not a complete tcl_jax checkpoint: it has no params/; "
-                            f"convert it again")
+    raise FileNotFoundError(
+      f"{directory} is not a complete tcl_jax checkpoint: it has no params/; convert it again"
+    )
   # Before the restore: the callbacks can come before a failure reaches the except clause.
   _drop_closed_loop_callbacks()
   try:
@@ -138,16 +143,20 @@ def load_checkpoint(directory):
       params = ckptr.restore(params_dir, target)
   except Exception as e:  # pylint: disable=broad-except
     # orbax/tensorstore raise plain Exceptions whose text spans pages; one line is what helps.
-    raise ValueError(f"the checkpoint {directory} is damaged: its params/ cannot be read "
-                     f"({_root_cause(e)}); convert or copy it again") from None
+    raise ValueError(
+      f"the checkpoint {directory} is damaged: its params/ cannot be read "
+      f"({_root_cause(e)}); convert or copy it again"
+    ) from None
   return cfg, params
 
 
 def save_safetensors(path, cfg: tcl_lib.TCLConfig, params) -> None:
   """Every parameter (frozen CLIP towers included) into one safetensors file, keyed by its flax
   path joined with '/', and the model config as JSON in the file's metadata."""
-  tensors = {"/".join(p.key for p in path_): np.array(x, order="C")
-             for path_, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  tensors = {
+    "/".join(p.key for p in path_): np.array(x, order="C")
+    for path_, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   metadata = {"format": "tcl_jax", "tcl_jax_config": json.dumps(cfg.to_dict())}
   path = os.fspath(path)
   tmp = path + ".tmp"
@@ -163,15 +172,20 @@ def load_safetensors(path):
     with safetensors.safe_open(path, framework="np") as f:
       meta = f.metadata() or {}
       if "tcl_jax_config" not in meta:
-        hint = ("a transformers CLIP's weights? give its directory (with config.json) instead"
-                if any(k.startswith("vision_model.") for k in f.keys()) else
-                "export one with python -m tcl_jax.export CKPT --output model.safetensors")
-        raise ValueError(f"{path} is not a tcl_jax checkpoint: its safetensors metadata has no "
-                         f"tcl_jax_config ({hint})")
+        hint = (
+          "a transformers CLIP's weights? give its directory (with config.json) instead"
+          if any(k.startswith("vision_model.") for k in f.keys())
+          else "export one with python -m tcl_jax.export CKPT --output model.safetensors"
+        )
+        raise ValueError(
+          f"{path} is not a tcl_jax checkpoint: its safetensors metadata has no "
+          f"tcl_jax_config ({hint})"
+        )
       tensors = {k: f.get_tensor(k) for k in f.keys()}
   except safetensors.SafetensorError as e:
-    raise ValueError(f"{path} is not a readable safetensors file ({e}); truncated or damaged? "
-                     f"export it again") from None
+    raise ValueError(
+      f"{path} is not a readable safetensors file ({e}); truncated or damaged? export it again"
+    ) from None
   try:
     raw = json.loads(meta["tcl_jax_config"])
   except ValueError as e:
@@ -187,14 +201,17 @@ def load_safetensors(path):
       continue
     arr = tensors.pop(key)
     if arr.shape != leaf.shape or arr.dtype != leaf.dtype:
-      problems.append(f"tensor {key} is {arr.dtype}{list(arr.shape)}, the config implies "
-                      f"{leaf.dtype}{list(leaf.shape)}")
+      problems.append(
+        f"tensor {key} is {arr.dtype}{list(arr.shape)}, the config implies "
+        f"{leaf.dtype}{list(leaf.shape)}"
+      )
     else:
       flat[names] = arr
   problems += [f"unexpected tensor {k}" for k in sorted(tensors)]
   if problems:
-    raise ConversionError(f"{path} does not match its own config: {len(problems)} problem(s): "
-                          f"{listing(problems)}")
+    raise ConversionError(
+      f"{path} does not match its own config: {len(problems)} problem(s): {listing(problems)}"
+    )
   return cfg, unflatten(flat)
 
 
@@ -224,10 +241,16 @@ def load_training_checkpoint(workdir, step: Optional[int] = None):
     # Restore only the parameters (not the optimizer state) into the model's shapes.
     target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
     on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = mngr.restore(step, args=ocp.args.Composite(
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item={"params": target},
-            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=on_device),
-                                      {"params": target}),
-            partial_restore=True)))
+          item={"params": target},
+          restore_args=jax.tree.map(
+            lambda _: ocp.ArrayRestoreArgs(sharding=on_device), {"params": target}
+          ),
+          partial_restore=True,
+        )
+      ),
+    )
   return cfg, restored["state"]["params"]

@@ -62,6 +62,7 @@ def param_labels(params, frozen_regex: str, ust_regex: str):
     frozen_regex: leaves whose 'a/b/c' path matches (re.search) are never trained (CLIP).
     ust_regex: leaves matching it are frozen during the first `ust_steps` (masker backbone).
   """
+
   def label(path, _):
     name = path_str(path)
     if frozen_regex and re.search(frozen_regex, name):
@@ -69,6 +70,7 @@ def param_labels(params, frozen_regex: str, ust_regex: str):
     if ust_regex and re.search(ust_regex, name):
       return UST
     return TRAINABLE
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -78,9 +80,11 @@ def decay_mask(params):
   No decay when the parameter is 1-D or its name ends with "bias"; 0-d scalars are decayed (quirk
   of the original, whose test is `len(param.shape) == 1`).
   """
+
   def decays(path, x):
     name = path_str(path)
     return not (len(x.shape) == 1 or name.endswith("bias"))
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -92,8 +96,13 @@ def scaled_lrs(optim_config, global_batch_size: int) -> tuple[float, float]:
   return optim_config.base_lr * scale, optim_config.min_lr * scale
 
 
-def warmup_cosine_schedule(peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
-                           warmup_start_factor: float = 1e-4) -> Callable[[Any], jax.Array]:
+def warmup_cosine_schedule(
+  peak_lr: float,
+  min_lr: float,
+  warmup_steps: int,
+  total_steps: int,
+  warmup_start_factor: float = 1e-4,
+) -> Callable[[Any], jax.Array]:
   """lr(step): linear from `start_factor * peak` to `peak` over warmup, then cosine to `min_lr`.
 
   Matches torch `SequentialLR([LinearLR(start_factor, 1.0, warmup), CosineAnnealingLR(total -
@@ -121,12 +130,12 @@ def warmup_cosine_schedule(peak_lr: float, min_lr: float, warmup_steps: int, tot
 
 def _zero_until(threshold: int) -> optax.GradientTransformation:
   """Zeroes all updates while the call counter is below `threshold` (no other state)."""
-  return optax.transforms.conditionally_mask(
-      optax.identity(), lambda step: step >= threshold)
+  return optax.transforms.conditionally_mask(optax.identity(), lambda step: step >= threshold)
 
 
-def make_optimizer(optim_config, params, *, total_steps: int, global_batch_size: int
-                   ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
+def make_optimizer(
+  optim_config, params, *, total_steps: int, global_batch_size: int
+) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
   """Builds the TCL optimizer for `params` (a tree of arrays or ShapeDtypeStructs).
 
   Args:
@@ -144,27 +153,34 @@ def make_optimizer(optim_config, params, *, total_steps: int, global_batch_size:
   labels = param_labels(params, c.frozen_regex, c.ust_regex)
   wd_mask = decay_mask(params)
   peak_lr, min_lr = scaled_lrs(c, global_batch_size)
-  schedule = warmup_cosine_schedule(peak_lr, min_lr, c.warmup_steps, total_steps,
-                                    c.get("warmup_start_factor", 1e-4))
+  schedule = warmup_cosine_schedule(
+    peak_lr, min_lr, c.warmup_steps, total_steps, c.get("warmup_start_factor", 1e-4)
+  )
   ust_steps = int(c.get("ust_steps", 0))
 
   def adamw_direction():
     # AdamW without the rate: lr * (adam + wd * p) is applied by the final schedule transform,
     # which is torch's decoupled decay p -= lr * wd * p followed by p -= lr * adam.
     return optax.chain(
-        optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps),
-        optax.add_decayed_weights(c.weight_decay, mask=wd_mask) if c.weight_decay else
-        optax.identity(),
+      optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps),
+      optax.add_decayed_weights(c.weight_decay, mask=wd_mask)
+      if c.weight_decay
+      else optax.identity(),
     )
 
-  gate = {FROZEN: optax.set_to_zero(), TRAINABLE: optax.identity(),
-          UST: _zero_until(ust_steps) if ust_steps > 0 else optax.identity()}
+  gate = {
+    FROZEN: optax.set_to_zero(),
+    TRAINABLE: optax.identity(),
+    UST: _zero_until(ust_steps) if ust_steps > 0 else optax.identity(),
+  }
   direction = {
-      FROZEN: optax.set_to_zero(),
-      TRAINABLE: adamw_direction(),
-      UST: (optax.transforms.conditionally_mask(adamw_direction(),
-                                                lambda step: step >= ust_steps)
-            if ust_steps > 0 else adamw_direction()),
+    FROZEN: optax.set_to_zero(),
+    TRAINABLE: adamw_direction(),
+    UST: (
+      optax.transforms.conditionally_mask(adamw_direction(), lambda step: step >= ust_steps)
+      if ust_steps > 0
+      else adamw_direction()
+    ),
   }
   # Build only the groups that occur (e.g. a model with no UST group).
   used = set(jax.tree.leaves(labels))

@@ -15,8 +15,10 @@ class Interrupted(Exception):
   """Ctrl-C stopped the run after its checkpoint at `step` was written."""
 
   def __init__(self, step: int, directory: str):
-    super().__init__(f"interrupted (Ctrl-C) at step {step}; the checkpoint is in {directory}: "
-                     "rerun the same command to resume")
+    super().__init__(
+      f"interrupted (Ctrl-C) at step {step}; the checkpoint is in {directory}: "
+      "rerun the same command to resume"
+    )
     self.step = step
 
 
@@ -42,8 +44,11 @@ class Preemption:
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
     name = signal.Signals(signum).name
-    logging.warning("Received %s: will checkpoint and stop after this step%s.", name,
-                    " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else "")
+    logging.warning(
+      "Received %s: will checkpoint and stop after this step%s.",
+      name,
+      " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else "",
+    )
     self.requested = True
     self.signal = self.signal or signum
 

@@ -21,8 +21,10 @@ from typing import Any, Sequence
 
 from absl import logging
 import jax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tcl_jax.optim import path_str
 
@@ -74,8 +76,9 @@ def local_mesh() -> jax.sharding.Mesh | None:
   of the images on its own devices); None with one local device."""
   if jax.local_device_count() == 1:
     return None
-  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,),
-                       devices=jax.local_devices())
+  return jax.make_mesh(
+    (jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,), devices=jax.local_devices()
+  )
 
 
 def data_sharding(mesh) -> NamedSharding:
@@ -132,4 +135,5 @@ def to_global(batch, sharding: NamedSharding):
   concatenation in process order.
   """
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

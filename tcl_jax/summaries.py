@@ -43,15 +43,22 @@ def peak_memory_metrics() -> dict[str, float]:
   return {"peak_memory_gib": stats["peak_bytes_in_use"] / 2**30}
 
 
-
-
-def format_run_summary(workdir: str, first_step: int, last_step: int, wall_s: float,
-                       history: list[dict], evals: list[dict], saved: list[int]) -> str:
+def format_run_summary(
+  workdir: str,
+  first_step: int,
+  last_step: int,
+  wall_s: float,
+  history: list[dict],
+  evals: list[dict],
+  saved: list[int],
+) -> str:
   """The table printed at the end of a run: steps, wall time, the last logged losses, the last
   mIoU per task (%), the checkpoints written."""
-  rows = [("workdir", workdir),
-          ("steps", f"{first_step} -> {last_step} ({last_step - first_step} in this run)"),
-          ("wall time", f"{wall_s:.1f} s")]
+  rows = [
+    ("workdir", workdir),
+    ("steps", f"{first_step} -> {last_step} ({last_step - first_step} in this run)"),
+    ("wall time", f"{wall_s:.1f} s"),
+  ]
   train_logs = [h for h in history if "loss" in h]
   if train_logs:
     last = train_logs[-1]
@@ -62,8 +69,12 @@ def format_run_summary(workdir: str, first_step: int, last_step: int, wall_s: fl
     for k, v in last.items():
       if k != "step":
         rows.append((k, f"{v:.2f}  (step {last['step']})"))
-  rows.append(("checkpoints written",
-               ", ".join(map(str, saved)) + f"  (in {workdir}/checkpoints)" if saved else "none"))
+  rows.append(
+    (
+      "checkpoints written",
+      ", ".join(map(str, saved)) + f"  (in {workdir}/checkpoints)" if saved else "none",
+    )
+  )
   width = max(len(k) for k, _ in rows)
   return "\n".join(["Run summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 

@@ -38,8 +38,9 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
 
-def initial_params(model: base.Model, config, workdir: str, abstract_params=None,
-                   params_sharding=None):
+def initial_params(
+  model: base.Model, config, workdir: str, abstract_params=None, params_sharding=None
+):
   """The parameters a new run starts from: `config.init_checkpoint` (its `{workdir}` expanded)
   loaded by the model kind, else the model's random init with init_rngs' key."""
   if config.get("init_checkpoint"):
@@ -68,13 +69,13 @@ def run_evaluation(params, model: base.Model, config, workdir: str, mesh=None) -
   if mesh is not None:
     mesh = mesh.local_mesh if jax.process_count() > 1 else mesh
     mesh = mesh if mesh.devices.size > 1 else None
-  return evaluator.evaluate_config(model.zero_shot, params, eval_config, mesh=mesh,
-                                   progress=False)
+  return evaluator.evaluate_config(model.zero_shot, params, eval_config, mesh=mesh, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
+
 
 def restore_or_init(plan: step_lib.Plan, config, workdir: str, mngr, train_iter, repl):
   """The latest checkpoint in `mngr` (and the input position it saved), else a new state from
@@ -89,8 +90,11 @@ def restore_or_init(plan: step_lib.Plan, config, workdir: str, mngr, train_iter,
       train_iter.set_state(local_input_state)
     return state
   params_sharding = plan.state_sharding.params
-  jit_create = jax.jit(functools.partial(step_lib.create_train_state, tx=plan.tx),
-                       in_shardings=(params_sharding, repl), out_shardings=plan.state_sharding)
+  jit_create = jax.jit(
+    functools.partial(step_lib.create_train_state, tx=plan.tx),
+    in_shardings=(params_sharding, repl),
+    out_shardings=plan.state_sharding,
+  )
   params = initial_params(plan.model, config, workdir, plan.abstract_params, params_sharding)
   return jit_create(params, plan.state_rng)
 
@@ -109,8 +113,11 @@ class _Loop:
     self.report = None
     if self.is_chief:
       self.report = periodic_actions.ReportProgress(
-          num_train_steps=int(config.total_steps), writer=writer,
-          every_steps=config.log_every_steps, every_secs=None)
+        num_train_steps=int(config.total_steps),
+        writer=writer,
+        every_steps=config.log_every_steps,
+        every_secs=None,
+      )
     self.history, self.pending, self.logged, self.saved = [], [], [], []
     self.t_start = time.time()
 
@@ -125,9 +132,11 @@ class _Loop:
     m = jax.device_get(metrics)
     if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
       self.mngr.wait_until_finished()
-      msg = (f"Non-finite loss/gradient at step {step_count} (loss={m['loss']}, grad_norm="
-             f"{m['grad_norm']}). Stopping; the last good checkpoint is step "
-             f"{self.mngr.latest_step()} in {self.mngr.directory}.")
+      msg = (
+        f"Non-finite loss/gradient at step {step_count} (loss={m['loss']}, grad_norm="
+        f"{m['grad_norm']}). Stopping; the last good checkpoint is step "
+        f"{self.mngr.latest_step()} in {self.mngr.directory}."
+      )
       logging.error(msg)
       self.writer.flush()
       raise NonFiniteLossError(msg)
@@ -147,8 +156,9 @@ class _Loop:
     n = extras["soft_pos_mask"].shape[0]
     mean = np.asarray(clip_lib.IMAGE_MEAN, np.float32)  # what the input pipeline normalised with
     std = np.asarray(clip_lib.IMAGE_STD, np.float32)
-    grid = summaries.mask_overlay_grid(np.asarray(host_batch["image"][:n]),
-                                       jax.device_get(extras["soft_pos_mask"]), mean, std)
+    grid = summaries.mask_overlay_grid(
+      np.asarray(host_batch["image"][:n]), jax.device_get(extras["soft_pos_mask"]), mean, std
+    )
     self.writer.write_images(step, {"train/masks": grid[None]})
 
   def evaluate(self, step, state, metrics):
@@ -164,8 +174,11 @@ class _Loop:
 
   def checkpoint(self, step, state, metrics, eval_metrics):
     self.check_finite(step, metrics)
-    best = ({"miou": eval_metrics[summaries.AVERAGE_MIOU]}
-            if eval_metrics and summaries.AVERAGE_MIOU in eval_metrics else None)
+    best = (
+      {"miou": eval_metrics[summaries.AVERAGE_MIOU]}
+      if eval_metrics and summaries.AVERAGE_MIOU in eval_metrics
+      else None
+    )
     with self.timed("checkpoint"):
       if checkpointing.save(self.mngr, step, state, self.input_state_now(), metrics=best):
         self.saved.append(step)
@@ -197,8 +210,12 @@ class _Loop:
       if step == first_step + 1:
         jax.block_until_ready(metrics)
         t_first = time.time() - self.t_start
-        logging.info("first step done %.1fs after the loop started (incl. compile), %.1fs "
-                     "after train_and_evaluate started", t_first, time.time() - self.t_enter)
+        logging.info(
+          "first step done %.1fs after the loop started (incl. compile), %.1fs "
+          "after train_and_evaluate started",
+          t_first,
+          time.time() - self.t_enter,
+        )
         self.writer.write_scalars(step, {"perf/time_to_first_step_s": t_first})
       # Lagged finiteness check: while step k runs, look at step k-1 (keeps dispatch ahead).
       if prev_metrics is not None and config.get("check_finite_every_step", True):
@@ -209,16 +226,21 @@ class _Loop:
         self.report(step)
       if _every(config.log_every_steps, step) or step == total:
         self.log(step, metrics)
-      if (image_every and _every(image_every, step) and "soft_pos_mask" in extras
-          and self.is_chief):
+      if image_every and _every(image_every, step) and "soft_pos_mask" in extras and self.is_chief:
         self.images(step, host_batch, extras)
       stop = preemption.should_stop(step)  # (a sync point on multi-host: once per step)
       eval_metrics = None
-      if not stop and (_every(config.get("eval_every_steps", 0), step) or (
-          step == total and config.get("eval_at_end", True))):
+      if not stop and (
+        _every(config.get("eval_every_steps", 0), step)
+        or (step == total and config.get("eval_at_end", True))
+      ):
         eval_metrics = self.evaluate(step, state, metrics)
-      if (_every(config.checkpoint_every_steps, step) or step == total or stop
-          or eval_metrics is not None):
+      if (
+        _every(config.checkpoint_every_steps, step)
+        or step == total
+        or stop
+        or eval_metrics is not None
+      ):
         self.checkpoint(step, state, metrics, eval_metrics)
       if stop:
         logging.warning("Preempted: checkpoint at step %d written, exiting.", step)
@@ -226,9 +248,14 @@ class _Loop:
     return state, step, False
 
 
-def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
-                       model: base.Model | None = None, train_iter=None,
-                       devices=None) -> tuple[step_lib.TrainState, list[dict]]:
+def train_and_evaluate(
+  config: "ml_collections.ConfigDict",
+  workdir: str,
+  *,
+  model: base.Model | None = None,
+  train_iter=None,
+  devices=None,
+) -> tuple[step_lib.TrainState, list[dict]]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
   Args:
@@ -252,8 +279,12 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   resume_step = check_resume(config, workdir)  # before config.json is rewritten
   idle = resume_step is not None and resume_step >= config.total_steps
   if idle:
-    logging.info("%s is at step %d of total_steps=%d: nothing to train", workdir, resume_step,
-                 config.total_steps)
+    logging.info(
+      "%s is at step %d of total_steps=%d: nothing to train",
+      workdir,
+      resume_step,
+      config.total_steps,
+    )
 
   # ---------------------------------------------------------------- logging
   is_chief = jax.process_index() == 0
@@ -263,9 +294,14 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   if is_chief and not idle:
     with open(checkpointing.config_path(workdir), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+    "process %d/%d, %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -290,8 +326,14 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
   plan = step_lib.plan_training(config, model, mesh)
   logging.info("parameters by group: %s", optim.count_params(plan.abstract_params, plan.labels))
   peak_lr, min_lr = optim.scaled_lrs(config.optim, config.batch_size)
-  logging.info("lr: peak %.3g, min %.3g (base %.3g, min %.3g, global batch %d)", peak_lr,
-               min_lr, config.optim.base_lr, config.optim.min_lr, config.batch_size)
+  logging.info(
+    "lr: peak %.3g, min %.3g (base %.3g, min %.3g, global batch %d)",
+    peak_lr,
+    min_lr,
+    config.optim.base_lr,
+    config.optim.min_lr,
+    config.batch_size,
+  )
 
   with jax.set_mesh(mesh):
     # -------------------------------------------------------------- resume / init
@@ -301,8 +343,15 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
 
     # -------------------------------------------------------------- train step and loop
     jit_step = step_lib.make_jit_train_step(
-        model=model, tx=plan.tx, labels=plan.labels, schedule=plan.schedule, config=config,
-        state_sharding=plan.state_sharding, batch_sharding=batch_sharding, repl=repl)
+      model=model,
+      tx=plan.tx,
+      labels=plan.labels,
+      schedule=plan.schedule,
+      config=config,
+      state_sharding=plan.state_sharding,
+      batch_sharding=batch_sharding,
+      repl=repl,
+    )
     loop = _Loop(config, workdir, model, train_iter, mngr, writer, mesh, t_enter)
     try:
       with preemption_lib.Preemption() as preemption:
@@ -312,11 +361,16 @@ def train_and_evaluate(config: "ml_collections.ConfigDict", workdir: str, *,
       mngr.close()
       writer.flush()
     if not preempted:
-      logging.info("Training done: %d steps in %.1fs", step - first_step,
-                   time.time() - loop.t_start)
+      logging.info(
+        "Training done: %d steps in %.1fs", step - first_step, time.time() - loop.t_start
+      )
   if is_chief:
-    print(summaries.format_run_summary(workdir, first_step, step, time.time() - t_enter,
-                                       loop.history, loop.logged, loop.saved), flush=True)
+    print(
+      summaries.format_run_summary(
+        workdir, first_step, step, time.time() - t_enter, loop.history, loop.logged, loop.saved
+      ),
+      flush=True,
+    )
   if preempted and preemption.interrupted:  # Ctrl-C: saved; the caller says so and exits
     raise preemption_lib.Interrupted(step, checkpointing.checkpoints_dir(workdir))
   return state, loop.history + loop.logged
@@ -342,8 +396,9 @@ def check_resume(config, workdir: str) -> int | None:
     finished_at = None
   if finished_at is not None and latest >= finished_at and config.total_steps > finished_at:
     raise ValueError(
-        f"{workdir} holds a finished run (step {latest} of total_steps={finished_at}); "
-        f"continuing it to total_steps={config.total_steps} would restart the decay of its lr "
-        f"schedule mid-run. Train in a new --workdir with --config.init_checkpoint={workdir} "
-        "to start from its weights")
+      f"{workdir} holds a finished run (step {latest} of total_steps={finished_at}); "
+      f"continuing it to total_steps={config.total_steps} would restart the decay of its lr "
+      f"schedule mid-run. Train in a new --workdir with --config.init_checkpoint={workdir} "
+      "to start from its weights"
+    )
   return latest

@@ -26,12 +26,19 @@ def prepare_synthetic_data(config, workdir: str) -> None:
   if jax.process_index() == 0 and not os.path.exists(done):
     logging.info("Writing synthetic data under %s", root)
     synthetic.write_synthetic_image_text(
-        os.path.join(root, "train"), num_examples=syn.num_train_examples,
-        image_size=syn.image_size, num_shards=syn.num_shards, seed=syn.seed)
+      os.path.join(root, "train"),
+      num_examples=syn.num_train_examples,
+      image_size=syn.image_size,
+      num_shards=syn.num_shards,
+      seed=syn.seed,
+    )
     for task in [t.strip() for t in config.evals.tasks.split(",") if t.strip()]:
       synthetic_segmentation.write_synthetic_segmentation(
-          checkpointing.expand_workdir(config.evals.data_root, workdir), task,
-          num_images=syn.num_eval_images, seed=syn.seed)
+        checkpointing.expand_workdir(config.evals.data_root, workdir),
+        task,
+        num_images=syn.num_eval_images,
+        seed=syn.seed,
+      )
     with open(done, "w") as f:
       f.write("ok\n")
   if jax.process_count() > 1:
@@ -44,9 +51,13 @@ def make_train_iterator(config, workdir: str):
   inp = config.input
   if inp.get("in_memory"):
     return in_memory.InMemoryIterator(
-        global_batch_size=config.batch_size, image_size=inp.image_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        context_length=config.model.clip.context_length)
+      global_batch_size=config.batch_size,
+      image_size=inp.image_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      context_length=config.model.clip.context_length,
+    )
   patterns = [checkpointing.expand_workdir(p, workdir) for p in inp.train_files]
   for p in patterns:  # a wrong path is the likeliest mistake: name it before reading anything
     if not any(tf.io.gfile.exists(f) for f in input_pipeline.list_files(p)):
@@ -54,9 +65,15 @@ def make_train_iterator(config, workdir: str):
       raise ValueError(f"config.input.train_files: no file matches {p!r}{where}")
   kwargs = inp.get("options", ml_collections.ConfigDict()).to_dict()
   if inp.get("augment") is not None:  # AugmentConfig fields over the original's defaults
-    kwargs["augment"] = augment_lib.AugmentConfig(image_size=inp.image_size,
-                                                  **inp.augment.to_dict())
+    kwargs["augment"] = augment_lib.AugmentConfig(
+      image_size=inp.image_size, **inp.augment.to_dict()
+    )
   return input_pipeline.make_train_iterator(
-      patterns, global_batch_size=config.batch_size, image_size=inp.image_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      **kwargs)
+    patterns,
+    global_batch_size=config.batch_size,
+    image_size=inp.image_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    **kwargs,
+  )

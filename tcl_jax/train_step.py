@@ -30,12 +30,23 @@ class TrainState:
 
 
 def create_train_state(params, rng, tx) -> TrainState:
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=rng)
+  return TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+  )
 
 
-def train_step(state: TrainState, batch, *, loss_fn, tx, labels, schedule, ust_steps: int,
-               nan_at_step: int = -1, num_extras: int = 0):
+def train_step(
+  state: TrainState,
+  batch,
+  *,
+  loss_fn,
+  tx,
+  labels,
+  schedule,
+  ust_steps: int,
+  nan_at_step: int = -1,
+  num_extras: int = 0,
+):
   """One optimizer step on a global batch.
 
   Returns:
@@ -53,10 +64,17 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, labels, schedule, ust_s
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   # Frozen leaves keep their value exactly (their update is zero anyway; this skips the add).
-  params = jax.tree.map(lambda p, u, l: p if l == optim.FROZEN else (p + u).astype(p.dtype),
-                        state.params, updates, labels)
-  metrics = {"loss": loss, "lr": schedule(state.step),
-             "grad_norm": optim.trainable_grad_norm(grads, labels, state.step, ust_steps)}
+  params = jax.tree.map(
+    lambda p, u, l: p if l == optim.FROZEN else (p + u).astype(p.dtype),
+    state.params,
+    updates,
+    labels,
+  )
+  metrics = {
+    "loss": loss,
+    "lr": schedule(state.step),
+    "grad_norm": optim.trainable_grad_norm(grads, labels, state.step, ust_steps),
+  }
   # Every scalar the model reports is logged (TCL: its loss terms; CLIP: loss and accuracy).
   metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
   extras = {}
@@ -66,16 +84,26 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, labels, schedule, ust_s
   return new_state, metrics, extras
 
 
-def make_jit_train_step(*, model: base.Model, tx, labels, schedule, config, state_sharding,
-                        batch_sharding, repl):
+def make_jit_train_step(
+  *, model: base.Model, tx, labels, schedule, config, state_sharding, batch_sharding, repl
+):
   """`jax.jit(train_step)` with explicit shardings and the state donated."""
   step_fn = functools.partial(
-      train_step, loss_fn=model.loss, tx=tx, labels=labels, schedule=schedule,
-      ust_steps=int(config.optim.get("ust_steps", 0)),
-      nan_at_step=int(config.get("debug_nan_at_step", -1)),
-      num_extras=int(config.get("image_log_num", 0)) if config.get("image_log_every_steps") else 0)
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, repl, repl), donate_argnums=(0,))
+    train_step,
+    loss_fn=model.loss,
+    tx=tx,
+    labels=labels,
+    schedule=schedule,
+    ust_steps=int(config.optim.get("ust_steps", 0)),
+    nan_at_step=int(config.get("debug_nan_at_step", -1)),
+    num_extras=int(config.get("image_log_num", 0)) if config.get("image_log_every_steps") else 0,
+  )
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, repl, repl),
+    donate_argnums=(0,),
+  )
 
 
 def init_rngs(config):
@@ -85,6 +113,7 @@ def init_rngs(config):
 
 class Plan(NamedTuple):
   """A run's model, optimizer and shardings, from shapes only (nothing is allocated)."""
+
   model: base.Model
   tx: Any
   schedule: Any
@@ -100,12 +129,17 @@ def plan_training(config, model: base.Model, mesh) -> Plan:
   shapes and shardings (what train_and_evaluate, the benchmarks and the trajectory replay run)."""
   init_rng, state_rng = init_rngs(config)
   abstract_params = jax.eval_shape(model.init, init_rng)
-  tx, schedule = optim.make_optimizer(config.optim, abstract_params,
-                                      total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
+  tx, schedule = optim.make_optimizer(
+    config.optim,
+    abstract_params,
+    total_steps=config.total_steps,
+    global_batch_size=config.batch_size,
+  )
   labels = optim.param_labels(abstract_params, config.optim.frozen_regex, config.optim.ust_regex)
   abstract_state = jax.eval_shape(
-      functools.partial(create_train_state, tx=tx), abstract_params, state_rng)
+    functools.partial(create_train_state, tx=tx), abstract_params, state_rng
+  )
   state_sharding = sharding.state_shardings(mesh, abstract_state, config.mesh)
-  return Plan(model, tx, schedule, labels, abstract_params, abstract_state, state_sharding,
-              state_rng)
+  return Plan(
+    model, tx, schedule, labels, abstract_params, abstract_state, state_sharding, state_rng
+  )

@@ -16,8 +16,9 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "tcl_jax_test_xla_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tcl_jax_test_xla_cache")
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config_module(name: str):
   """configs/<name>.py as a module (configs/ is not a package)."""
   from tcl_jax import config_files  # pylint: disable=g-import-not-at-top
+
   return config_files.load_module(os.path.join(REPO, "configs", name + ".py"))
 
 
@@ -33,6 +35,7 @@ def fast_compiles():
   """For modules of tiny models, where compile time dominates: XLA's heavy passes are not what
   they test. Use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
   import jax  # pylint: disable=g-import-not-at-top
+
   old = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield

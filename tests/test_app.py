@@ -17,19 +17,20 @@ import urllib.request
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from tcl_jax import model_files
 from tcl_jax import demo
+from tcl_jax import model_files
 from tcl_jax.models import tcl as tcl_lib
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Only the browser tests need them; the command line's usage errors are tested everywhere.
 needs_chromium = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-           f"apt-get install chromium chromium-driver")
+  not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+  reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+  f"apt-get install chromium chromium-driver",
+)
 
 W, H = 320, 240
 CLASSES = ["sky", "grass", "house"]
@@ -51,9 +52,19 @@ def server(tmp_path_factory):
   url = f"http://127.0.0.1:{port}/"
   log = open(tmp / "server.log", "w+")
   env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp / "gradio"))
-  proc = subprocess.Popen([sys.executable, "-m", "tcl_jax.app", f"--checkpoint={tmp / 'ckpt'}",
-                           "--host=127.0.0.1", f"--port={port}"], stdout=log,
-                          stderr=subprocess.STDOUT, env=env)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.app",
+      f"--checkpoint={tmp / 'ckpt'}",
+      "--host=127.0.0.1",
+      f"--port={port}",
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    env=env,
+  )
   deadline = time.time() + 180
   while True:
     try:
@@ -75,12 +86,22 @@ def browser():
   os.environ["SE_OFFLINE"] = "true"  # selenium must not look for or download drivers
   from selenium import webdriver
   from selenium.webdriver.chrome.service import Service
+
   opts = webdriver.ChromeOptions()
   opts.binary_location = CHROMIUM
   with tempfile.TemporaryDirectory() as profile:
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--disable-background-networking", "--disable-component-update", "--no-first-run",
-              "--disable-sync", f"--user-data-dir={profile}", "--window-size=1400,1100"):
+    for a in (
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-dev-shm-usage",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--no-first-run",
+      "--disable-sync",
+      f"--user-data-dir={profile}",
+      "--window-size=1400,1100",
+    ):
       opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     try:
@@ -91,11 +112,13 @@ def browser():
 
 def _by():
   from selenium.webdriver.common.by import By
+
   return By
 
 
 def _wait(driver, cond, timeout=WAIT_S):
   from selenium.webdriver.support.ui import WebDriverWait
+
   return WebDriverWait(driver, timeout, poll_frequency=0.5).until(cond)
 
 
@@ -114,6 +137,7 @@ def _fill(driver, image_path, classes, bg_thresh=None):
   box.send_keys(classes)
   if bg_thresh is not None:
     from selenium.webdriver.common.keys import Keys
+
     num = driver.find_element(by.CSS_SELECTOR, "#bg_thresh input[type=number]")
     num.send_keys(Keys.CONTROL, "a")
     num.send_keys(str(bg_thresh), Keys.TAB)
@@ -122,15 +146,23 @@ def _fill(driver, image_path, classes, bg_thresh=None):
 
 def _message(driver, text):
   """Wait for a message containing text anywhere in the page."""
-  return _wait(driver, lambda d: d.find_elements(
-      _by().XPATH, f"//*[contains(normalize-space(text()), {text!r})]"), 120)
+  return _wait(
+    driver,
+    lambda d: d.find_elements(_by().XPATH, f"//*[contains(normalize-space(text()), {text!r})]"),
+    120,
+  )
 
 
 def _output_image(driver, url):
   by = _by()
-  img = _wait(driver, lambda d: [e for e in d.find_elements(by.CSS_SELECTOR, "#overlay img")
-                                 if e.get_attribute("src") and
-                                 int(e.get_attribute("naturalWidth") or 0) > 0])[0]
+  img = _wait(
+    driver,
+    lambda d: [
+      e
+      for e in d.find_elements(by.CSS_SELECTOR, "#overlay img")
+      if e.get_attribute("src") and int(e.get_attribute("naturalWidth") or 0) > 0
+    ],
+  )[0]
   src = img.get_attribute("src")
   assert src.startswith(url)
   with urllib.request.urlopen(src, timeout=30) as r:
@@ -150,12 +182,16 @@ def test_segment_in_browser(server, browser, tmp_path):
   # Rendered at the right size: the image, then the legend strip naming the classes.
   leg = demo.legend(CLASSES, W)
   assert (int(img.get_attribute("naturalWidth")), int(img.get_attribute("naturalHeight"))) == (
-      W, H + leg.shape[0])
+    W,
+    H + leg.shape[0],
+  )
   assert img.size["width"] > 100 and img.size["height"] > 100
   np.testing.assert_array_equal(out[H:], leg)
   # Each pixel is the photo, or the photo blended with one class colour.
-  blends = [np.round((photo.astype(np.float32) + c) / 2).astype(np.uint8)
-            for c in demo.colours(len(CLASSES))]
+  blends = [
+    np.round((photo.astype(np.float32) + c) / 2).astype(np.uint8)
+    for c in demo.colours(len(CLASSES))
+  ]
   which = np.stack([(out[:H] == photo).all(-1)] + [(out[:H] == b).all(-1) for b in blends])
   assert which.any(0).all()
   label = which.argmax(0)
@@ -174,7 +210,8 @@ def test_segment_in_browser(server, browser, tmp_path):
 
   # Nothing was fetched from anywhere but the app.
   fetched = browser.execute_script(
-      "return performance.getEntriesByType('resource').map(e => e.name)")
+    "return performance.getEntriesByType('resource').map(e => e.name)"
+  )
   assert fetched and all(u.startswith(url) or u.startswith("data:") for u in fetched), fetched
 
   shot = os.environ.get("TCL_APP_SCREENSHOT") or str(tmp_path / "app.png")
@@ -209,13 +246,17 @@ def test_bad_input_gets_a_message(server, browser, tmp_path):
   assert "every pixel is background" in status  # this random model at the default 0.4
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--port=7860"], "error: the following arguments are required: --checkpoint"),
     (["--checkpoint=x", "--port=http"], "error: argument --port: invalid int value"),
     (["--checkpoint=x", "--port=70000"], "error: --port must be in 1..65535"),
     (["--checkpoint=/no/such/dir"], "error: cannot load checkpoint /no/such/dir: no checkpoint"),
-])
+  ],
+)
 def test_cli_usage_errors(args, message):
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.app", *args], capture_output=True, text=True,
-                     timeout=120)
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.app", *args], capture_output=True, text=True, timeout=120
+  )
   assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr

@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 
+from conftest import load_config_module
 import numpy as np
 import pytest
 
-from conftest import load_config_module
 from tcl_jax import bench
 
 _BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "cv2", "torch")
@@ -31,9 +31,26 @@ sys.exit(bench.main(sys.argv[1:]))
 
 def test_bench_runs_with_only_jax_flax_optax_numpy(tmp_path):
   out = tmp_path / "r.json"
-  r = subprocess.run([sys.executable, "-c", _RUN_BLOCKED, "--preset", "tiny", "--batch", "1",
-                      "--steps", "2", "--eval-windows", "0", "--json", str(out)],
-                     capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _RUN_BLOCKED,
+      "--preset",
+      "tiny",
+      "--batch",
+      "1",
+      "--steps",
+      "2",
+      "--eval-windows",
+      "0",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   (t,) = json.loads(out.read_text())
   assert t["what"] == "train_step" and t["device"].startswith("CPU (")
@@ -53,7 +70,7 @@ def test_model_flops_scale_with_the_batch_and_match_a_rough_count():
   assert 1.9 < f2 / f1 < 2.05  # per-example work dominates; the optimizer update is tiny
   # Lower bound: the vision blocks' forward matmuls alone (features: 3 blocks, masker: 1, the
   # TCL_i pass over masked images: 4), 8 images x 37 tokens x 12 width^2 MACs x 2 FLOPs.
-  blocks_fwd = 8 * 8 * 37 * 12 * 128 ** 2 * 2
+  blocks_fwd = 8 * 8 * 37 * 12 * 128**2 * 2
   assert blocks_fwd < f1 < 100 * blocks_fwd
 
 
@@ -83,7 +100,8 @@ def test_bench_optimizer_and_dims_are_the_recipe():
   common = load_config_module("common")
   recipe = common.tcl_optim().to_dict()
   assert {k: v for k, v in bench.OPTIM.items() if k != "ust_steps"} == {
-      k: v for k, v in recipe.items() if k != "ust_steps"}
+    k: v for k, v in recipe.items() if k != "ust_steps"
+  }
   assert bench.OPTIM.ust_steps == 0  # the full step: masker backbone trainable
   cfg, res = bench.preset("vitb16")
   tcl_config = load_config_module("tcl").get_config()
@@ -91,39 +109,67 @@ def test_bench_optimizer_and_dims_are_the_recipe():
 
 
 def test_peak_flops_table_matches_device_kinds():
-  kinds = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
-           "NVIDIA A100-SXM4-80GB": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-           "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+  kinds = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+  }
   for kind, flops in kinds.items():
     assert next(f for k, f in bench.PEAK_BF16_FLOPS if k.lower() in kind.lower()) == flops, kind
 
 
 def test_torch_ref_that_is_not_a_checkout_is_a_usage_error(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench", "--torch-ref", str(tmp_path)],
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.bench", "--torch-ref", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-      f"error: --torch-ref {tmp_path} is not a checkout of kakaobrain/tcl (no models/tcl/tcl.py)"]
+    f"error: --torch-ref {tmp_path} is not a checkout of kakaobrain/tcl (no models/tcl/tcl.py)"
+  ]
 
 
-@pytest.mark.skipif(any(os.path.isdir(os.path.join(p, "torch")) for p in sys.path if p),
-                    reason="torch is installed here")
+@pytest.mark.skipif(
+  any(os.path.isdir(os.path.join(p, "torch")) for p in sys.path if p),
+  reason="torch is installed here",
+)
 def test_timing_the_original_without_torch_says_so(tmp_path):
   (tmp_path / "models" / "tcl").mkdir(parents=True)
   (tmp_path / "models" / "tcl" / "tcl.py").write_text("")
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench", "--torch-ref", str(tmp_path)],
-                     capture_output=True, text=True, timeout=300)  # (the original is timed first)
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.bench", "--torch-ref", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )  # (the original is timed first)
   assert r.returncode == 1
-  assert r.stderr.strip().splitlines()[-1].startswith(
-      "error: timing the original failed: timing the original needs torch and einops")
+  assert (
+    r.stderr.strip()
+    .splitlines()[-1]
+    .startswith("error: timing the original failed: timing the original needs torch and einops")
+  )
   # The original is ViT-B/16 only: no ratio against the tiny preset.
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.bench", "--preset", "tiny", "--torch-ref",
-                      str(tmp_path)], capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.bench", "--preset", "tiny", "--torch-ref", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert (r.returncode, r.stderr.strip()) == (
-      2, "error: --torch-ref times the original at ViT-B/16; use it with --preset vitb16")
+    2,
+    "error: --torch-ref times the original at ViT-B/16; use it with --preset vitb16",
+  )
 
 
 def test_max_batch_on_cpu_is_a_usage_error(capsys):
   # CPU devices report no memory limit to predict from.
   assert bench.main(["--preset", "tiny", "--max-batch", "--eval-windows", "0"]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [
-      "error: --max-batch needs a device that reports its memory limit (GPU, TPU)"]
+    "error: --max-batch needs a device that reports its memory limit (GPU, TPU)"
+  ]

@@ -13,11 +13,10 @@ import sys
 import time
 import urllib.request
 
+from conftest import REPO
 import pytest
 
 from tcl_jax.data import synthetic_segmentation
-
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,14 @@ def _run(module, *args, cwd=REPO, pythonpath=None, timeout=300, env=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="", **(env or {}))
   if pythonpath:
     env["PYTHONPATH"] = pythonpath
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _usage_error(proc) -> str:
@@ -58,75 +63,144 @@ def _runtime_error(proc) -> str:
 # python -m tcl_jax.main
 # ------------------------------------------------------------------------------------------------
 
+
 def test_main_config_file_not_found(no_heavy_imports, tmp_path):
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/nosuch.py", f"--workdir={tmp_path}",
-                           pythonpath=no_heavy_imports))
-  assert line == (f"error: --config=configs/nosuch.py: config file configs/nosuch.py not found "
-                  f"(in {REPO} or in the package's configs, {REPO}/tcl_jax/configs)")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/nosuch.py",
+      f"--workdir={tmp_path}",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    f"error: --config=configs/nosuch.py: config file configs/nosuch.py not found "
+    f"(in {REPO} or in the package's configs, {REPO}/tcl_jax/configs)"
+  )
 
 
 def test_main_misspelt_field_prints_the_hint(no_heavy_imports, tmp_path):
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
-                           f"--workdir={tmp_path}", "--config.totl_steps=5",
-                           pythonpath=no_heavy_imports))
-  assert line == ("error: --config.totl_steps: the config has no field 'totl_steps'; did you mean "
-                  "--config.total_steps?")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={tmp_path}",
+      "--config.totl_steps=5",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    "error: --config.totl_steps: the config has no field 'totl_steps'; did you mean "
+    "--config.total_steps?"
+  )
 
 
 def test_main_field_of_another_group_points_to_it(no_heavy_imports, tmp_path):
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path}",
-                           "--config.tasks=voc", pythonpath=no_heavy_imports))
-  assert line == ("error: --config.tasks: the config has no field 'tasks'; did you mean "
-                  "--config.evals.tasks?")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/tcl.py",
+      f"--workdir={tmp_path}",
+      "--config.tasks=voc",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    "error: --config.tasks: the config has no field 'tasks'; did you mean --config.evals.tasks?"
+  )
 
 
 def test_main_from_another_directory_finds_configs(no_heavy_imports, tmp_path):
   # The README's relative config path resolves against the checkout; proven by the config's
   # fields being known (the hint) although the cwd has no configs/.
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py:steps=3",
-                           "--workdir=wd", "--config.model.ie_freez=2", cwd=tmp_path,
-                           pythonpath=no_heavy_imports))
-  assert line == ("error: --config.model.ie_freez: config.model has no field 'ie_freez'; did you "
-                  "mean --config.model.ie_freeze?")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/synthetic.py:steps=3",
+      "--workdir=wd",
+      "--config.model.ie_freez=2",
+      cwd=tmp_path,
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    "error: --config.model.ie_freez: config.model has no field 'ie_freez'; did you "
+    "mean --config.model.ie_freeze?"
+  )
 
 
 def test_main_bad_config_arg_value_and_missing_flag(no_heavy_imports, tmp_path):
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py:smok", f"--workdir={tmp_path}",
-                           pythonpath=no_heavy_imports))
-  assert line == ("error: --config=configs/tcl.py:smok: unknown config arg 'smok'; "
-                  "known: ['fsdp', 'smoke']")
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path}",
-                           "--config.total_steps=ten", pythonpath=no_heavy_imports))
-  assert line == ("error: flag --config.total_steps=ten: invalid literal for int() with base 10: "
-                  "'ten'")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/tcl.py:smok",
+      f"--workdir={tmp_path}",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    "error: --config=configs/tcl.py:smok: unknown config arg 'smok'; known: ['fsdp', 'smoke']"
+  )
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/tcl.py",
+      f"--workdir={tmp_path}",
+      "--config.total_steps=ten",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    "error: flag --config.total_steps=ten: invalid literal for int() with base 10: 'ten'"
+  )
   line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", pythonpath=no_heavy_imports))
   assert line == "error: --workdir is required"
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     # A config-file arg of the wrong type (was: a TypeError from inside the config).
-    (["--config=configs/synthetic.py:steps=ten"],
-     "error: --config=configs/synthetic.py:steps=ten: steps must be a whole number, got 'ten'"),
-    (["--config=configs/tcl.py:smoke=maybe"],
-     "error: --config=configs/tcl.py:smoke=maybe: smoke must be True or False, got 'maybe'"),
+    (
+      ["--config=configs/synthetic.py:steps=ten"],
+      "error: --config=configs/synthetic.py:steps=ten: steps must be a whole number, got 'ten'",
+    ),
+    (
+      ["--config=configs/tcl.py:smoke=maybe"],
+      "error: --config=configs/tcl.py:smoke=maybe: smoke must be True or False, got 'maybe'",
+    ),
     # Values out of range, found before any work (was: 112 s of work "after -5 TCL steps").
-    (["--config=configs/synthetic.py", "--config.total_steps=-5"],
-     "error: config.total_steps must be a whole number >= 1, got -5"),
-    (["--config=configs/synthetic.py:steps=-5"],
-     "error: config.total_steps must be a whole number >= 1, got -5"),
-    (["--config=configs/tcl.py", "--config.batch_size=0"],
-     "error: config.batch_size must be a whole number >= 1, got 0"),
-    (["--config=configs/synthetic.py", "--config.evals.bg_thresh=1.5"],
-     "error: config.evals.bg_thresh must be a number in [0.0, 1.0], got 1.5"),
-    (["--config=configs/synthetic.py", "--config.synthetic.num_shards=0"],
-     "error: config.synthetic.num_shards must be a whole number >= 1, got 0"),
-    (["--config=configs/tcl.py", "--config.evals.img_scale=(2048,0)"],
-     "error: config.evals.img_scale must be two whole numbers >= 1 (long side, short side), got "
-     "(2048, 0)"),
-])
+    (
+      ["--config=configs/synthetic.py", "--config.total_steps=-5"],
+      "error: config.total_steps must be a whole number >= 1, got -5",
+    ),
+    (
+      ["--config=configs/synthetic.py:steps=-5"],
+      "error: config.total_steps must be a whole number >= 1, got -5",
+    ),
+    (
+      ["--config=configs/tcl.py", "--config.batch_size=0"],
+      "error: config.batch_size must be a whole number >= 1, got 0",
+    ),
+    (
+      ["--config=configs/synthetic.py", "--config.evals.bg_thresh=1.5"],
+      "error: config.evals.bg_thresh must be a number in [0.0, 1.0], got 1.5",
+    ),
+    (
+      ["--config=configs/synthetic.py", "--config.synthetic.num_shards=0"],
+      "error: config.synthetic.num_shards must be a whole number >= 1, got 0",
+    ),
+    (
+      ["--config=configs/tcl.py", "--config.evals.img_scale=(2048,0)"],
+      "error: config.evals.img_scale must be two whole numbers >= 1 (long side, short side), got "
+      "(2048, 0)",
+    ),
+  ],
+)
 def test_main_bad_values_before_any_work(no_heavy_imports, tmp_path, args, message):
-  line = _usage_error(_run("tcl_jax.main", *args, f"--workdir={tmp_path / 'wd'}",
-                           pythonpath=no_heavy_imports))
+  line = _usage_error(
+    _run("tcl_jax.main", *args, f"--workdir={tmp_path / 'wd'}", pythonpath=no_heavy_imports)
+  )
   assert line == message
   assert not os.path.exists(tmp_path / "wd")  # nothing was made
 
@@ -134,19 +208,34 @@ def test_main_bad_values_before_any_work(no_heavy_imports, tmp_path, args, messa
 def test_main_missing_init_checkpoint_before_any_work(no_heavy_imports, tmp_path):
   # Was: exit 1 after 10-25 s, with the synthetic data already written.
   missing = tmp_path / "nope.pth"
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
-                           f"--workdir={tmp_path / 'wd'}", f"--config.init_checkpoint={missing}",
-                           pythonpath=no_heavy_imports))
-  assert line == (f"error: config.init_checkpoint={missing}: {missing} does not exist (a CLIP .pt, "
-                  "a TCL .pth, a converted directory or a training workdir; '' starts from "
-                  "random weights)")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={tmp_path / 'wd'}",
+      f"--config.init_checkpoint={missing}",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    f"error: config.init_checkpoint={missing}: {missing} does not exist (a CLIP .pt, "
+    "a TCL .pth, a converted directory or a training workdir; '' starts from "
+    "random weights)"
+  )
   assert os.listdir(tmp_path / "wd") == []
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
-                           f"--workdir={tmp_path / 'wd'}",
-                           "--config.miniature.clip_weights=nowhere/clip.npz",
-                           pythonpath=no_heavy_imports))
-  assert line == ("error: config.miniature.clip_weights=nowhere/clip.npz: no such file (empty: "
-                  "train the CLIP in the run)")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={tmp_path / 'wd'}",
+      "--config.miniature.clip_weights=nowhere/clip.npz",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    "error: config.miniature.clip_weights=nowhere/clip.npz: no such file (empty: "
+    "train the CLIP in the run)"
+  )
 
 
 @pytest.fixture
@@ -168,8 +257,14 @@ def read_only_dir(tmp_path):
 def test_main_read_only_workdir_before_any_work(no_heavy_imports, read_only_dir):
   # Was: an errno line after 35 s that did not say it was the workdir.
   for workdir in (read_only_dir, read_only_dir / "run"):
-    line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
-                             f"--workdir={workdir}", pythonpath=no_heavy_imports))
+    line = _usage_error(
+      _run(
+        "tcl_jax.main",
+        "--config=configs/synthetic.py",
+        f"--workdir={workdir}",
+        pythonpath=no_heavy_imports,
+      )
+    )
     assert line.startswith(f"error: --workdir={workdir} is not writable (")
     assert line.endswith("); give a directory you can write to")
 
@@ -178,30 +273,47 @@ def test_main_workdir_of_another_run_is_refused(no_heavy_imports, tmp_path):
   # A workdir with a run's files but no record of what made them: the miniature cannot tell
   # whether they are its own, so it does not mix them into its figures.
   (tmp_path / "checkpoints").mkdir()
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/synthetic.py",
-                           f"--workdir={tmp_path}", pythonpath=no_heavy_imports))
-  assert line == (f"error: --workdir={tmp_path} holds another run's files but no "
-                  "miniature_run.json (what they were made with is unknown); use a new --workdir")
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={tmp_path}",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line == (
+    f"error: --workdir={tmp_path} holds another run's files but no "
+    "miniature_run.json (what they were made with is unknown); use a new --workdir"
+  )
 
 
 def test_main_workdir_that_is_a_file(no_heavy_imports, tmp_path):
   path = tmp_path / "a_file"
   path.write_text("x")
-  line = _usage_error(_run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={path}",
-                           pythonpath=no_heavy_imports))
+  line = _usage_error(
+    _run(
+      "tcl_jax.main", "--config=configs/tcl.py", f"--workdir={path}", pythonpath=no_heavy_imports
+    )
+  )
   assert line == f"error: --workdir={path} is a file; give a directory (it is created if missing)"
 
 
 def test_main_train_files_matching_nothing(tmp_path):
   pattern = str(tmp_path / "nowhere" / "train-*.tfrecord")
-  proc = _run("tcl_jax.main", "--config=configs/tcl.py", f"--workdir={tmp_path / 'wd'}",
-              f"--config.input.train_files=('{pattern}',)", "--config.init_checkpoint=")
+  proc = _run(
+    "tcl_jax.main",
+    "--config=configs/tcl.py",
+    f"--workdir={tmp_path / 'wd'}",
+    f"--config.input.train_files=('{pattern}',)",
+    "--config.init_checkpoint=",
+  )
   assert _runtime_error(proc) == f"error: config.input.train_files: no file matches '{pattern}'"
 
 
 # ------------------------------------------------------------------------------------------------
 # python -m tcl_jax.evaluate (checks made before any model work: all usage errors)
 # ------------------------------------------------------------------------------------------------
+
 
 def test_evaluate_usage_errors(tmp_path):
   line = _usage_error(_run("tcl_jax.evaluate", "--config.tasks=voc"))
@@ -210,35 +322,50 @@ def test_evaluate_usage_errors(tmp_path):
   assert line == f"error: --checkpoint={tmp_path / 'nope'} does not exist"
   # A Hub id is taken (as by the demo and the app) and resolved offline from the cache: one line.
   synthetic_segmentation.write_synthetic_segmentation(str(tmp_path), "voc", num_images=1)
-  line = _usage_error(_run("tcl_jax.evaluate", "--checkpoint=tiny-org/not-there",
-                           f"--config.data_root={tmp_path}", "--config.tasks=voc",
-                           env={"HF_HUB_OFFLINE": "1"}))
-  assert line.startswith("error: cannot load checkpoint tiny-org/not-there: ") and \
-      "not in the local Hub cache" in line, line
+  line = _usage_error(
+    _run(
+      "tcl_jax.evaluate",
+      "--checkpoint=tiny-org/not-there",
+      f"--config.data_root={tmp_path}",
+      "--config.tasks=voc",
+      env={"HF_HUB_OFFLINE": "1"},
+    )
+  )
+  assert (
+    line.startswith("error: cannot load checkpoint tiny-org/not-there: ")
+    and "not in the local Hub cache" in line
+  ), line
   line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.task=voc"))
-  assert line == ("error: --config.task: the config has no field 'task'; did you mean "
-                  "--config.tasks?")
+  assert line == (
+    "error: --config.task: the config has no field 'task'; did you mean --config.tasks?"
+  )
 
 
 def test_evaluate_value_out_of_range(tmp_path):
-  line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}",
-                           "--config.bg_thresh=2"))
+  line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.bg_thresh=2"))
   assert line == "error: config.bg_thresh must be a number in [0.0, 1.0], got 2.0"
 
 
 def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tmp_path):
   # The default --config (configs/eval.py) is found from any directory: the run gets as far as
   # looking for the data, which is missing (a usage error too: it is named by --config.data_root).
-  proc = _run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.tasks=voc20",
-              "--config.data_root=nodata", cwd=tmp_path)
+  proc = _run(
+    "tcl_jax.evaluate",
+    f"--checkpoint={tmp_path}",
+    "--config.tasks=voc20",
+    "--config.data_root=nodata",
+    cwd=tmp_path,
+  )
   assert _usage_error(proc) == (
-      "error: voc20: data root nodata/VOCdevkit/VOC2012 does not exist (set --config.data_root "
-      "to the folder holding VOCdevkit/VOC2012)")
+    "error: voc20: data root nodata/VOCdevkit/VOC2012 does not exist (set --config.data_root "
+    "to the folder holding VOCdevkit/VOC2012)"
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # python -m tcl_jax.app: where it cannot listen (checked before the model loads)
 # ------------------------------------------------------------------------------------------------
+
 
 def test_app_busy_port_and_foreign_host():
   # Was: Gradio's advice about GRADIO_SERVER_PORT and launch(), which does not apply.
@@ -249,16 +376,20 @@ def test_app_busy_port_and_foreign_host():
     line = _usage_error(_run("tcl_jax.app", "--checkpoint=unused", f"--port={port}"))
   assert line == f"error: --port {port}: already in use on 127.0.0.1; pick a free port with --port"
   line = _usage_error(_run("tcl_jax.app", "--checkpoint=unused", "--host=192.0.2.1"))
-  assert line == ("error: --host 192.0.2.1: not an address of this machine (Cannot assign "
-                  "requested address); use 127.0.0.1, 0.0.0.0 or one of this machine's own "
-                  "addresses")
+  assert line == (
+    "error: --host 192.0.2.1: not an address of this machine (Cannot assign "
+    "requested address); use 127.0.0.1, 0.0.0.0 or one of this machine's own "
+    "addresses"
+  )
 
 
 def test_app_start_up_names_its_url_without_gradios_hints(tmp_path):
   # Was: Gradio's "To create a public link, set `share=True` in `launch()`."
   import jax  # pylint: disable=g-import-not-at-top
+
   from tcl_jax import model_files  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+
   cfg = tcl_lib.tiny_config()
   model_files.save_checkpoint(tmp_path / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
   with socket.socket() as s:
@@ -266,9 +397,12 @@ def test_app_start_up_names_its_url_without_gradios_hints(tmp_path):
     port = s.getsockname()[1]
   log = tmp_path / "app.log"
   with open(log, "w") as f:
-    proc = subprocess.Popen([sys.executable, "-m", "tcl_jax.app",
-                             f"--checkpoint={tmp_path / 'ckpt'}", f"--port={port}"], stdout=f, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio")))
+    proc = subprocess.Popen(
+      [sys.executable, "-m", "tcl_jax.app", f"--checkpoint={tmp_path / 'ckpt'}", f"--port={port}"],
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      env=dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio")),
+    )
   try:
     deadline = time.time() + 180
     while "Serving on" not in log.read_text():

@@ -8,11 +8,10 @@ QuickGELU; class token + ln_post + proj; causal text tower, ln_final, EOT poolin
 import jax
 import numpy as np
 import pytest
+import torch_files  # tests/torch_files.py: PyTorch zip checkpoints without torch
 
 from tcl_jax import convert
 from tcl_jax.models import clip as clip_lib
-
-import torch_files  # tests/torch_files.py: PyTorch zip checkpoints without torch
 
 # Small dims; two heads per tower, so the head split matters.
 EMBED, RES, PATCH, VW, VL, VH = 16, 32, 8, 32, 2, 2
@@ -21,22 +20,28 @@ CTX, VOCAB, TW, TL, TH = 12, 50, 24, 2, 2
 
 def _ln_params(rng, prefix, w):
   """A LayerNorm's weight and bias, away from their 1 / 0 init."""
-  return {prefix + "weight": 1 + 0.3 * rng.normal(size=w),
-          prefix + "bias": 0.3 * rng.normal(size=w)}
+  return {
+    prefix + "weight": 1 + 0.3 * rng.normal(size=w),
+    prefix + "bias": 0.3 * rng.normal(size=w),
+  }
 
 
 def _linear(rng, prefix, n_out, n_in, weight="weight", bias="bias"):
-  return {prefix + weight: rng.normal(size=(n_out, n_in)) * n_in ** -0.5,
-          prefix + bias: 0.1 * rng.normal(size=n_out)}
+  return {
+    prefix + weight: rng.normal(size=(n_out, n_in)) * n_in**-0.5,
+    prefix + bias: 0.1 * rng.normal(size=n_out),
+  }
 
 
 def _block(rng, prefix, w):
-  return {**_ln_params(rng, prefix + "ln_1.", w),
-          **_linear(rng, prefix + "attn.", 3 * w, w, "in_proj_weight", "in_proj_bias"),
-          **_linear(rng, prefix + "attn.out_proj.", w, w),
-          **_ln_params(rng, prefix + "ln_2.", w),
-          **_linear(rng, prefix + "mlp.c_fc.", 4 * w, w),
-          **_linear(rng, prefix + "mlp.c_proj.", w, 4 * w)}
+  return {
+    **_ln_params(rng, prefix + "ln_1.", w),
+    **_linear(rng, prefix + "attn.", 3 * w, w, "in_proj_weight", "in_proj_bias"),
+    **_linear(rng, prefix + "attn.out_proj.", w, w),
+    **_ln_params(rng, prefix + "ln_2.", w),
+    **_linear(rng, prefix + "mlp.c_fc.", 4 * w, w),
+    **_linear(rng, prefix + "mlp.c_proj.", w, 4 * w),
+  }
 
 
 def openai_state_dict(seed=0) -> dict:
@@ -44,17 +49,17 @@ def openai_state_dict(seed=0) -> dict:
   rng = np.random.default_rng(seed)
   g = RES // PATCH
   sd = {
-      "visual.conv1.weight": rng.normal(size=(VW, 3, PATCH, PATCH)) * (3 * PATCH * PATCH) ** -0.5,
-      "visual.class_embedding": rng.normal(size=VW),
-      "visual.positional_embedding": rng.normal(size=(g * g + 1, VW)),
-      **_ln_params(rng, "visual.ln_pre.", VW),
-      **_ln_params(rng, "visual.ln_post.", VW),
-      "visual.proj": rng.normal(size=(VW, EMBED)) * VW ** -0.5,
-      "token_embedding.weight": rng.normal(size=(VOCAB, TW)),
-      "positional_embedding": 0.3 * rng.normal(size=(CTX, TW)),
-      **_ln_params(rng, "ln_final.", TW),
-      "text_projection": rng.normal(size=(TW, EMBED)) * TW ** -0.5,
-      "logit_scale": np.asarray(np.log(1 / 0.07)),
+    "visual.conv1.weight": rng.normal(size=(VW, 3, PATCH, PATCH)) * (3 * PATCH * PATCH) ** -0.5,
+    "visual.class_embedding": rng.normal(size=VW),
+    "visual.positional_embedding": rng.normal(size=(g * g + 1, VW)),
+    **_ln_params(rng, "visual.ln_pre.", VW),
+    **_ln_params(rng, "visual.ln_post.", VW),
+    "visual.proj": rng.normal(size=(VW, EMBED)) * VW**-0.5,
+    "token_embedding.weight": rng.normal(size=(VOCAB, TW)),
+    "positional_embedding": 0.3 * rng.normal(size=(CTX, TW)),
+    **_ln_params(rng, "ln_final.", TW),
+    "text_projection": rng.normal(size=(TW, EMBED)) * TW**-0.5,
+    "logit_scale": np.asarray(np.log(1 / 0.07)),
   }
   for i in range(VL):
     sd.update(_block(rng, f"visual.transformer.resblocks.{i}.", VW))
@@ -65,6 +70,7 @@ def openai_state_dict(seed=0) -> dict:
 
 # ---- OpenAI's CLIP in float64 numpy -----------------------------------------------------------
 
+
 def _ln(x, sd, p):
   mu = x.mean(-1, keepdims=True)
   var = ((x - mu) ** 2).mean(-1, keepdims=True)
@@ -74,8 +80,7 @@ def _ln(x, sd, p):
 def _attention(x, sd, p, heads, causal):
   b, l, w = x.shape
   qkv = x @ sd[p + "in_proj_weight"].T + sd[p + "in_proj_bias"]
-  q, k, v = (t.reshape(b, l, heads, w // heads).transpose(0, 2, 1, 3)
-             for t in np.split(qkv, 3, -1))
+  q, k, v = (t.reshape(b, l, heads, w // heads).transpose(0, 2, 1, 3) for t in np.split(qkv, 3, -1))
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(w // heads)
   if causal:  # model.py's build_attention_mask: -inf above the diagonal
     logits = logits + np.triu(np.full((l, l), -np.inf), 1)
@@ -118,6 +123,7 @@ def reference_text_embedding(sd, tokens):
 
 # ---- The comparison ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   sd = openai_state_dict()
@@ -133,8 +139,12 @@ def _rel(a, b):
 
 def test_converted_image_tower_computes_openai_clip(converted):
   sd, cfg, params = converted
-  assert (cfg.clip.vision_width, cfg.clip.vision_layers, cfg.clip.vision_heads,
-          cfg.clip.image_resolution) == (VW, VL, VH, RES)
+  assert (
+    cfg.clip.vision_width,
+    cfg.clip.vision_layers,
+    cfg.clip.vision_heads,
+    cfg.clip.image_resolution,
+  ) == (VW, VL, VH, RES)
   images = np.random.default_rng(1).normal(size=(3, RES, RES, 3)).astype(np.float32)
   want = reference_image_embedding(sd, images)
   with jax.default_matmul_precision("highest"):
@@ -145,13 +155,18 @@ def test_converted_image_tower_computes_openai_clip(converted):
 
 def test_converted_text_tower_computes_openai_clip(converted):
   sd, cfg, params = converted
-  assert (cfg.clip.transformer_width, cfg.clip.transformer_layers, cfg.clip.transformer_heads,
-          cfg.clip.context_length, cfg.clip.vocab_size) == (TW, TL, TH, CTX, VOCAB)
+  assert (
+    cfg.clip.transformer_width,
+    cfg.clip.transformer_layers,
+    cfg.clip.transformer_heads,
+    cfg.clip.context_length,
+    cfg.clip.vocab_size,
+  ) == (TW, TL, TH, CTX, VOCAB)
   rng = np.random.default_rng(2)
   tokens = np.zeros((4, CTX), np.int32)
   for i, n in enumerate((3, 5, 8, CTX - 2)):  # SOT, n words, EOT (the largest id), padding
     tokens[i, 0], tokens[i, n + 1] = VOCAB - 2, VOCAB - 1
-    tokens[i, 1:n + 1] = rng.integers(1, VOCAB - 2, n)
+    tokens[i, 1 : n + 1] = rng.integers(1, VOCAB - 2, n)
   want = reference_text_embedding(sd, tokens)
   with jax.default_matmul_precision("highest"):
     got = clip_lib.encode_text(params["clip"], cfg.clip, tokens)

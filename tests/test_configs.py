@@ -4,11 +4,12 @@ import glob
 import os
 
 from absl import flags
+from conftest import REPO
+from conftest import load_config_module
 from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config_module
 from tcl_jax import train_inputs
 from tcl_jax.models import tcl as tcl_lib
 
@@ -22,8 +23,11 @@ def _all_configs():
   return out
 
 
-@pytest.mark.parametrize("name,arg", [(n, None) for n in _all_configs()]
-                         + [("tcl", "fsdp=4"), ("tcl", "smoke"), ("synthetic", "steps=40")])
+@pytest.mark.parametrize(
+  "name,arg",
+  [(n, None) for n in _all_configs()]
+  + [("tcl", "fsdp=4"), ("tcl", "smoke"), ("synthetic", "steps=40")],
+)
 def test_config_loads_and_locks(name, arg):
   module = load_config_module(name)
   config = module.get_config(arg) if arg else module.get_config()
@@ -46,8 +50,13 @@ def test_paper_recipe_values():
   cfg = tcl_lib.TCLConfig.from_dict(c.model.to_dict())
   assert cfg.clip == tcl_lib.CLIPConfig()  # ViT-B/16
   assert (cfg.ie_freeze, cfg.ie_ignore_last_attn) == (11, True)
-  assert (cfg.decoder_double, cfg.decoder_n_layers, cfg.decoder_kernel_size, cfg.decoder_act,
-          cfg.decoder_norm) == (True, 2, 3, "gelu", "ln")
+  assert (
+    cfg.decoder_double,
+    cfg.decoder_n_layers,
+    cfg.decoder_kernel_size,
+    cfg.decoder_act,
+    cfg.decoder_norm,
+  ) == (True, 2, 3, "gelu", "ln")
   assert (cfg.sim2mask_init_w, cfg.sim2mask_init_b, cfg.gumbel_tau) == (10.0, -2.5, 1.0)
   assert (cfg.tcl_w, cfg.area_w, cfg.tv_w) == (0.1, 0.4, 1.0)
   assert [t for t in c.evals.tasks.split(",")] == ["t_voc20", "t_context59"]
@@ -61,6 +70,7 @@ def test_smoke_is_the_recipe_on_in_memory_batches(tmp_path):
   """configs/tcl.py:smoke: the recipe's model, image size and per-device batch, with batches made
   in memory (no data files or weights read; nothing written)."""
   from tcl_jax import tokenizer  # pylint: disable=g-import-not-at-top
+
   recipe, c = load_config_module("tcl").get_config(), load_config_module("tcl").get_config("smoke")
   assert c.model == recipe.model and c.input.image_size == recipe.input.image_size == 224
   assert c.batch_size == recipe.batch_size // 16 == 64  # per V100 in the paper
@@ -99,17 +109,25 @@ def test_unknown_config_arg_fails():
 def _parse(argv):
   # The override flags (--config.x) are read from sys_argv, as main.py's are from sys.argv.
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "cfg", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "cfg", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   fv(argv)
   return fv.config
 
 
 def test_command_line_overrides():
-  c = _parse(["prog", f"--config={os.path.join(REPO, 'configs', 'tcl.py')}:fsdp=2",
-              "--config.batch_size=512", "--config.optim.base_lr=0.001",
-              "--config.model.ie_freeze=10", "--config.init_checkpoint=",
-              "--config.evals.tasks="])
+  c = _parse(
+    [
+      "prog",
+      f"--config={os.path.join(REPO, 'configs', 'tcl.py')}:fsdp=2",
+      "--config.batch_size=512",
+      "--config.optim.base_lr=0.001",
+      "--config.model.ie_freeze=10",
+      "--config.init_checkpoint=",
+      "--config.evals.tasks=",
+    ]
+  )
   assert c.batch_size == 512 and c.optim.base_lr == 0.001 and c.model.ie_freeze == 10
   assert c.init_checkpoint == "" and c.evals.tasks == ""
   assert c.mesh.axes == ("data", "fsdp")
@@ -120,10 +138,22 @@ def test_command_line_overrides():
 def test_main_reports_a_bad_config_value_in_one_line(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   r = subprocess.run(
-      [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py:steps=2",
-       f"--workdir={tmp_path}", "--config.model.ie_freeze=9"],
-      capture_output=True, text=True, cwd=REPO)
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.main",
+      "--config=configs/synthetic.py:steps=2",
+      f"--workdir={tmp_path}",
+      "--config.model.ie_freeze=9",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
   assert r.returncode == 1  # found once the run started (tcl_jax/config_files.py)
   assert "Traceback" not in r.stderr
-  assert r.stderr.strip().splitlines()[-1] == "error: ie_freeze must be in [1, 4] (vision layers), got 9"
+  assert (
+    r.stderr.strip().splitlines()[-1] == "error: ie_freeze must be in [1, 4] (vision layers), got 9"
+  )

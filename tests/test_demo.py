@@ -8,18 +8,19 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from tcl_jax import model_files
 from tcl_jax import demo
 from tcl_jax import kinds
+from tcl_jax import model_files
 from tcl_jax import zeroshot
 from tcl_jax.models import tcl as tcl_lib
 
 SMALL = dict(img_scale=(256, 64), crop=64, stride=32)
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                       "fixtures", "tcl_tiny")
+FIXTURE = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures", "tcl_tiny"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,9 @@ def _image(h, w, seed=0):
 def test_labels_are_the_evaluation_labels(model):
   cfg, params = model
   img, classes = _image(50, 70), ["dog", "sky", "tree"]
-  seg = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))(img, classes, bg_thresh=0.0)
+  seg = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))(
+    img, classes, bg_thresh=0.0
+  )
   # The evaluator's own path: its text embedding, window function and predict.
   model = kinds.zero_shot_model(cfg)
   protocol = zeroshot.Protocol(**SMALL, pamr=True, kp_w=0.3, bg_thresh=0.0)
@@ -58,13 +61,13 @@ def test_score_and_similarity_maps_per_class_are_the_evaluations(model):
   cfg, params = model
   img, classes = _image(50, 70, 3), ["dog", "sky", "tree"]
   protocol = zeroshot.Protocol(**SMALL, pamr=False, kp_w=0.3, bg_thresh=0.2)
-  seg = demo.Segmenter(params, cfg, protocol=protocol)(img, classes, pamr=False, kp_w=0.3,
-                                                       bg_thresh=0.2)
+  seg = demo.Segmenter(params, cfg, protocol=protocol)(
+    img, classes, pamr=False, kp_w=0.3, bg_thresh=0.2
+  )
   zs_model = kinds.zero_shot_model(cfg)
   emb = zeroshot.class_text_embedding(zs_model, params, classes)
   window_fn = zeroshot.make_window_fn(zs_model, params, emb, protocol, simmaps=True)
-  ref = zeroshot.predict(img[..., ::-1].copy(), window_fn, 3, protocol, background=True,
-                         num_maps=6)
+  ref = zeroshot.predict(img[..., ::-1].copy(), window_fn, 3, protocol, background=True, num_maps=6)
   scores, simmaps = np.asarray(ref.maps[:3]), np.asarray(ref.maps[3:6])
   assert seg.scores.shape == seg.simmaps.shape == scores.shape == (3, 50, 70)
   for i, name in enumerate(classes):
@@ -159,8 +162,9 @@ def test_read_image(tmp_path):
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "tcl_jax.demo", *args], capture_output=True,
-                        text=True)
+  return subprocess.run(
+    [sys.executable, "-m", "tcl_jax.demo", *args], capture_output=True, text=True
+  )
 
 
 def test_cli(model, tmp_path):
@@ -168,24 +172,38 @@ def test_cli(model, tmp_path):
   model_files.save_checkpoint(tmp_path / "ckpt", cfg, params)
   Image.fromarray(_image(40, 48, 1)).save(tmp_path / "img.png")
   out = tmp_path / "seg.png"
-  r = _run(f"--checkpoint={tmp_path / 'ckpt'}", f"--image={tmp_path / 'img.png'}",
-           "--classes=dog, cat", f"--output={out}", "--no_pamr", "--bg_thresh=1.0")
+  r = _run(
+    f"--checkpoint={tmp_path / 'ckpt'}",
+    f"--image={tmp_path / 'img.png'}",
+    "--classes=dog, cat",
+    f"--output={out}",
+    "--no_pamr",
+    "--bg_thresh=1.0",
+  )
   assert r.returncode == 0, r.stderr
   written = np.asarray(Image.open(out))
   leg = demo.legend(["dog", "cat"], 48)
   assert written.shape == (40 + leg.shape[0], 48, 3)
   np.testing.assert_array_equal(written[40:], leg)
   np.testing.assert_array_equal(written[:40], _image(40, 48, 1))  # all background: no colour
-  shares = [float(l.split(":")[1].split("%")[0]) for l in r.stdout.splitlines() if "% of pixels" in l]
+  shares = [
+    float(l.split(":")[1].split("%")[0]) for l in r.stdout.splitlines() if "% of pixels" in l
+  ]
   assert shares == [100.0, 0.0, 0.0]
   assert "every pixel is background" in r.stdout
 
-  for args, msg in [((f"--image={out}",), "error: the following arguments are required: --checkpoint"),
-                    (("--checkpoint=x", "--image=y", "--classes= ,"), "error: --classes holds no"),
-                    ((f"--checkpoint={tmp_path / 'ckpt'}", f"--image={tmp_path / 'no.png'}",
-                      "--classes=dog"), "error: no image file at"),
-                    ((f"--checkpoint={tmp_path / 'nockpt'}", f"--image={out}", "--classes=dog"),
-                     "error: no checkpoint at")]:
+  for args, msg in [
+    ((f"--image={out}",), "error: the following arguments are required: --checkpoint"),
+    (("--checkpoint=x", "--image=y", "--classes= ,"), "error: --classes holds no"),
+    (
+      (f"--checkpoint={tmp_path / 'ckpt'}", f"--image={tmp_path / 'no.png'}", "--classes=dog"),
+      "error: no image file at",
+    ),
+    (
+      (f"--checkpoint={tmp_path / 'nockpt'}", f"--image={out}", "--classes=dog"),
+      "error: no checkpoint at",
+    ),
+  ]:
     r = _run(*args)
     assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
 
@@ -193,7 +211,9 @@ def test_cli(model, tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FIXTURE), reason=f"needs the reference fixtures {FIXTURE}")
 def test_load_model_completes_a_minimal_release_file_with_clip(tmp_path):
   import torch_files  # tests/torch_files.py: writes PyTorch zip checkpoints without torch
+
   from tcl_jax import torch_pickle
+
   full = os.path.join(FIXTURE, "tcl_reference.pth")
   sd = {k: v for k, v in torch_pickle.load_state_dict(full).items() if not k.startswith("clip_")}
   minimal = torch_files.save({"model": torch_files.state_dict(sd)}, tmp_path / "tcl.pth")

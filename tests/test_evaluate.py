@@ -2,18 +2,17 @@
 mIoU, dataset readers, the COCO-Object converter, and the whole per-dataset loop against a
 plain reference implementation of mmseg's semantics."""
 
+import functools
 import json
 import math
 import os
-
-import functools
 
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tcl_jax import kinds
 from tcl_jax import sharding
@@ -21,31 +20,40 @@ from tcl_jax.data import synthetic_segmentation
 from tcl_jax.models import resize
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.models import tcl_inference
+from tcl_jax.tools import convert_coco_object as cco
 from tcl_jax.zeroshot import datasets as sd
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import metrics
 from tcl_jax.zeroshot import pipeline
 from tcl_jax.zeroshot import prompts
-from tcl_jax.tools import convert_coco_object as cco
+
 
 # The production pieces the evaluator runs (pipeline.run_windows, average_windows,
 # labels_from_scores, resize.resize_with_taps), composed for tests at explicit sizes.
 def slide_scores(image, fn, num_classes, crop=448, stride=224, batch=8, bg_thresh=None):
   h, w = image.shape[:2]
   win = pipeline.run_windows(image, fn, num_classes, crop, stride, batch)
-  return jax.jit(functools.partial(pipeline.average_windows, num_channels=num_classes,
-                                   bg_thresh=bg_thresh, hb=h, wb=w))(win.outs, win.y1, win.x1,
-                                                                     win.valid)
+  return jax.jit(
+    functools.partial(
+      pipeline.average_windows, num_channels=num_classes, bg_thresh=bg_thresh, hb=h, wb=w
+    )
+  )(win.outs, win.y1, win.x1, win.valid)
 
 
 def resize_bilinear(x, size):
-  return resize.resize_with_taps(jnp.asarray(x), resize.bilinear_taps(x.shape[-2], size[0]),
-                                 resize.bilinear_taps(x.shape[-1], size[1]))
+  return resize.resize_with_taps(
+    jnp.asarray(x),
+    resize.bilinear_taps(x.shape[-2], size[0]),
+    resize.bilinear_taps(x.shape[-1], size[1]),
+  )
 
 
 def scores_to_labels(scores, size):
-  return pipeline.labels_from_scores(jnp.asarray(scores), resize.bilinear_taps(scores.shape[-2], size[0]),
-                                     resize.bilinear_taps(scores.shape[-1], size[1]))
+  return pipeline.labels_from_scores(
+    jnp.asarray(scores),
+    resize.bilinear_taps(scores.shape[-2], size[0]),
+    resize.bilinear_taps(scores.shape[-1], size[1]),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,16 +61,19 @@ def scores_to_labels(scores, size):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size,scale,expected", [
-    ((500, 375), (2048, 448), (597, 448)),   # VOC landscape: 500 * 448/375 = 597.33
+@pytest.mark.parametrize(
+  "size,scale,expected",
+  [
+    ((500, 375), (2048, 448), (597, 448)),  # VOC landscape: 500 * 448/375 = 597.33
     ((375, 500), (2048, 448), (448, 597)),
-    ((501, 375), (2048, 448), (599, 448)),   # 598.53 + 0.5 -> 599 (rounding, not truncation)
+    ((501, 375), (2048, 448), (599, 448)),  # 598.53 + 0.5 -> 599 (rounding, not truncation)
     ((2048, 1024), (2048, 448), (896, 448)),  # Cityscapes
     ((4000, 100), (2048, 448), (2048, 51)),  # long side bound wins: 100 * 0.512 = 51.2
-    ((300, 200), (2048, 448), (672, 448)),   # up-scaling
-    ((130, 48), (256, 96), (256, 95)),       # 48 * 256/130 = 94.52 -> 95
-    ((501, 375), (96, 256), (128, 96)),      # (long, short) order does not matter
-])
+    ((300, 200), (2048, 448), (672, 448)),  # up-scaling
+    ((130, 48), (256, 96), (256, 95)),  # 48 * 256/130 = 94.52 -> 95
+    ((501, 375), (96, 256), (128, 96)),  # (long, short) order does not matter
+  ],
+)
 def test_mmcv_rescale_size(size, scale, expected):
   assert pipeline.mmcv_rescale_size(*size, scale=scale) == expected
 
@@ -90,8 +101,9 @@ def test_normalize_image_matches_mmcv_imnormalize():
   assert ours.dtype == np.float32
   np.testing.assert_array_equal(ours, ref)
   px = pipeline.normalize_image(np.array([[[0, 128, 255]]], np.uint8))[0, 0]  # BGR
-  np.testing.assert_allclose(px, [(255 - 123.675) / 58.395, (128 - 116.28) / 57.12,
-                                  (0 - 103.53) / 57.375], rtol=1e-6)
+  np.testing.assert_allclose(
+    px, [(255 - 123.675) / 58.395, (128 - 116.28) / 57.12, (0 - 103.53) / 57.375], rtol=1e-6
+  )
 
 
 def test_templates():
@@ -109,25 +121,35 @@ def test_templates():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("h,w,expected", [
-    (300, 300, [(0, 300, 0, 300)]),                          # smaller than a crop: one window
-    (448, 448, [(0, 448, 0, 448)]),                          # exactly a crop
-    (448, 597, [(0, 448, 0, 448), (0, 448, 149, 597)]),      # VOC 500x375 after resize
-    (448, 672, [(0, 448, 0, 448), (0, 448, 224, 672)]),      # 448 + stride: no extra window
+@pytest.mark.parametrize(
+  "h,w,expected",
+  [
+    (300, 300, [(0, 300, 0, 300)]),  # smaller than a crop: one window
+    (448, 448, [(0, 448, 0, 448)]),  # exactly a crop
+    (448, 597, [(0, 448, 0, 448), (0, 448, 149, 597)]),  # VOC 500x375 after resize
+    (448, 672, [(0, 448, 0, 448), (0, 448, 224, 672)]),  # 448 + stride: no extra window
     (448, 673, [(0, 448, 0, 448), (0, 448, 224, 672), (0, 448, 225, 673)]),
-    (449, 200, [(0, 448, 0, 200), (1, 449, 0, 200)]),        # narrow: windows 200 wide
+    (449, 200, [(0, 448, 0, 200), (1, 449, 0, 200)]),  # narrow: windows 200 wide
     (600, 200, [(0, 448, 0, 200), (152, 600, 0, 200)]),
     (448, 896, [(0, 448, 0, 448), (0, 448, 224, 672), (0, 448, 448, 896)]),  # Cityscapes
-])
+  ],
+)
 def test_slide_windows(h, w, expected):
   assert pipeline.slide_windows(h, w, 448, 224) == expected
 
 
 def test_slide_windows_grid_order_rows_outer():
   assert pipeline.slide_windows(7, 6, crop=4, stride=3) == [
-      (0, 4, 0, 4), (0, 4, 2, 6), (3, 7, 0, 4), (3, 7, 2, 6)]
+    (0, 4, 0, 4),
+    (0, 4, 2, 6),
+    (3, 7, 0, 4),
+    (3, 7, 2, 6),
+  ]
   assert pipeline.slide_windows(5, 9, crop=(5, 4), stride=(2, 4)) == [
-      (0, 5, 0, 4), (0, 5, 4, 8), (0, 5, 5, 9)]
+    (0, 5, 0, 4),
+    (0, 5, 4, 8),
+    (0, 5, 5, 9),
+  ]
 
 
 class _Recorder:
@@ -143,8 +165,9 @@ class _Recorder:
     self.shapes.append(windows.shape)
     k, h, w, _ = windows.shape
     v = windows[:, 0, 0, 0]
-    return np.broadcast_to((v[:, None] * np.arange(1, self.n + 1))[:, :, None, None],
-                           (k, self.n, h, w)).astype(np.float32)
+    return np.broadcast_to(
+      (v[:, None] * np.arange(1, self.n + 1))[:, :, None, None], (k, self.n, h, w)
+    ).astype(np.float32)
 
 
 def test_slide_inference_overlap_average_and_background():
@@ -171,9 +194,9 @@ def test_slide_inference_batches_and_padding_windows():
   # windows (y1, x1): (0,0)=0, (0,2)=20, (3,0)=3, (3,2)=23
   expected = np.zeros((7, 6))
   count = np.zeros((7, 6))
-  for (y1, x1, v) in [(0, 0, 0), (0, 2, 20), (3, 0, 3), (3, 2, 23)]:
-    expected[y1:y1 + 4, x1:x1 + 4] += v
-    count[y1:y1 + 4, x1:x1 + 4] += 1
+  for y1, x1, v in [(0, 0, 0), (0, 2, 20), (3, 0, 3), (3, 2, 23)]:
+    expected[y1 : y1 + 4, x1 : x1 + 4] += v
+    count[y1 : y1 + 4, x1 : x1 + 4] += 1
   np.testing.assert_allclose(scores[0], expected / count, rtol=1e-6)
   assert scores[0, 0, 0] == 0 and scores[0, 6, 5] == 23 and scores[0, 3, 2] == pytest.approx(11.5)
   fn1 = _Recorder(1)
@@ -200,12 +223,21 @@ def test_slide_inference_image_smaller_than_crop():
 
 def test_slide_inference_rejects_wrong_mask_shape():
   with pytest.raises(ValueError, match="window function returned"):
-    slide_scores(np.zeros((4, 4, 3), np.float32),
-                       lambda w: np.zeros((len(w), 2, 3, 3), np.float32), 2, 4, 2)
+    slide_scores(
+      np.zeros((4, 4, 3), np.float32), lambda w: np.zeros((len(w), 2, 3, 3), np.float32), 2, 4, 2
+    )
 
 
 def test_num_padded_windows():
-  assert [pipeline.num_padded_windows(n, 8) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+  assert [pipeline.num_padded_windows(n, 8) for n in (1, 2, 3, 5, 8, 9, 17)] == [
+    1,
+    2,
+    4,
+    8,
+    8,
+    16,
+    24,
+  ]
   assert [pipeline.num_padded_windows(n, 3) for n in (1, 2, 3, 4)] == [1, 2, 3, 6]
 
 
@@ -224,8 +256,9 @@ def test_bilinear_resize_hand_values():
   sq = np.asarray(resize_bilinear(np.array([[0.0, 1.0], [2.0, 3.0]], np.float32), (3, 3)))
   np.testing.assert_allclose(sq, [[0, 0.5, 1], [1, 1.5, 2], [2, 2.5, 3]])
   chans = np.stack([np.ones((2, 2)), 2 * np.ones((2, 2))]).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(resize_bilinear(chans, (3, 5))),
-                             np.stack([np.ones((3, 5)), 2 * np.ones((3, 5))]))
+  np.testing.assert_allclose(
+    np.asarray(resize_bilinear(chans, (3, 5))), np.stack([np.ones((3, 5)), 2 * np.ones((3, 5))])
+  )
   i0, i1, l0, l1 = resize.bilinear_taps(3, 2)
   assert i0.tolist() == [0, 1] and i1.tolist() == [1, 2]
   np.testing.assert_allclose(l1, [0.25, 0.75])
@@ -241,9 +274,14 @@ def test_scores_to_labels_softmax_argmax_and_bucketed_path_agree():
   # The padded/bucketed production path gives the same class map.
   img = rng.normal(size=(11, 13, 3)).astype(np.float32)
   fn = lambda w: np.asarray(w).transpose(0, 3, 1, 2) * np.float32(1.5)
-  a, _ = pipeline.predict_normalized(img, (17, 6), fn, 3,
-                                    pipeline.Protocol(crop=8, stride=4, batch=2, bg_thresh=0.1),
-                                    background=True)
+  a, _ = pipeline.predict_normalized(
+    img,
+    (17, 6),
+    fn,
+    3,
+    pipeline.Protocol(crop=8, stride=4, batch=2, bg_thresh=0.1),
+    background=True,
+  )
   a = np.asarray(a)
   scores = slide_scores(img, fn, 3, crop=8, stride=4, batch=2, bg_thresh=0.1)
   b = np.asarray(scores_to_labels(scores, (17, 6)))
@@ -302,10 +340,16 @@ def test_mean_iou_accumulates_over_images_and_skips_absent_classes():
 
 def test_task_specs_classes():
   t = sd.TASKS
-  assert (t["voc"].num_classes, t["voc20"].num_classes, t["context"].num_classes,
-          t["context59"].num_classes, t["coco_stuff"].num_classes, t["coco_object"].num_classes,
-          t["cityscapes"].num_classes, t["ade20k"].num_classes) == (21, 20, 60, 59, 171, 81, 19,
-                                                                    150)
+  assert (
+    t["voc"].num_classes,
+    t["voc20"].num_classes,
+    t["context"].num_classes,
+    t["context59"].num_classes,
+    t["coco_stuff"].num_classes,
+    t["coco_object"].num_classes,
+    t["cityscapes"].num_classes,
+    t["ade20k"].num_classes,
+  ) == (21, 20, 60, 59, 171, 81, 19, 150)
   assert [k for k in sd.BENCHMARKS if t[k].with_bg] == ["voc", "context", "coco_object"]
   assert [k for k in sd.BENCHMARKS if t[k].reduce_zero_label] == ["voc20", "context59", "ade20k"]
   assert t["voc"].classes[:2] == ("background", "aeroplane") and t["voc"].classes[-1] == "tvmonitor"
@@ -329,12 +373,15 @@ def test_synthetic_layouts_and_reader(tmp_path):
   assert names["voc"] == ["2007_000001.jpg", "2007_000002.jpg"] == names["t_voc20"]
   assert names["context59"] == ["2008_000001.jpg", "2008_000002.jpg"]
   assert names["coco_object"] == ["000000000139.jpg", "000000001139.jpg"] == names["coco_stuff"]
-  assert names["cityscapes"] == ["frankfurt/frankfurt_000000_000019_leftImg8bit.png",
-                                 "lindau/lindau_000001_000019_leftImg8bit.png"]
+  assert names["cityscapes"] == [
+    "frankfurt/frankfurt_000000_000019_leftImg8bit.png",
+    "lindau/lindau_000001_000019_leftImg8bit.png",
+  ]
   assert names["ade20k"] == ["ADE_val_00000001.jpg", "ADE_val_00000002.jpg"]
   ds = sd.SegDataset("cityscapes", root)
   assert ds.paths(0)[1].endswith(
-      "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelTrainIds.png")
+    "cityscapes/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelTrainIds.png"
+  )
   voc_png = os.path.join(root, "VOCdevkit/VOC2012/SegmentationClass/2007_000001.png")
   assert Image.open(voc_png).mode == "P"
   for task in sd.TASKS:
@@ -344,8 +391,15 @@ def test_synthetic_layouts_and_reader(tmp_path):
       assert s.image.dtype == np.uint8 and s.image.ndim == 3 and s.image.shape[2] == 3
       assert s.label.shape == s.image.shape[:2] and 48 <= min(s.label.shape)
       values = set(np.unique(s.label).tolist())
-      top = {"voc": 20, "context": 59, "coco_stuff": 170, "coco_object": 80, "cityscapes": 18,
-             "ade20k": 150, "shapes": 12}[task if task.startswith("coco") else sd.TASKS[task].layout]
+      top = {
+        "voc": 20,
+        "context": 59,
+        "coco_stuff": 170,
+        "coco_object": 80,
+        "cityscapes": 18,
+        "ade20k": 150,
+        "shapes": 12,
+      }[task if task.startswith("coco") else sd.TASKS[task].layout]
       assert max(values - {255}) <= top
       if task == "coco_object":
         assert 255 not in values
@@ -376,8 +430,9 @@ def test_reader_errors_and_corrupt_samples(tmp_path):
   img_dir = os.path.join(root, "ade/ADEChallengeData2016/images/validation")
   with open(os.path.join(img_dir, "ADE_val_00000002.jpg"), "wb") as f:
     f.write(b"not a jpeg")
-  os.remove(os.path.join(root, "ade/ADEChallengeData2016/annotations/validation/"
-                         "ADE_val_00000003.png"))
+  os.remove(
+    os.path.join(root, "ade/ADEChallengeData2016/annotations/validation/ADE_val_00000003.png")
+  )
   with open(os.path.join(img_dir, "._ADE_val_00000001.jpg"), "wb") as f:  # hidden: not listed
     f.write(b"junk")
   ds = sd.SegDataset("ade20k", root)
@@ -399,14 +454,17 @@ def test_coco_object_mapping_hand_values():
   # stuff 91, 181 -> 0; unlabeled 255 -> 0 (quirk); unused ids 11, 90 stay as they are
   assert cco.convert_labels(raw).tolist() == [1, 11, 12, 80, 0, 0, 0, 11, 90]
   lut = cco.object_lut()
-  assert sorted(set(lut[[i for i in range(182) if i not in sd.COCO_UNUSED_IDS]].tolist())) == \
-      list(range(81))
+  assert sorted(set(lut[[i for i in range(182) if i not in sd.COCO_UNUSED_IDS]].tolist())) == list(
+    range(81)
+  )
 
 
 def test_convert_coco_object_command(tmp_path, capsys):
   root = tmp_path / "coco_stuff164k"
-  for split, stem, values in [("val2017", "000000000139", [0, 91, 255, 5]),
-                              ("train2017", "000000000009", [89, 12, 100, 255])]:
+  for split, stem, values in [
+    ("val2017", "000000000139", [0, 91, 255, 5]),
+    ("train2017", "000000000009", [89, 12, 100, 255]),
+  ]:
     d = root / "annotations" / split
     d.mkdir(parents=True)
     Image.fromarray(np.array([values[:2], values[2:]], np.uint8)).save(d / f"{stem}.png")
@@ -418,7 +476,10 @@ def test_convert_coco_object_command(tmp_path, capsys):
   out = np.array(Image.open(root / "annotations/train2017/000000000009_instanceTrainIds.png"))
   assert out.tolist() == [[80, 12], [0, 0]]
   assert sorted(os.listdir(root / "annotations/val2017")) == [
-      "000000000139.png", "000000000139_instanceTrainIds.png", "000000000139_labelTrainIds.png"]
+    "000000000139.png",
+    "000000000139_instanceTrainIds.png",
+    "000000000139_labelTrainIds.png",
+  ]
   assert "Done! 2 label maps written." in capsys.readouterr().out
   assert cco.main([str(tmp_path / "missing"), "--no_progress"]) == 1
 
@@ -440,6 +501,7 @@ def _fake_masks(windows):
 
 def _ref_bilinear(x, out_h, out_w):
   """torch upsample_bilinear2d (align_corners=False) written per output pixel, float32."""
+
   def taps(n_in, n_out):
     out = []
     scale = np.float32(n_in) / np.float32(n_out)
@@ -450,13 +512,15 @@ def _ref_bilinear(x, out_h, out_w):
       lam = np.float32(src - np.float32(i))
       out.append((i, i + ip, np.float32(1) - lam, lam))
     return out
+
   if x.shape[1:] == (out_h, out_w):
     return x
   res = np.zeros((x.shape[0], out_h, out_w), np.float32)
   for oy, (y0, y1, ly0, ly1) in enumerate(taps(x.shape[1], out_h)):
     for ox, (x0, x1, lx0, lx1) in enumerate(taps(x.shape[2], out_w)):
-      res[:, oy, ox] = (ly0 * (lx0 * x[:, y0, x0] + lx1 * x[:, y0, x1])
-                        + ly1 * (lx0 * x[:, y1, x0] + lx1 * x[:, y1, x1]))
+      res[:, oy, ox] = ly0 * (lx0 * x[:, y0, x0] + lx1 * x[:, y0, x1]) + ly1 * (
+        lx0 * x[:, y1, x0] + lx1 * x[:, y1, x1]
+      )
   return res
 
 
@@ -526,8 +590,11 @@ def test_mask_fn_splits_windows_over_devices_with_the_same_result():
   text_emb = jax.random.normal(jax.random.key(1), (3, 64))
   windows = np.asarray(jax.random.normal(jax.random.key(2), (3, 40, 56, 3)))  # 3 -> padded to 8
   protocol = pipeline.Protocol(pamr=False, kp_w=0.3)
-  got = np.asarray(evaluator.make_window_fn(kinds.zero_shot_model(cfg), params, text_emb, protocol,
-                                            mesh=sharding.local_mesh())(windows))
+  got = np.asarray(
+    evaluator.make_window_fn(
+      kinds.zero_shot_model(cfg), params, text_emb, protocol, mesh=sharding.local_mesh()
+    )(windows)
+  )
   want, _ = tcl_inference.generate_masks(params, cfg, jnp.asarray(windows), text_emb, kp_w=0.3)
   assert got.shape == (3, 3, 40, 56)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
@@ -538,18 +605,22 @@ def test_mask_fn_splits_windows_over_devices_with_the_same_result():
 # controlled errors (CONFUSED). The per-class IoUs then follow from counting blocks by hand.
 BLOCK = 16
 CONFUSED = {18: 5, 19: 0, 20: 3}  # code -> predicted class: bg read as 5, 5 missed, 2 read as 3
-_LABELS = [np.array([[0, 0, 1, 1, 2, 2],
-                     [0, 0, 1, 1, 2, 2],
-                     [3, 3, 3, 0, 0, 0],
-                     [3, 3, 3, 0, 0, 0]]),
-           np.array([[5, 5, 5, 0, 0, 0],
-                     [5, 5, 5, 0, 1, 1],
-                     [0, 0, 0, 0, 1, 1],
-                     [2, 2, 0, 0, 0, 0]])]
-_CODES = [np.where(np.isin(np.arange(24).reshape(4, 6), [11]), 20,  # (1, 5): a 2 read as 3
-                   np.where(np.isin(np.arange(24).reshape(4, 6), [23]), 18, _LABELS[0])),  # bg as 5
-          np.where(np.isin(np.arange(24).reshape(4, 6), [0]), 19,  # (0, 0): a 5 missed
-                   np.where(np.isin(np.arange(24).reshape(4, 6), [19]), 20, _LABELS[1]))]  # 2 as 3
+_LABELS = [
+  np.array([[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [3, 3, 3, 0, 0, 0], [3, 3, 3, 0, 0, 0]]),
+  np.array([[5, 5, 5, 0, 0, 0], [5, 5, 5, 0, 1, 1], [0, 0, 0, 0, 1, 1], [2, 2, 0, 0, 0, 0]]),
+]
+_CODES = [
+  np.where(
+    np.isin(np.arange(24).reshape(4, 6), [11]),
+    20,  # (1, 5): a 2 read as 3
+    np.where(np.isin(np.arange(24).reshape(4, 6), [23]), 18, _LABELS[0]),
+  ),  # bg as 5
+  np.where(
+    np.isin(np.arange(24).reshape(4, 6), [0]),
+    19,  # (0, 0): a 5 missed
+    np.where(np.isin(np.arange(24).reshape(4, 6), [19]), 20, _LABELS[1]),
+  ),
+]  # 2 as 3
 
 
 def _grey(code):
@@ -566,8 +637,11 @@ def _write_coded_voc(root):
     ids.append(stem)
     up = lambda a: np.kron(a, np.ones((BLOCK, BLOCK), np.int64)).astype(np.uint8)
     grey = up(_grey(code))
-    cv2.imwrite(os.path.join(base, "JPEGImages", stem + ".jpg"),
-                np.repeat(grey[..., None], 3, -1), [cv2.IMWRITE_JPEG_QUALITY, 100])
+    cv2.imwrite(
+      os.path.join(base, "JPEGImages", stem + ".jpg"),
+      np.repeat(grey[..., None], 3, -1),
+      [cv2.IMWRITE_JPEG_QUALITY, 100],
+    )
     Image.fromarray(up(label)).save(os.path.join(base, "SegmentationClass", stem + ".png"))
   with open(os.path.join(base, "ImageSets/Segmentation/val.txt"), "w") as f:
     f.write("".join(s + "\n" for s in ids))
@@ -594,13 +668,13 @@ def test_evaluate_dataset_informative_predictions_hand_iou(tmp_path):
   # Images 64 x 96 at img_scale (96, 64): no resize; overlapping 48-pixel windows all see the
   # same per-pixel outputs, so each pixel's prediction is its code's.
   opts = pipeline.Protocol(img_scale=(96, 64), crop=48, stride=32, batch=2, bg_thresh=0.5)
-  res = evaluator.evaluate_dataset(sd.SegDataset("voc", root), _decoding_masks, opts,
-                                   progress=False)
+  res = evaluator.evaluate_dataset(
+    sd.SegDataset("voc", root), _decoding_masks, opts, progress=False
+  )
   # By hand, in 16 x 16 blocks (label / predicted / both):
   #   background 22 / 22 / 21 -> 21/23;  1: 8 / 8 / 8 -> 1;  2: 6 / 4 / 4 -> 4/6;
   #   3: 6 / 8 / 6 -> 6/8;  5: 6 / 6 / 5 -> 5/7;  the 16 other classes are absent (None).
-  want = {"background": 21 / 23, "aeroplane": 1.0, "bicycle": 4 / 6, "bird": 6 / 8,
-          "bottle": 5 / 7}
+  want = {"background": 21 / 23, "aeroplane": 1.0, "bicycle": 4 / 6, "bird": 6 / 8, "bottle": 5 / 7}
   iou = res["per_class_iou"]
   assert sorted(k for k, v in iou.items() if v is not None) == sorted(want)
   for name, v in want.items():

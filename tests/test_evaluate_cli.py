@@ -23,14 +23,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run_cli(*args, timeout=420):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "tcl_jax.evaluate", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "tcl_jax.evaluate", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
   from tcl_jax import model_files
   from tcl_jax.models import tcl
+
   base = tmp_path_factory.mktemp("e2e")
   data = str(base / "data")
   for task in sd.BENCHMARKS:
@@ -44,10 +51,18 @@ def e2e(tmp_path_factory):
   cfg = tcl.tiny_config()
   model_files.save_checkpoint(str(base / "ckpt"), cfg, tcl.init_params(cfg, jax.random.key(0)))
   out = base / "out"
-  proc = _run_cli("--config=configs/eval.py", f"--checkpoint={base / 'ckpt'}",
-                  f"--workdir={out}", f"--config.data_root={data}",
-                  "--config.img_scale=(256,96)", "--config.crop=96", "--config.stride=48",
-                  "--config.pamr=False", "--config.batch=2", "--config.class_pad=64")
+  proc = _run_cli(
+    "--config=configs/eval.py",
+    f"--checkpoint={base / 'ckpt'}",
+    f"--workdir={out}",
+    f"--config.data_root={data}",
+    "--config.img_scale=(256,96)",
+    "--config.crop=96",
+    "--config.stride=48",
+    "--config.pamr=False",
+    "--config.batch=2",
+    "--config.class_pad=64",
+  )
   return data, out, proc
 
 
@@ -88,9 +103,10 @@ def test_cli_all_layouts(e2e):
   assert "bed " in res["ade20k"]["per_class_iou"]
   # printed: a per-class table per benchmark and the summary
   assert proc.stdout.count("per-class IoU (%)") == 8
-  summary = proc.stdout[proc.stdout.index("task "):]
-  assert [line.split()[0] for line in summary.splitlines()[1:10]] == \
-      list(sd.BENCHMARKS) + ["average"]
+  summary = proc.stdout[proc.stdout.index("task ") :]
+  assert [line.split()[0] for line in summary.splitlines()[1:10]] == list(sd.BENCHMARKS) + [
+    "average"
+  ]
   assert "skipping" in proc.stderr and "2007_009999" in proc.stderr
 
 
@@ -99,15 +115,25 @@ def test_cli_same_as_library(e2e):
   data, out, proc = e2e
   assert proc.returncode == 0, proc.stderr[-3000:]
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(REPO, "configs/eval.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config()
   assert config.img_scale == (2048, 448) and (config.crop, config.stride) == (448, 224)
-  assert (config.pamr, config.bg_thresh, config.kp_w, config.template) == (True, 0.4, 0.3,
-                                                                           "custom")
-  config.update(dict(tasks="voc", data_root=data, img_scale=(256, 96), crop=96,
-                     stride=48, pamr=False, batch=2, class_pad=64))
+  assert (config.pamr, config.bg_thresh, config.kp_w, config.template) == (True, 0.4, 0.3, "custom")
+  config.update(
+    dict(
+      tasks="voc",
+      data_root=data,
+      img_scale=(256, 96),
+      crop=96,
+      stride=48,
+      pamr=False,
+      batch=2,
+      class_pad=64,
+    )
+  )
   cfg, params = model_files.load_checkpoint(str(os.path.dirname(out) + "/ckpt"))
   res = evaluator.evaluate_config(kinds.zero_shot_model(cfg), params, config, progress=False)
   with open(out / "results.json") as f:
@@ -118,28 +144,38 @@ def test_cli_same_as_library(e2e):
 
 
 def test_cli_missing_data_is_one_line_error(tmp_path):
-  proc = _run_cli("--config=configs/eval.py", f"--checkpoint={tmp_path}",
-                  f"--config.data_root={tmp_path / 'nodata'}", "--config.tasks=voc20",
-                  timeout=120)
+  proc = _run_cli(
+    "--config=configs/eval.py",
+    f"--checkpoint={tmp_path}",
+    f"--config.data_root={tmp_path / 'nodata'}",
+    "--config.tasks=voc20",
+    timeout=120,
+  )
   assert proc.returncode == 2  # a usage error: found before any work (tcl_jax/config_files.py)
   err = proc.stderr.strip().splitlines()[-1]
-  assert err == (f"error: voc20: data root {tmp_path / 'nodata'}/VOCdevkit/VOC2012 does not "
-                 f"exist (set --config.data_root to the folder holding VOCdevkit/VOC2012)")
-  proc = _run_cli("--config=configs/eval.py", f"--checkpoint={tmp_path}",
-                  "--config.tasks=voc,nope", timeout=120)
+  assert err == (
+    f"error: voc20: data root {tmp_path / 'nodata'}/VOCdevkit/VOC2012 does not "
+    f"exist (set --config.data_root to the folder holding VOCdevkit/VOC2012)"
+  )
+  proc = _run_cli(
+    "--config=configs/eval.py", f"--checkpoint={tmp_path}", "--config.tasks=voc,nope", timeout=120
+  )
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      "error: unknown segmentation task 'nope'")
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown segmentation task 'nope'")
 
 
 def test_cli_on_a_training_workdir_reproduces_the_training_time_eval(tmp_path):
   """`--checkpoint=<workdir>` with no other flag evaluates as the run did: its config.json's
   evals (tasks, data root, the small synthetic scales, PAMR off) and its latest parameters."""
   from conftest import load_config_module  # pylint: disable=g-import-not-at-top
+
   from tcl_jax import train  # pylint: disable=g-import-not-at-top
+
   tcl_config = load_config_module("tcl")
   workdir = tmp_path / "run"
-  synthetic_segmentation.write_synthetic_segmentation(str(workdir / "data" / "seg"), "voc", num_images=2, seed=0)
+  synthetic_segmentation.write_synthetic_segmentation(
+    str(workdir / "data" / "seg"), "voc", num_images=2, seed=0
+  )
   config = tcl_config.get_config("smoke")
   with config.unlocked():
     config.model = tcl_config.common.tcl_model(tcl_config.common.clip_tiny(), ie_freeze=3)
@@ -150,8 +186,18 @@ def test_cli_on_a_training_workdir_reproduces_the_training_time_eval(tmp_path):
   config.checkpoint.async_save = False
   # Random weights: at bg_thresh 0.1 the scores (not only the background) decide the labels, so
   # the numbers depend on the scales (4.41 here, 3.87 at configs/eval.py's; 14.87 at bg 0.4).
-  config.evals.update(dict(tasks="voc", data_root="{workdir}/data/seg", img_scale=(256, 96),
-                           crop=96, stride=48, pamr=False, batch=2, bg_thresh=0.1))
+  config.evals.update(
+    dict(
+      tasks="voc",
+      data_root="{workdir}/data/seg",
+      img_scale=(256, 96),
+      crop=96,
+      stride=48,
+      pamr=False,
+      batch=2,
+      bg_thresh=0.1,
+    )
+  )
   _, history = train.train_and_evaluate(config, str(workdir))
   trained = [h for h in history if "eval/voc/miou_percent" in h]
   assert [h["step"] for h in trained] == [1]
@@ -163,8 +209,10 @@ def test_cli_on_a_training_workdir_reproduces_the_training_time_eval(tmp_path):
   assert list(res) == ["voc", "average"]
   assert res["voc"]["num_images"] == 2
   assert res["voc"]["miou"] == trained[0]["eval/voc/miou_percent"] > 0
-  assert (f"From {workdir}/config.json: tasks=voc, data_root={workdir}/data/seg, pamr=False, "
-          "bg_thresh=0.1, img_scale=(256, 96), crop=96, stride=48, batch=2") in proc.stderr
+  assert (
+    f"From {workdir}/config.json: tasks=voc, data_root={workdir}/data/seg, pamr=False, "
+    "bg_thresh=0.1, img_scale=(256, 96), crop=96, stride=48, batch=2"
+  ) in proc.stderr
   assert "mIoU (%)" in proc.stdout
   # Loading the workdir does not print orbax's INFO lines (about 26 of them).
   info = [line for line in proc.stderr.splitlines() if re.match(r"I\d{4} ", line)]

@@ -4,10 +4,10 @@ in tmp_path with HF_HUB_OFFLINE=1."""
 
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,17 +16,24 @@ import safetensors
 import safetensors.numpy
 
 import tcl_jax
-from tcl_jax import model_files
 from tcl_jax import convert
+from tcl_jax import model_files
 from tcl_jax.models import tcl as tcl_lib
 
-HF_DIR = (Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "hf_clip_tiny"
-          / "hf_clip_tiny")
+HF_DIR = (
+  Path(__file__).resolve().parents[1].parent
+  / "shared"
+  / "fixtures"
+  / "hf_clip_tiny"
+  / "hf_clip_tiny"
+)
 
 
 def _leaves(tree):
-  return {"/".join(p.key for p in path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(p.key for p in path): np.asarray(x)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_bitwise(a, b):
@@ -38,8 +45,13 @@ def _assert_bitwise(a, b):
 
 
 def _run(*args, env=None):
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
+  return subprocess.run(
+    [sys.executable, *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
+  )
 
 
 def _one_line(r, status=2) -> str:
@@ -80,8 +92,9 @@ def test_export_round_trip_is_bitwise_exact(model, exported):
   assert json.loads(meta["tcl_jax_config"]) == cfg.to_dict()
   # Every parameter, the frozen CLIP towers included.
   assert keys == set(_leaves(params))
-  assert any(k.startswith("clip/visual/") for k in keys) and any(k.startswith("clip/text/")
-                                                               for k in keys)
+  assert any(k.startswith("clip/visual/") for k in keys) and any(
+    k.startswith("clip/text/") for k in keys
+  )
   cfg2, params2 = model_files.load_safetensors(exported)
   assert cfg2 == cfg
   _assert_bitwise(params2, params)
@@ -110,11 +123,13 @@ def test_bad_files_are_one_line(model, exported, tmp_path):
   with safetensors.safe_open(exported, framework="np") as f:
     meta = f.metadata()
   safetensors.numpy.save_file(tensors, tmp_path / "edited.safetensors", metadata=meta)
-  cases = {"truncated": "is not a readable safetensors file",
-           "garbage": "is not a readable safetensors file",
-           "foreign": "its safetensors metadata has no tcl_jax_config",
-           "edited": "2 problem(s): tensor clip/text/text_projection is float32[64, 3], the "
-                     "config implies float32[64, 64]; missing tensor masker/sim2mask/w"}
+  cases = {
+    "truncated": "is not a readable safetensors file",
+    "garbage": "is not a readable safetensors file",
+    "foreign": "its safetensors metadata has no tcl_jax_config",
+    "edited": "2 problem(s): tensor clip/text/text_projection is float32[64, 3], the "
+    "config implies float32[64, 64]; missing tensor masker/sim2mask/w",
+  }
   for name, want in cases.items():
     path = tmp_path / f"{name}.safetensors"
     with pytest.raises(ValueError) as e:
@@ -124,19 +139,44 @@ def test_bad_files_are_one_line(model, exported, tmp_path):
     with pytest.raises(ValueError, match="give its directory"):
       model_files.load_safetensors(HF_DIR / "model.safetensors")
   # The command line: one line, exit 2.
-  line = _one_line(_run("-m", "tcl_jax.export", str(tmp_path / "truncated.safetensors"),
-                        "--output", str(tmp_path / "x.safetensors")))
+  line = _one_line(
+    _run(
+      "-m",
+      "tcl_jax.export",
+      str(tmp_path / "truncated.safetensors"),
+      "--output",
+      str(tmp_path / "x.safetensors"),
+    )
+  )
   assert "truncated.safetensors is not a readable safetensors file" in line
   assert not (tmp_path / "x.safetensors").exists()
-  line = _one_line(_run("-m", "tcl_jax.export", str(tmp_path / "foreign.safetensors"),
-                        "--output", str(tmp_path / "x.npz")))
+  line = _one_line(
+    _run(
+      "-m",
+      "tcl_jax.export",
+      str(tmp_path / "foreign.safetensors"),
+      "--output",
+      str(tmp_path / "x.npz"),
+    )
+  )
   assert "must end in .safetensors" in line
 
 
 def test_demo_cli_runs_on_the_exported_file(exported, tmp_path):
   out = tmp_path / "out.png"
-  r = _run("-m", "tcl_jax.demo", "--checkpoint", str(exported), "--image", "sample",
-           "--classes", "a, b", "--output", str(out), "--no_pamr")
+  r = _run(
+    "-m",
+    "tcl_jax.demo",
+    "--checkpoint",
+    str(exported),
+    "--image",
+    "sample",
+    "--classes",
+    "a, b",
+    "--output",
+    str(out),
+    "--no_pamr",
+  )
   assert r.returncode == 0, r.stderr
   assert out.is_file() and f"wrote {out}" in r.stdout
 
@@ -149,10 +189,12 @@ def test_from_pretrained_reads_a_hub_repo_from_the_cache_offline(model, exported
   (repo / "refs").mkdir()
   (repo / "refs" / "main").write_text(commit)
   shutil.copy(exported, repo / "snapshots" / commit / "model.safetensors")
-  code = ("import sys, numpy as np, jax, tcl_jax; from tcl_jax import model_files; "
-          "cfg, p = tcl_jax.from_pretrained('someone/tcl-tiny'); "
-          "cfg2, q = model_files.load_safetensors(sys.argv[1]); "
-          "assert cfg == cfg2 and all(np.asarray(a).tobytes() == np.asarray(b).tobytes() "
-          "for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True)); print('same')")
+  code = (
+    "import sys, numpy as np, jax, tcl_jax; from tcl_jax import model_files; "
+    "cfg, p = tcl_jax.from_pretrained('someone/tcl-tiny'); "
+    "cfg2, q = model_files.load_safetensors(sys.argv[1]); "
+    "assert cfg == cfg2 and all(np.asarray(a).tobytes() == np.asarray(b).tobytes() "
+    "for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True)); print('same')"
+  )
   r = _run("-c", code, str(exported), env={"HF_HUB_CACHE": str(tmp_path / "hub")})
   assert r.returncode == 0 and r.stdout.strip() == "same", r.stderr

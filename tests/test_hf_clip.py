@@ -8,21 +8,21 @@ tests read a Hub cache laid out in tmp_path, with HF_HUB_OFFLINE=1.
 
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-
 import torch_files
-from tcl_jax import model_files
+
 from tcl_jax import convert
 from tcl_jax import hf_clip  # sets up transformers quietly (no torch)
+from tcl_jax import model_files
 from tcl_jax import torch_pickle
 from tcl_jax.models import clip as clip_lib
 
@@ -31,18 +31,22 @@ HF = SHARED / "hf_clip_tiny"
 HF_DIR = HF / "hf_clip_tiny"
 TCL = SHARED / "tcl_tiny"
 needs_hf = pytest.mark.skipif(
-    not HF.is_dir(), reason="../shared/fixtures/hf_clip_tiny not present (clone without the shared "
-                            "fixtures)")
+  not HF.is_dir(),
+  reason="../shared/fixtures/hf_clip_tiny not present (clone without the shared fixtures)",
+)
 # Tiny models: compile time dominates, XLA's heavy passes are not what these tests check.
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 needs_tcl = pytest.mark.skipif(
-    not TCL.is_dir(), reason="../shared/fixtures/tcl_tiny not present (clone without the shared "
-                             "fixtures)")
+  not TCL.is_dir(),
+  reason="../shared/fixtures/tcl_tiny not present (clone without the shared fixtures)",
+)
 
 
 def _leaves(tree):
-  return {"/".join(p.key for p in path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(p.key for p in path): np.asarray(x)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _assert_same(a, b):
@@ -64,9 +68,13 @@ def _normalised(x):
 
 
 def _run(*args, env=None):
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, HF_HUB_OFFLINE="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-                                 **(env or {})))
+  return subprocess.run(
+    [sys.executable, *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, HF_HUB_OFFLINE="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1", **(env or {})),
+  )
 
 
 def _one_line(r, status=2) -> str:
@@ -100,6 +108,7 @@ def _edit_weights(d, fn):
 # transformers' own outputs
 # ----------------------------------------------------------------------------------------------
 
+
 @needs_hf
 def test_converted_model_reproduces_transformers_outputs():
   cfg, params = convert.load_any(HF_DIR)
@@ -111,26 +120,31 @@ def test_converted_model_reproduces_transformers_outputs():
   image_emb = clip_lib.encode_image(c, cc, images)
   text_emb = clip_lib.encode_text(c, cc, ids)
   vision_hidden = clip_lib.VisionTransformer(cc).apply(
-      {"params": c["visual"]}, images, method=lambda m, x: m.tokens(x)[0])
-  _, state = clip_lib.TextTransformer(cc).apply({"params": c["text"]}, ids,
-                                                capture_intermediates=True, mutable="intermediates")
+    {"params": c["visual"]}, images, method=lambda m, x: m.tokens(x)[0]
+  )
+  _, state = clip_lib.TextTransformer(cc).apply(
+    {"params": c["text"]}, ids, capture_intermediates=True, mutable="intermediates"
+  )
   text_hidden = np.asarray(state["intermediates"]["ln_final"]["__call__"][0])
 
   # transformers' CLIPModel returns image_embeds / text_embeds divided by their norms (its forward
   # normalises the projected embeddings; the fixture README's "not normalised" is not what
   # transformers 5.24 returns): compare directions. Our towers return the projected embeddings.
   assert np.allclose(np.linalg.norm(ref["image_embeds"], axis=-1), 1, atol=1e-5)
-  errors = {"image_embeds": _rel(_normalised(image_emb), ref["image_embeds"]),
-            "text_embeds": _rel(_normalised(text_emb), ref["text_embeds"]),
-            "vision_last_hidden": _rel(vision_hidden, ref["vision_last_hidden"])}
+  errors = {
+    "image_embeds": _rel(_normalised(image_emb), ref["image_embeds"]),
+    "text_embeds": _rel(_normalised(text_emb), ref["text_embeds"]),
+    "vision_last_hidden": _rel(vision_hidden, ref["vision_last_hidden"]),
+  }
   # Our text tower has no padding mask, only the causal one, as OpenAI's CLIP. Without a padding
   # mask transformers computes the same thing (`text_embeds_no_attention_mask`); with it, the
   # pooled end-of-text token is unchanged too, because causal attention already hides the padding
   # after it, so both match. The mask does change the hidden states *of* the padding positions
   # (their queries no longer see padding keys), so `text_last_hidden` (computed with the mask) is
   # compared where attention_mask is 1, and differs from ours on the padding.
-  errors["text_embeds_no_attention_mask"] = _rel(_normalised(text_emb),
-                                                 ref["text_embeds_no_attention_mask"])
+  errors["text_embeds_no_attention_mask"] = _rel(
+    _normalised(text_emb), ref["text_embeds_no_attention_mask"]
+  )
   real = ref["attention_mask"].astype(bool)
   errors["text_last_hidden"] = _rel(text_hidden[real], ref["text_last_hidden"][real])
   assert _rel(text_hidden[~real], ref["text_last_hidden"][~real]) > 1e-2  # padding differs
@@ -146,6 +160,7 @@ def test_converted_model_reproduces_transformers_outputs():
 # The same CLIP under OpenAI's and transformers' names
 # ----------------------------------------------------------------------------------------------
 
+
 def write_hf_clip(openai_sd: dict, directory, *, vision_heads: int, text_heads: int):
   """An OpenAI-layout CLIP state_dict -> a transformers CLIPModel directory (config.json by
   transformers' CLIPConfig, model.safetensors under its parameter names). Written from
@@ -157,25 +172,27 @@ def write_hf_clip(openai_sd: dict, directory, *, vision_heads: int, text_heads: 
   grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
   tw = sd["ln_final.weight"].shape[0]
   hf = {
-      "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
-      "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
-      "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-      "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
-      "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
-      "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
-      "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
-      "visual_projection.weight": sd["visual.proj"].T,
-      "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-      "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-      "text_model.final_layer_norm.weight": sd["ln_final.weight"],
-      "text_model.final_layer_norm.bias": sd["ln_final.bias"],
-      "text_projection.weight": sd["text_projection"].T,
-      "logit_scale": np.asarray(sd.get("logit_scale", np.log(1 / 0.07)), np.float32).reshape(()),
+    "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
+    "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
+    "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
+    "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
+    "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+    "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
+    "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
+    "visual_projection.weight": sd["visual.proj"].T,
+    "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+    "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+    "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+    "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+    "text_projection.weight": sd["text_projection"].T,
+    "logit_scale": np.asarray(sd.get("logit_scale", np.log(1 / 0.07)), np.float32).reshape(()),
   }
   layers = {}
-  for tower, ours in (("vision_model", "visual.transformer.resblocks."),
-                      ("text_model", "transformer.resblocks.")):
-    n = len({k[len(ours):].split(".")[0] for k in sd if k.startswith(ours)})
+  for tower, ours in (
+    ("vision_model", "visual.transformer.resblocks."),
+    ("text_model", "transformer.resblocks."),
+  ):
+    n = len({k[len(ours) :].split(".")[0] for k in sd if k.startswith(ours)})
     layers[tower] = n
     for i in range(n):
       o, t = f"{ours}{i}.", f"{tower}.encoder.layers.{i}."
@@ -183,33 +200,54 @@ def write_hf_clip(openai_sd: dict, directory, *, vision_heads: int, text_heads: 
       b = np.split(sd[o + "attn.in_proj_bias"], 3, axis=0)
       for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
         hf[f"{t}self_attn.{name}.weight"], hf[f"{t}self_attn.{name}.bias"] = w[j], b[j]
-      for theirs, mine in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                           ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
-                           ("mlp.fc2", "mlp.c_proj")):
+      for theirs, mine in (
+        ("self_attn.out_proj", "attn.out_proj"),
+        ("layer_norm1", "ln_1"),
+        ("layer_norm2", "ln_2"),
+        ("mlp.fc1", "mlp.c_fc"),
+        ("mlp.fc2", "mlp.c_proj"),
+      ):
         hf[f"{t}{theirs}.weight"] = sd[f"{o}{mine}.weight"]
         hf[f"{t}{theirs}.bias"] = sd[f"{o}{mine}.bias"]
   config = hf_clip.CLIPConfig(
-      projection_dim=sd["text_projection"].shape[1],
-      vision_config=dict(hidden_size=width, intermediate_size=4 * width, patch_size=patch,
-                         image_size=patch * grid, num_hidden_layers=layers["vision_model"],
-                         num_attention_heads=vision_heads, hidden_act="quick_gelu"),
-      text_config=dict(hidden_size=tw, intermediate_size=4 * tw,
-                       vocab_size=sd["token_embedding.weight"].shape[0],
-                       max_position_embeddings=sd["positional_embedding"].shape[0],
-                       num_hidden_layers=layers["text_model"], num_attention_heads=text_heads,
-                       hidden_act="quick_gelu", eos_token_id=49407))
+    projection_dim=sd["text_projection"].shape[1],
+    vision_config=dict(
+      hidden_size=width,
+      intermediate_size=4 * width,
+      patch_size=patch,
+      image_size=patch * grid,
+      num_hidden_layers=layers["vision_model"],
+      num_attention_heads=vision_heads,
+      hidden_act="quick_gelu",
+    ),
+    text_config=dict(
+      hidden_size=tw,
+      intermediate_size=4 * tw,
+      vocab_size=sd["token_embedding.weight"].shape[0],
+      max_position_embeddings=sd["positional_embedding"].shape[0],
+      num_hidden_layers=layers["text_model"],
+      num_attention_heads=text_heads,
+      hidden_act="quick_gelu",
+      eos_token_id=49407,
+    ),
+  )
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / "config.json").write_text(config.to_json_string())
-  safetensors.numpy.save_file({k: np.array(v, order="C") for k, v in hf.items()},
-                              directory / "model.safetensors", metadata={"format": "pt"})
+  safetensors.numpy.save_file(
+    {k: np.array(v, order="C") for k, v in hf.items()},
+    directory / "model.safetensors",
+    metadata={"format": "pt"},
+  )
   return directory
 
 
 def _tcl_heads():
   c = json.loads((TCL / "fixture.json").read_text())["clip"]
-  return {"vision_heads": c.get("vision_heads", c["vision_width"] // 64),
-          "text_heads": c["transformer_heads"]}
+  return {
+    "vision_heads": c.get("vision_heads", c["vision_width"] // 64),
+    "text_heads": c["transformer_heads"],
+  }
 
 
 @pytest.fixture
@@ -227,10 +265,14 @@ def test_openai_clip_in_hf_names_converts_to_the_same_params(tcl_clip_in_hf_name
 
 
 @needs_tcl
-def test_hf_clip_completes_the_minimal_release_file_like_the_full_file(tmp_path,
-                                                                      tcl_clip_in_hf_names):
-  sd = {k: v for k, v in torch_pickle.load_state_dict(TCL / "tcl_reference.pth").items()
-        if not k.startswith("clip_")}
+def test_hf_clip_completes_the_minimal_release_file_like_the_full_file(
+  tmp_path, tcl_clip_in_hf_names
+):
+  sd = {
+    k: v
+    for k, v in torch_pickle.load_state_dict(TCL / "tcl_reference.pth").items()
+    if not k.startswith("clip_")
+  }
   minimal = torch_files.save({"model": torch_files.state_dict(sd)}, tmp_path / "tcl.pth")
   cfg_full, full = convert.load_torch(TCL / "tcl_reference.pth", **_tcl_heads())
   cfg, params = convert.load_torch(minimal, clip=tcl_clip_in_hf_names)  # heads from config.json
@@ -267,19 +309,31 @@ def test_pytorch_model_bin_and_sharded_safetensors_convert_like_model_safetensor
 # Mismatches: one line naming the key
 # ----------------------------------------------------------------------------------------------
 
+
 @needs_hf
 def test_mismatches_are_one_line_naming_the_key(tmp_path):
   cases = {
-      "siglip": (lambda c: c.update(model_type="siglip"), None, "model_type is 'siglip'"),
-      "gelu": (lambda c: c["vision_config"].update(hidden_act="gelu"), None,
-               "vision_config.hidden_act is 'gelu'"),
-      "eos": (lambda c: c["text_config"].update(eos_token_id=7), None,
-              "text_config.eos_token_id is 7"),
-      "missing": (None, lambda sd: sd.pop("vision_model.encoder.layers.1.layer_norm2.bias"),
-                  "missing tensor vision_model.encoder.layers.1.layer_norm2.bias"),
-      "shape": (None, lambda sd: sd.update({"text_projection.weight": np.zeros((48, 65),
-                                                                             np.float32)}),
-                "tensor text_projection.weight has shape (48, 65), the config implies (48, 64)"),
+    "siglip": (lambda c: c.update(model_type="siglip"), None, "model_type is 'siglip'"),
+    "gelu": (
+      lambda c: c["vision_config"].update(hidden_act="gelu"),
+      None,
+      "vision_config.hidden_act is 'gelu'",
+    ),
+    "eos": (
+      lambda c: c["text_config"].update(eos_token_id=7),
+      None,
+      "text_config.eos_token_id is 7",
+    ),
+    "missing": (
+      None,
+      lambda sd: sd.pop("vision_model.encoder.layers.1.layer_norm2.bias"),
+      "missing tensor vision_model.encoder.layers.1.layer_norm2.bias",
+    ),
+    "shape": (
+      None,
+      lambda sd: sd.update({"text_projection.weight": np.zeros((48, 65), np.float32)}),
+      "tensor text_projection.weight has shape (48, 65), the config implies (48, 64)",
+    ),
   }
   for name, (cfg_fn, sd_fn, want) in cases.items():
     d = _copy_fixture(tmp_path, name)
@@ -291,14 +345,16 @@ def test_mismatches_are_one_line_naming_the_key(tmp_path):
       convert.load_any(d)
     assert want in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
   # The command line: one line, exit 2, nothing written.
-  line = _one_line(_run("-m", "tcl_jax.convert", str(tmp_path / "gelu"), "--output",
-                        str(tmp_path / "out")))
+  line = _one_line(
+    _run("-m", "tcl_jax.convert", str(tmp_path / "gelu"), "--output", str(tmp_path / "out"))
+  )
   assert "vision_config.hidden_act is 'gelu'" in line and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line, Hub ids, no torch
 # ----------------------------------------------------------------------------------------------
+
 
 def _hub_cache(root, repo_id, files):
   """A Hugging Face Hub cache (huggingface_hub's layout: refs/main -> snapshots/<commit>/) that
@@ -316,19 +372,35 @@ def _hub_cache(root, repo_id, files):
 
 @needs_hf
 def test_cli_converts_a_hub_id_offline_without_torch(tmp_path):
-  cache = _hub_cache(tmp_path / "hub", "tiny-org/hf-clip-tiny",
-                     [HF_DIR / "config.json", HF_DIR / "model.safetensors"])
+  cache = _hub_cache(
+    tmp_path / "hub",
+    "tiny-org/hf-clip-tiny",
+    [HF_DIR / "config.json", HF_DIR / "model.safetensors"],
+  )
   out = tmp_path / "ckpt"
-  code = ("import sys; from tcl_jax import convert; rc = convert.main(sys.argv[1:]); "
-          "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'; "
-          "sys.exit(rc)")
-  r = _run("-c", code, "tiny-org/hf-clip-tiny", "--output", str(out),
-           env={"HF_HUB_CACHE": str(cache)})
+  code = (
+    "import sys; from tcl_jax import convert; rc = convert.main(sys.argv[1:]); "
+    "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch imported'; "
+    "sys.exit(rc)"
+  )
+  r = _run(
+    "-c", code, "tiny-org/hf-clip-tiny", "--output", str(out), env={"HF_HUB_CACHE": str(cache)}
+  )
   assert r.returncode == 0, r.stderr
-  assert "heads: vision 4 (from the transformers config), text 2 (from the transformers config)" \
-      in r.stdout, r.stdout
+  assert (
+    "heads: vision 4 (from the transformers config), text 2 (from the transformers config)"
+    in r.stdout
+  ), r.stdout
   _assert_same(model_files.load_checkpoint(out)[1], convert.load_any(HF_DIR)[1])
   # A Hub id that is not in the cache, offline: one line.
-  line = _one_line(_run("-m", "tcl_jax.convert", "tiny-org/not-there", "--output",
-                        str(tmp_path / "x"), env={"HF_HUB_CACHE": str(cache)}))
+  line = _one_line(
+    _run(
+      "-m",
+      "tcl_jax.convert",
+      "tiny-org/not-there",
+      "--output",
+      str(tmp_path / "x"),
+      env={"HF_HUB_CACHE": str(cache)},
+    )
+  )
   assert "tiny-org/not-there" in line and "not in the local Hub cache" in line, line

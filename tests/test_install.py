@@ -16,9 +16,8 @@ import sys
 import sysconfig
 import zipfile
 
-import pytest
-
 from conftest import REPO
+import pytest
 
 CONFIGS = ("common.py", "eval.py", "miniature_clip.py", "synthetic.py", "tcl.py")
 ASSETS = ("bpe_simple_vocab_16e6.txt.gz", "miniature_clip.npz", "sample.png")
@@ -27,13 +26,29 @@ ASSETS = ("bpe_simple_vocab_16e6.txt.gz", "miniature_clip.npz", "sample.png")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> str:
   src = tmp_path_factory.mktemp("src")
-  shutil.copytree(os.path.join(REPO, "tcl_jax"), src / "tcl_jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+  shutil.copytree(
+    os.path.join(REPO, "tcl_jax"), src / "tcl_jax", ignore=shutil.ignore_patterns("__pycache__")
+  )
   shutil.copy(os.path.join(REPO, "pyproject.toml"), src)
   out = tmp_path_factory.mktemp("wheel")
-  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                         "--no-index", "-q", "-w", str(out), str(src)],
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "--no-build-isolation",
+      "--no-index",
+      "-q",
+      "-w",
+      str(out),
+      str(src),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   (path,) = glob.glob(str(out / "tcl_jax-*.whl"))
   return path
@@ -53,24 +68,44 @@ def test_fresh_venv_runs_the_readme_default_outside_the_checkout(wheel, tmp_path
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
   py = str(venv / "bin" / "python")
-  site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        check=True, capture_output=True, text=True).stdout.strip()
+  site = subprocess.run(
+    [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
   # The dependencies: this environment's site-packages on the path (a .pth line adds the folder
   # only; its own .pth files, such as the checkout's editable install, are not run).
   with open(os.path.join(site, "deps.pth"), "w") as f:
     f.write(sysconfig.get_paths()["purelib"] + "\n")
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-  proc = subprocess.run([py, "-m", "pip", "install", "--no-index", "-q", wheel], env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [py, "-m", "pip", "install", "--no-index", "-q", wheel],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  where = subprocess.run([py, "-c", "import tcl_jax; print(tcl_jax.__file__)"], cwd=elsewhere,
-                         env=env, check=True, capture_output=True, text=True).stdout.strip()
+  where = subprocess.run(
+    [py, "-c", "import tcl_jax; print(tcl_jax.__file__)"],
+    cwd=elsewhere,
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
   assert where.startswith(site) and not where.startswith(REPO), where
-  proc = subprocess.run([py, "-m", "tcl_jax.main", "--config=configs/synthetic.py:steps=20",
-                         "--workdir=tcl_synth"], cwd=elsewhere, env=env, capture_output=True,
-                        text=True, timeout=1800)
+  proc = subprocess.run(
+    [py, "-m", "tcl_jax.main", "--config=configs/synthetic.py:steps=20", "--workdir=tcl_synth"],
+    cwd=elsewhere,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert proc.stdout.strip().splitlines()[-1].startswith("miniature (seed 0): zero-shot mIoU")
@@ -83,6 +118,7 @@ def test_notebook_colab_cell_tells_the_readmes_cuda_story():
   # README's: CUDA 13 (the extra's jax[cuda13]) on a driver >= 580, else jax[cuda12].
   import json  # pylint: disable=g-import-not-at-top
   import tomllib  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
     gpu = tomllib.load(f)["project"]["optional-dependencies"]["gpu"]
   assert any(r.startswith("jax[cuda13]") for r in gpu), gpu

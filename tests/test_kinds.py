@@ -36,12 +36,16 @@ def _colour_masks(params, text_emb, windows, *, pamr, kp_w, simmaps, cfg):
 
 def _colour_zero_shot(cfg):
   return base.ZeroShotModel(
-      cfg=cfg, text_embedding=lambda params, tokens: jnp.ones((tokens.shape[0], 4)),
-      window_masks=lambda *a, **k: _colour_masks(*a, **k, cfg=cfg), min_size=1)
+    cfg=cfg,
+    text_embedding=lambda params, tokens: jnp.ones((tokens.shape[0], 4)),
+    window_masks=lambda *a, **k: _colour_masks(*a, **k, cfg=cfg),
+    min_size=1,
+  )
 
 
-COLOUR = base.ModelKind(name="colour", build=lambda config: None, config_type=ColourConfig,
-                        zero_shot=_colour_zero_shot)
+COLOUR = base.ModelKind(
+  name="colour", build=lambda config: None, config_type=ColourConfig, zero_shot=_colour_zero_shot
+)
 # ----
 
 
@@ -85,8 +89,9 @@ def test_the_clip_kind_segments_with_maskclip_dense_scores():
   # each class. Recomputed here from the tower's pieces at one patch (pixel 0, 0 is patch 0).
   visual = clip_lib.VisionTransformer(cfg)
   padded = jnp.pad(windows, ((0, 0), (4, 4), (4, 4), (0, 0)))  # 40x56 -> 48x64 (patch 16)
-  tok, _ = visual.apply({"params": params["clip"]["visual"]}, padded, ignore_last_attn=True,
-                        method="tokens")
+  tok, _ = visual.apply(
+    {"params": params["clip"]["visual"]}, padded, ignore_last_attn=True, method="tokens"
+  )
   dense = visual.apply({"params": params["clip"]["visual"]}, tok[:, 1:], method="project")
   dense = dense / jnp.linalg.norm(dense, axis=-1, keepdims=True)
   assert np.isfinite(out).all() and -1 <= out.min() and out.max() <= 1 and np.ptp(out) > 0.1

@@ -7,20 +7,21 @@ import re
 import subprocess
 import sys
 
+from conftest import REPO
+from conftest import load_config_module
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config_module
 from tcl_jax import kinds
+from tcl_jax.data import synthetic
 from tcl_jax.data import synthetic_segmentation
 from tcl_jax.zeroshot import datasets as seg_data
-from tcl_jax.data import synthetic
-
 
 # ----------------------------------------------------------------------------------------------
 # The world
 # ----------------------------------------------------------------------------------------------
+
 
 def _bbox_fill(mask):
   ys, xs = np.nonzero(mask)
@@ -95,19 +96,23 @@ def test_segmentation_set_reads_back_as_the_scenes(tmp_path):
 # Stage 1: the CLIP model kind and its weights file
 # ----------------------------------------------------------------------------------------------
 
+
 def _numpy_symmetric_info_nce(img, txt, scale):
   img = img / np.linalg.norm(img, axis=1, keepdims=True)
   txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
   logits = img @ txt.T * scale
+
   def ce(l):
     l = l - l.max(1, keepdims=True)
     return np.mean(np.log(np.exp(l).sum(1)) - np.diag(l))
+
   return 0.5 * (ce(logits) + ce(logits.T))
 
 
 def test_clip_kind_loss_is_symmetric_info_nce():
   from tcl_jax import tokenizer
   from tcl_jax.models import clip as clip_lib
+
   config = load_config_module("miniature_clip").get_config()
   model = kinds.build_model(config)
   params = model.init(jax.random.key(1))
@@ -123,6 +128,7 @@ def test_clip_kind_loss_is_symmetric_info_nce():
 
 def test_clip_kind_trains_every_parameter_through_the_loop(tmp_path):
   from tcl_jax import train
+
   config = load_config_module("miniature_clip").get_config("steps=2")
   config.batch_size = 8
   config.log_every_steps = 1
@@ -145,6 +151,7 @@ def test_clip_file_round_trip_keeps_every_world_token(tmp_path):
   from tcl_jax import tokenizer
   from tcl_jax.models import clip as clip_lib
   from tcl_jax.models import tcl
+
   cfg = tcl.tiny_config().clip
   params = jax.device_get(clip_lib.init_clip_params(cfg, jax.random.key(0)))
   path = str(tmp_path / "clip.npz")
@@ -154,16 +161,19 @@ def test_clip_file_round_trip_keeps_every_world_token(tmp_path):
   # The text of the world (captions, evaluation prompts) encodes exactly as before.
   texts = [synthetic.scene(5, 0, i)[3] for i in range(64)] + ["a photo of a blue triangle."]
   tokens = tokenizer.tokenize(texts)
-  np.testing.assert_array_equal(clip_lib.encode_text(loaded, cfg, tokens),
-                                clip_lib.encode_text(params, cfg, tokens))
-  np.testing.assert_array_equal(loaded["visual"]["conv1"]["kernel"],
-                                params["visual"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(
+    clip_lib.encode_text(loaded, cfg, tokens), clip_lib.encode_text(params, cfg, tokens)
+  )
+  np.testing.assert_array_equal(
+    loaded["visual"]["conv1"]["kernel"], params["visual"]["conv1"]["kernel"]
+  )
   assert os.path.getsize(path) < 5 * 2**20
 
 
 def test_shipped_clip_matches_the_config():
   from tcl_jax import miniature
   from tcl_jax.models import tcl
+
   cfg = load_config_module("synthetic").get_config()
   clip = miniature.load_clip(os.path.join(REPO, cfg.miniature.clip_weights))
   expected = jax.eval_shape(lambda: tcl.init_params(tcl.tiny_config(), jax.random.key(0))["clip"])
@@ -190,9 +200,20 @@ MIN_BG_GAIN = 30.0  # background IoU points (200 steps: +48)
 def test_short_miniature_beats_the_frozen_clip_baseline(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as the README's command
   r = subprocess.run(
-      [sys.executable, "-m", "tcl_jax.main", f"--config=configs/synthetic.py:steps={SHORT_STEPS}",
-       f"--workdir={tmp_path}", "--config.miniature.num_mask_images=2"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.main",
+      f"--config=configs/synthetic.py:steps={SHORT_STEPS}",
+      f"--workdir={tmp_path}",
+      "--config.miniature.num_mask_images=2",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=3000,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   with open(tmp_path / "miniature.json") as f:
     out = json.load(f)
@@ -222,10 +243,21 @@ FAST_MIN_BG_GAIN = 20.0  # measured +42.6
 def test_shortened_miniature_gains_over_the_frozen_clip_baseline(tmp_path):
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as the README's command
   r = subprocess.run(
-      [sys.executable, "-m", "tcl_jax.main", f"--config=configs/synthetic.py:steps={FAST_STEPS}",
-       f"--workdir={tmp_path}", "--config.synthetic.num_train_examples=1600",
-       "--config.miniature.num_mask_images=0"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.main",
+      f"--config=configs/synthetic.py:steps={FAST_STEPS}",
+      f"--workdir={tmp_path}",
+      "--config.synthetic.num_train_examples=1600",
+      "--config.miniature.num_mask_images=0",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   with open(tmp_path / "miniature.json") as f:
     out = json.load(f)
@@ -245,6 +277,7 @@ def test_shipped_clip_knows_colour_and_shape():
   CLIP had shape 0.34, chance 0.33)."""
   from tcl_jax import miniature
   from tcl_jax.models import clip as clip_lib
+
   cfg = load_config_module("synthetic").get_config()
   clip = miniature.load_clip(os.path.join(REPO, cfg.miniature.clip_weights))
   acc = miniature.zero_shot_accuracy(clip, clip_lib.CLIPConfig(**cfg.model.clip.to_dict()))

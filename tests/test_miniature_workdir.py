@@ -13,25 +13,40 @@ import os
 import subprocess
 import sys
 
+from conftest import REPO
 import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO
 from tcl_jax import miniature
 from tcl_jax.data import synthetic
 
-TINY = ("--config.synthetic.num_train_examples=64", "--config.synthetic.num_eval_images=4",
-        "--config.miniature.num_mask_images=2", "--config.input.options.shuffle_buffer=64")
-NOISE = ("oneDNN custom operations", "cpu_feature_guard", "Unable to initialize backend",
-         "absl::InitializeLog", "share=True")
+TINY = (
+  "--config.synthetic.num_train_examples=64",
+  "--config.synthetic.num_eval_images=4",
+  "--config.miniature.num_mask_images=2",
+  "--config.input.options.shuffle_buffer=64",
+)
+NOISE = (
+  "oneDNN custom operations",
+  "cpu_feature_guard",
+  "Unable to initialize backend",
+  "absl::InitializeLog",
+  "share=True",
+)
 
 
 def _main(workdir, *args, cwd=REPO):
   env = dict(os.environ, XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell: main silences TF itself
-  return subprocess.run([sys.executable, "-m", "tcl_jax.main", *args, f"--workdir={workdir}"],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [sys.executable, "-m", "tcl_jax.main", *args, f"--workdir={workdir}"],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +71,30 @@ def test_another_seed_is_refused_not_reported_under_its_label(seed0_run):
   workdir, _ = seed0_run
   before = (workdir / "miniature.json").read_bytes()
   line = _one_line(_main(workdir, "--config=configs/synthetic.py:steps=2,seed=1", *TINY))
-  assert line == (f"error: --workdir={workdir} holds a miniature run made with seed=0, "
-                  "synthetic.seed=0; this command has seed=1, synthetic.seed=1: use a new "
-                  "--workdir (or the workdir's own settings, to resume or report it)")
+  assert line == (
+    f"error: --workdir={workdir} holds a miniature run made with seed=0, "
+    "synthetic.seed=0; this command has seed=1, synthetic.seed=1: use a new "
+    "--workdir (or the workdir's own settings, to resume or report it)"
+  )
   assert (workdir / "miniature.json").read_bytes() == before
 
 
 def test_other_settings_and_steps_are_refused(seed0_run):
   workdir, _ = seed0_run
-  line = _one_line(_main(workdir, "--config=configs/synthetic.py:steps=2", *TINY,
-                         "--config.evals.bg_thresh=0.3"))
-  assert line.startswith(f"error: --workdir={workdir} holds a miniature run made with "
-                         "evals.bg_thresh=0.5; this command has evals.bg_thresh=0.3")
-  line = _one_line(_main(workdir, "--config=configs/synthetic.py:steps=2", *TINY,
-                         "--config.total_steps=1"))
-  assert line == (f"error: --workdir={workdir} holds a finished miniature run of 2 TCL steps; "
-                  "this command asks for total_steps=1: use a new --workdir")
+  line = _one_line(
+    _main(workdir, "--config=configs/synthetic.py:steps=2", *TINY, "--config.evals.bg_thresh=0.3")
+  )
+  assert line.startswith(
+    f"error: --workdir={workdir} holds a miniature run made with "
+    "evals.bg_thresh=0.5; this command has evals.bg_thresh=0.3"
+  )
+  line = _one_line(
+    _main(workdir, "--config=configs/synthetic.py:steps=2", *TINY, "--config.total_steps=1")
+  )
+  assert line == (
+    f"error: --workdir={workdir} holds a finished miniature run of 2 TCL steps; "
+    "this command asks for total_steps=1: use a new --workdir"
+  )
 
 
 def test_finished_run_reports_its_stored_figures_and_wall_time(seed0_run):
@@ -84,8 +107,9 @@ def test_finished_run_reports_its_stored_figures_and_wall_time(seed0_run):
   stored = json.loads(before)
   first_line = first.stdout.strip().splitlines()[-1]
   assert proc.stdout.strip() == first_line + (
-      f". A finished run: these are the figures stored in {workdir / 'miniature.json'}, "
-      "nothing was recomputed")
+    f". A finished run: these are the figures stored in {workdir / 'miniature.json'}, "
+    "nothing was recomputed"
+  )
   assert f"; {stored['wall_s']:.0f} s." in first_line and stored["wall_s"] > 20
   assert proc.stderr == ""  # answered before TensorFlow or JAX were loaded
 
@@ -101,6 +125,7 @@ def test_report_is_rounded_as_the_table(seed0_run):
     if isinstance(node, dict):
       return [f for v in node.values() for f in floats(v)]
     return [node] if isinstance(node, float) else []
+
   values = floats({k: v for k, v in out.items() if k != "wall_s"})
   assert len(values) > 20 and all(round(v, 2) == v for v in values)
   assert all(len(repr(v).split(".")[-1]) <= 2 for v in values), text
@@ -121,7 +146,7 @@ def test_masks_picture_has_headers_a_legend_and_object_colours(seed0_run):
   assert img.shape[1] == 4 * cell
   header_h = miniature._HEADER_PX
   assert img.shape[0] > header_h + grid_h  # a legend below the grid
-  header, legend = img[:header_h], img[header_h + grid_h:]
+  header, legend = img[:header_h], img[header_h + grid_h :]
   for band in (header, legend):  # text and swatches drawn on white
     assert (band < 100).all(axis=-1).sum() > 100
   # Every class's colour appears in the legend, as a swatch.
@@ -129,7 +154,7 @@ def test_masks_picture_has_headers_a_legend_and_object_colours(seed0_run):
   for name, rgb in zip(synthetic.CLASSES, colours):
     assert (legend == rgb).all(axis=-1).sum() >= 100, name
   # The truth cells are drawn in those colours only.
-  truth = img[header_h:header_h + grid_h, cell:2 * cell].reshape(-1, 3)
+  truth = img[header_h : header_h + grid_h, cell : 2 * cell].reshape(-1, 3)
   assert {tuple(c) for c in np.unique(truth, axis=0)} <= {tuple(c) for c in colours}
 
 

@@ -33,15 +33,21 @@ def test_jax_image_resize_is_not_torch_bicubic():
 
 
 @pytest.mark.parametrize("hw", [(9, 13), (3, 4), (5, 7), (11, 2)])
-@pytest.mark.parametrize("mode,align,key", [("bilinear", False, "bilinear"),
-                                            ("bilinear", True, "bilinear_ac"),
-                                            ("nearest", False, "nearest")])
+@pytest.mark.parametrize(
+  "mode,align,key",
+  [
+    ("bilinear", False, "bilinear"),
+    ("bilinear", True, "bilinear_ac"),
+    ("nearest", False, "nearest"),
+  ],
+)
 def test_resize_matches_torch(hw, mode, align, key):
   got = resize.resize_hw(jnp.asarray(TORCH["x"]), hw, mode, align, layout="NCHW")
   np.testing.assert_allclose(np.asarray(got), TORCH[f"{key}_{hw[0]}x{hw[1]}"], atol=5e-6)
   nhwc = resize.resize_hw(jnp.asarray(TORCH["x"].transpose(0, 2, 3, 1)), hw, mode, align)
-  np.testing.assert_allclose(np.asarray(nhwc).transpose(0, 3, 1, 2),
-                             TORCH[f"{key}_{hw[0]}x{hw[1]}"], atol=5e-6)
+  np.testing.assert_allclose(
+    np.asarray(nhwc).transpose(0, 3, 1, 2), TORCH[f"{key}_{hw[0]}x{hw[1]}"], atol=5e-6
+  )
 
 
 def test_identity_attention_equals_diagonal_masked_attention():
@@ -97,8 +103,9 @@ def test_masker_starts_as_clip_copy_with_closed_gates():
   params = tcl_lib.init_params(cfg, jax.random.key(0))
   m, v = params["masker"], params["clip"]["visual"]
   assert set(m["backbone"]) == {"resblocks_3"}
-  np.testing.assert_array_equal(m["backbone"]["resblocks_3"]["c_fc"]["kernel"],
-                                v["resblocks_3"]["c_fc"]["kernel"])
+  np.testing.assert_array_equal(
+    m["backbone"]["resblocks_3"]["c_fc"]["kernel"], v["resblocks_3"]["c_fc"]["kernel"]
+  )
   np.testing.assert_array_equal(m["image_proj"]["proj"], v["proj"])
   gates = [m["decoder"][f"net_{i}"][c]["gate"] for i in range(2) for c in ("conv", "conv2")]
   assert all(float(g) == 0.0 for g in gates)
@@ -109,7 +116,9 @@ def test_masker_starts_as_clip_copy_with_closed_gates():
   feat, hw = tcl_lib.clip_features(params["clip"], cfg, img)
   emb = tcl_lib.masker_image_emb(params["masker"], cfg, feat, hw)
   assert emb.shape == (2, 4 * g, 4 * g, 64)
-  np.testing.assert_allclose(np.asarray(emb[:, ::4, ::4]), np.asarray(emb[:, 3::4, 3::4]), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(emb[:, ::4, ::4]), np.asarray(emb[:, 3::4, 3::4]), atol=1e-6
+  )
 
 
 def test_loss_gradients_skip_frozen_clip_and_noise_is_keyed():
@@ -161,11 +170,20 @@ def test_subpixel_conv_equals_conv_of_nearest_upsample(k, hw):
   p = up.init(jax.random.key(1), x)
   got = up.apply(p, x)
   kernel, bias = p["params"]["kernel"], p["params"]["bias"]
-  want = jax.lax.conv_general_dilated(
-      resize.upsample_nearest_2x(x), kernel, (1, 1), [(k // 2, k // 2)] * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest") + bias
+  want = (
+    jax.lax.conv_general_dilated(
+      resize.upsample_nearest_2x(x),
+      kernel,
+      (1, 1),
+      [(k // 2, k // 2)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision="highest",
+    )
+    + bias
+  )
   assert got.shape == (2, 2 * hw[0], 2 * hw[1], 4)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   plain = tcl_lib.Conv2d(4, k)
-  np.testing.assert_allclose(np.asarray(plain.apply(p, resize.upsample_nearest_2x(x))),
-                             np.asarray(want), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(plain.apply(p, resize.upsample_nearest_2x(x))), np.asarray(want), atol=1e-5
+  )

@@ -17,7 +17,6 @@ TOTAL_STEPS OUT [SIGTERM_AT_BATCH]` runs one process of the two-process job.
 """
 
 import json
-from tcl_jax import kinds
 import os
 import signal
 import socket
@@ -26,6 +25,8 @@ import sys
 import time
 
 import numpy as np
+
+from tcl_jax import kinds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
@@ -66,7 +67,7 @@ class HostSliceIterator:
       time.sleep(2)
     batch = next(self.it)
     rows = batch["image"].shape[0] // self.n
-    return {k: v[self.p * rows:(self.p + 1) * rows] for k, v in batch.items()}
+    return {k: v[self.p * rows : (self.p + 1) * rows] for k, v in batch.items()}
 
   def get_state(self):
     return {"i": self.it.i, "process": self.p}
@@ -84,9 +85,10 @@ class HostSliceIterator:
 def make_config(total_steps):
   """test_train.visible_update_config (lr 1e-2: every trained leaf moves far beyond float32
   noise) with fsdp=2 over the 8 devices; a checkpoint at the end only."""
-  from test_train import tcl_config, visible_update_config  # pylint: disable=g-import-not-at-top
-  c = visible_update_config(total_steps=total_steps, checkpoint_every_steps=1000,
-                            log_every_steps=1)
+  from test_train import tcl_config  # pylint: disable=g-import-not-at-top
+  from test_train import visible_update_config  # pylint: disable=g-import-not-at-top
+
+  c = visible_update_config(total_steps=total_steps, checkpoint_every_steps=1000, log_every_steps=1)
   c.mesh = tcl_config.common.mesh_config(2)  # data=4 x fsdp=2
   c.mesh.fsdp_min_size = 0
   c.checkpoint.keep, c.checkpoint.keep_best = 10, 0
@@ -95,10 +97,12 @@ def make_config(total_steps):
 
 def _flat(tree):
   import jax  # pylint: disable=g-import-not-at-top
+
   def host(v):
     if jax.dtypes.issubdtype(getattr(v, "dtype", None), jax.dtypes.prng_key):
       v = jax.random.key_data(v)
     return np.asarray(v)
+
   return {jax.tree_util.keystr(k): host(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -106,40 +110,55 @@ def _flat(tree):
 # Worker (one process of the two-process job)
 # ------------------------------------------------------------------------------------------------
 
+
 def worker(workdir, process_id, port, total_steps, out, sigterm_at=-1):
   import jax  # pylint: disable=g-import-not-at-top
+
   # 4 devices per process whatever XLA_FLAGS says (conftest, imported by test_train, appends
   # its 8-device flag to the environment).
   jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
   jax.config.update("jax_disable_most_optimizations", True)  # as test_train's fixture
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
   from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
 
+  from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+
   config = make_config(total_steps)
-  config.distributed.update(initialize=True, coordinator_address=f"127.0.0.1:{port}",
-                            num_processes=NUM_PROCESSES, process_id=process_id)
+  config.distributed.update(
+    initialize=True,
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=NUM_PROCESSES,
+    process_id=process_id,
+  )
   sharding.maybe_initialize_distributed(config.distributed)  # before anything touches devices
   assert jax.process_count() == NUM_PROCESSES and jax.process_index() == process_id
   assert jax.local_device_count() == LOCAL_DEVICES
   assert jax.device_count() == NUM_PROCESSES * LOCAL_DEVICES
 
-  it = HostSliceIterator(FakeIterator(GLOBAL_BATCH, config.input.image_size), process_id,
-                         NUM_PROCESSES, sigterm_at)
+  it = HostSliceIterator(
+    FakeIterator(GLOBAL_BATCH, config.input.image_size), process_id, NUM_PROCESSES, sigterm_at
+  )
   state, history = train.train_and_evaluate(config, workdir, train_iter=it)
   # Params are sharded over fsdp (within a process here); gather the global values.
   params = multihost_utils.process_allgather(state.params, tiled=True)
   np.savez(out + ".npz", **_flat(params))
   with open(out + ".json", "w") as f:
-    json.dump({"step": int(jax.device_get(state.step)), "iterator_i": it.it.i,
-               "restored": it.restored,
-               "losses": {str(h["step"]): h["loss"] for h in history if "loss" in h}}, f)
+    json.dump(
+      {
+        "step": int(jax.device_get(state.step)),
+        "iterator_i": it.it.i,
+        "restored": it.restored,
+        "losses": {str(h["step"]): h["loss"] for h in history if "loss" in h},
+      },
+      f,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Test (pytest process: 8 devices, tests/conftest.py)
 # ------------------------------------------------------------------------------------------------
+
 
 def _free_port():
   with socket.socket() as s:
@@ -159,9 +178,16 @@ def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1):
   for p in range(NUM_PROCESSES):
     log_path = tmp_path / f"{name}_{p}.log"
     logs.append(log_path)
-    cmd = [sys.executable, os.path.abspath(__file__), str(workdir), str(p), str(port),
-           str(total_steps), str(tmp_path / f"{name}_{p}"),
-           str(sigterm_at if p == 1 else -1)]
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      str(workdir),
+      str(p),
+      str(port),
+      str(total_steps),
+      str(tmp_path / f"{name}_{p}"),
+      str(sigterm_at if p == 1 else -1),
+    ]
     with open(log_path, "w") as log:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   try:
@@ -177,7 +203,8 @@ def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1):
         proc.wait()
   for p, proc in enumerate(procs):
     assert proc.returncode == 0, (
-        f"{name} process {p} exited with {proc.returncode}:\n" + logs[p].read_text()[-4000:])
+      f"{name} process {p} exited with {proc.returncode}:\n" + logs[p].read_text()[-4000:]
+    )
   results = []
   for p in range(NUM_PROCESSES):
     with open(tmp_path / f"{name}_{p}.json") as f:
@@ -193,13 +220,14 @@ def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1):
 def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from tcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from tcl_jax import optim  # pylint: disable=g-import-not-at-top
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
   from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
   from test_train import assert_leaves_close  # pylint: disable=g-import-not-at-top
   from test_train import assert_same_updates  # pylint: disable=g-import-not-at-top
   from test_train import flat  # pylint: disable=g-import-not-at-top
+
+  from tcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from tcl_jax import optim  # pylint: disable=g-import-not-at-top
+  from tcl_jax import train  # pylint: disable=g-import-not-at-top
 
   multi_dir = tmp_path / "multi"
   # ---- 2 processes; process 1 alone gets SIGTERM during step SIGTERM_AT_BATCH + 1.
@@ -216,13 +244,19 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
     config = make_config(TOTAL_STEPS)
     config.checkpoint_every_steps = stopped  # its params there, to compare with the first job's
     ref_state, ref_hist = train.train_and_evaluate(
-        config, str(tmp_path / "single"), train_iter=FakeIterator(GLOBAL_BATCH, 32))
+      config, str(tmp_path / "single"), train_iter=FakeIterator(GLOBAL_BATCH, 32)
+    )
     # The initial params, as train_and_evaluate draws them (the frozen leaves' equality below
     # checks that these are the ones).
     model = kinds.build_model(config)
     init = _flat(jax.jit(model.init)(jax.random.split(jax.random.key(config.seed))[0]))
-    labels = flat(optim.param_labels(jax.eval_shape(model.init, jax.random.key(0)),
-                                     config.optim.frozen_regex, config.optim.ust_regex))
+    labels = flat(
+      optim.param_labels(
+        jax.eval_shape(model.init, jax.random.key(0)),
+        config.optim.frozen_regex,
+        config.optim.ust_regex,
+      )
+    )
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
   ref_losses = {h["step"]: h["loss"] for h in ref_hist if "loss" in h}
@@ -240,28 +274,36 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
   # The two-process params at the stop == the single-process ones at that step (its checkpoint,
   # restored into this 8-device process; so is the two-process checkpoint).
   single = checkpointing.create_checkpoint_manager(str(tmp_path / "single"), config.checkpoint)
-  ref_state_at_stop = single.restore(stopped, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))["state"]
+  ref_state_at_stop = single.restore(
+    stopped, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )["state"]
   single.close()
   ref_at_stop = _flat(ref_state_at_stop["params"])
   # The two-process checkpoint names devices of another topology: restore into this one's.
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        ref_state_at_stop)
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ref_state_at_stop
+  )
   multi = checkpointing.create_checkpoint_manager(str(multi_dir), config.checkpoint)
   assert multi.all_steps() == [stopped]
-  saved = multi.restore(stopped, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), input=ocp.args.JsonRestore()))
+  saved = multi.restore(
+    stopped,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), input=ocp.args.JsonRestore()),
+  )
   multi.close()
   for p, r in enumerate(first):
-    assert_same_updates(r["params"], ref_at_stop, init, labels,
-                        f"process {p} params at step {stopped}", rel=REL)
+    assert_same_updates(
+      r["params"], ref_at_stop, init, labels, f"process {p} params at step {stopped}", rel=REL
+    )
   # The whole checkpointed state (params, AdamW moments, step, rng) matches too.
-  assert_same_updates(_flat(saved["state"]["params"]), ref_at_stop, init, labels,
-                      "checkpointed params", rel=REL)
+  assert_same_updates(
+    _flat(saved["state"]["params"]), ref_at_stop, init, labels, "checkpointed params", rel=REL
+  )
   assert_leaves_close(_flat(saved["state"]), _flat(ref_state_at_stop), "checkpointed state", REL)
   # The input state holds both processes' iterator positions.
-  assert saved["input"] == {"process_count": NUM_PROCESSES, "processes": {
-      str(p): {"i": stopped, "process": p} for p in range(NUM_PROCESSES)}}
+  assert saved["input"] == {
+    "process_count": NUM_PROCESSES,
+    "processes": {str(p): {"i": stopped, "process": p} for p in range(NUM_PROCESSES)},
+  }
 
   # ---- Resume both processes in the same workdir: each gets its own iterator state back.
   second = _run_job(tmp_path, "second", multi_dir, TOTAL_STEPS)
@@ -271,8 +313,7 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
     assert sorted(r["losses"]) == list(range(stopped + 1, TOTAL_STEPS + 1))
     for s, loss in r["losses"].items():
       np.testing.assert_allclose(loss, ref_losses[s], rtol=1e-5, err_msg=f"step {s}")
-    assert_same_updates(r["params"], ref_params, init, labels, f"process {p} final params",
-                        rel=REL)
+    assert_same_updates(r["params"], ref_params, init, labels, f"process {p} final params", rel=REL)
   # The comparison is about trained values: the params moved after the stop.
   assert any(not np.allclose(ref_params[k], ref_at_stop[k]) for k in ref_params)
 
@@ -280,5 +321,11 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test_train, conftest
   _workdir, _pid, _port, _total, _out = sys.argv[1:6]
-  worker(_workdir, int(_pid), int(_port), int(_total), _out,
-         int(sys.argv[6]) if len(sys.argv) > 6 else -1)
+  worker(
+    _workdir,
+    int(_pid),
+    int(_port),
+    int(_total),
+    _out,
+    int(sys.argv[6]) if len(sys.argv) > 6 else -1,
+  )

@@ -4,8 +4,8 @@ reference fixture's weights and a generated image."""
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tcl_jax import demo
 
@@ -17,13 +17,23 @@ FIXTURE = os.path.join(REPO, "..", "shared", "fixtures", "tcl_tiny", "tcl_refere
 @pytest.mark.skipif(not os.path.exists(FIXTURE), reason=f"needs the reference fixture {FIXTURE}")
 def test_notebook_runs_and_draws(tmp_path):
   import papermill
+
   Image.fromarray(demo.draw_sample(200, 150)).save(tmp_path / "photo.png")
   out = tmp_path / "executed.ipynb"
   # papermill raises PapermillExecutionError naming the cell if any cell fails.
   nb = papermill.execute_notebook(
-      NOTEBOOK, str(out), kernel_name="python3", cwd=REPO, progress_bar=False,
-      parameters=dict(CHECKPOINT=FIXTURE, IMAGE=str(tmp_path / "photo.png"),
-                      CLASSES="sky, grass, house", BG_THRESH=0.1))
+    NOTEBOOK,
+    str(out),
+    kernel_name="python3",
+    cwd=REPO,
+    progress_bar=False,
+    parameters=dict(
+      CHECKPOINT=FIXTURE,
+      IMAGE=str(tmp_path / "photo.png"),
+      CLASSES="sky, grass, house",
+      BG_THRESH=0.1,
+    ),
+  )
 
   def outputs(tag):
     cells = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
@@ -41,6 +51,7 @@ def test_notebook_runs_and_draws(tmp_path):
   # The overlay cell shows the overlay with its legend: the image's width, legend below.
   import base64
   import io
+
   png = [o for o in outputs("overlay") if "image/png" in o.get("data", {})][0]["data"]["image/png"]
   shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))
   legend = demo.legend(["sky", "grass", "house"], 200)

@@ -9,19 +9,18 @@ each test here isolates one piece so that a failure says which one broke.
 
 import math
 
+from conftest import load_config_module
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from tcl_jax import train_step as step_lib
-from tcl_jax import kinds
 from tcl_jax import checkpointing
 from tcl_jax import convert_maps
+from tcl_jax import kinds
 from tcl_jax import optim
-
-from conftest import load_config_module
+from tcl_jax import train_step as step_lib
 
 tcl_config = load_config_module("tcl")
 
@@ -31,14 +30,33 @@ B1, B2 = 0.9, 0.999
 
 def _config(clip_grad=0.0) -> ml_collections.ConfigDict:
   c = tcl_config.get_config("smoke")
-  c.model.clip = dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32,
-                      vision_patch_size=16, vision_heads=2, context_length=77, vocab_size=1000,
-                      transformer_width=32, transformer_heads=2, transformer_layers=1)
+  c.model.clip = dict(
+    embed_dim=16,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=32,
+    vision_patch_size=16,
+    vision_heads=2,
+    context_length=77,
+    vocab_size=1000,
+    transformer_width=32,
+    transformer_heads=2,
+    transformer_layers=1,
+  )
   c.model.ie_freeze = 1
   c.total_steps = TOTAL
   c.optim = tcl_config.common.tcl_optim(
-      base_lr=PEAK, min_lr=LOW, lr_scale_reference_batch=0, warmup_steps=WARMUP, ust_steps=UST,
-      weight_decay=WD, clip_grad=clip_grad, eps=EPS, b1=B1, b2=B2)
+    base_lr=PEAK,
+    min_lr=LOW,
+    lr_scale_reference_batch=0,
+    warmup_steps=WARMUP,
+    ust_steps=UST,
+    weight_decay=WD,
+    clip_grad=clip_grad,
+    eps=EPS,
+    b1=B1,
+    b2=B2,
+  )
   return c
 
 
@@ -116,8 +134,8 @@ class TorchAdamW:
       self.state[i] = (t, m, v)
       p = np.asarray(params[i], np.float64)
       decayed = p * (1 - lr * WD) if self.decay[i] else p
-      denom = np.sqrt(v) / math.sqrt(1 - B2 ** t) + EPS
-      adam = lr / (1 - B1 ** t) * m / denom
+      denom = np.sqrt(v) / math.sqrt(1 - B2**t) + EPS
+      adam = lr / (1 - B1**t) * m / denom
       out[i] = decayed - adam - p
       self.scale[i] = float(np.linalg.norm(decayed - p) + np.linalg.norm(adam))
     self.step += 1
@@ -156,11 +174,13 @@ def _grads(params, seed, scale=1.0, ust_scale=None):
   """Random gradients; `ust_scale` sets the masker backbone's separately (it must not matter
   while UST holds, as the original computes none)."""
   rng = np.random.default_rng(seed)
+
   def one(path, p):
     s = scale
     if ust_scale is not None and optim.path_str(path).startswith("masker/backbone/"):
       s = ust_scale
     return jnp.asarray(rng.normal(size=p.shape) * s, jnp.float32)
+
   return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -183,8 +203,13 @@ def test_labels_on_the_real_paths(model):
   c = _config().optim
   labels = jax.tree.leaves(optim.param_labels(params, c.frozen_regex, c.ust_regex))
   for (name, _), label in zip(_torch_view(cfg, params), labels):
-    want = (optim.FROZEN if name.startswith("clip_") else
-            optim.UST if name.startswith("masker.image_encoder.backbone.") else optim.TRAINABLE)
+    want = (
+      optim.FROZEN
+      if name.startswith("clip_")
+      else optim.UST
+      if name.startswith("masker.image_encoder.backbone.")
+      else optim.TRAINABLE
+    )
     assert label == want, name
 
 
@@ -194,8 +219,7 @@ def test_applied_lr_and_adamw_step_at_warmup_switch_and_cosine(model, step):
   torch's AdamW at that step's rate, with a fresh bias correction for the backbone at UST."""
   cfg, params = model
   config = _config()
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=TOTAL,
-                                      global_batch_size=8)
+  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=TOTAL, global_batch_size=8)
   np.testing.assert_allclose(float(schedule(step)), TorchAdamW.lr(step), rtol=1e-6)
   zeros = jax.tree.map(jnp.zeros_like, params)
   g = _grads(params, seed=step)
@@ -203,8 +227,9 @@ def test_applied_lr_and_adamw_step_at_warmup_switch_and_cosine(model, step):
   ours, _ = _run_ours(tx, params, [zeros] * step + [g], reference=TorchAdamW(view), view=view)
   # The frozen CLIP towers never move; the backbone moves only from step UST on.
   for (name, _), a, p in zip(view, jax.tree.leaves(ours), jax.tree.leaves(params)):
-    if name.startswith("clip_") or (name.startswith("masker.image_encoder.backbone.")
-                                    and step < UST):
+    if name.startswith("clip_") or (
+      name.startswith("masker.image_encoder.backbone.") and step < UST
+    ):
       np.testing.assert_array_equal(a, p, err_msg=name)
 
 
@@ -219,14 +244,14 @@ def test_clipping_scales_exactly_when_the_trainable_norm_exceeds_the_threshold(m
   n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   per = scale / math.sqrt(n)
   # Steps UST-2 and UST-1: the backbone's gradients are huge but do not exist for the original.
-  seq = [_grads(params, seed=10 + k, scale=per, ust_scale=1e3 if k < 2 else None)
-         for k in range(3)]
+  seq = [_grads(params, seed=10 + k, scale=per, ust_scale=1e3 if k < 2 else None) for k in range(3)]
   view = _torch_view(cfg, params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   warm = [zeros] * (UST - 2)  # then steps UST-2, UST-1 (backbone frozen), UST (backbone joins)
   reference = TorchAdamW(view, clip_grad=1.0)
   _run_ours(tx, params, warm + seq, reference=reference, view=view)
   assert reference.clipped == [False] * len(warm) + [scale > 1] * 3
+
 
 def test_resume_in_the_middle_of_ust_continues_exactly(model, tmp_path):
   """Save params + optimizer state at step 2 (UST until 5) through the orbax checkpoint manager,
@@ -238,8 +263,9 @@ def test_resume_in_the_middle_of_ust_continues_exactly(model, tmp_path):
   straight_p, straight_s = _run_ours(tx, params, seq)
 
   p2, s2 = _run_ours(tx, params, seq[:2])
-  state = step_lib.TrainState(step=jnp.asarray(2, jnp.int32), params=p2, opt_state=s2,
-                           rng=jax.random.key(0))
+  state = step_lib.TrainState(
+    step=jnp.asarray(2, jnp.int32), params=p2, opt_state=s2, rng=jax.random.key(0)
+  )
   config.checkpoint.async_save = False
   mngr = checkpointing.create_checkpoint_manager(str(tmp_path), config.checkpoint)
   checkpointing.save(mngr, 2, state, {})
@@ -253,6 +279,7 @@ def test_resume_in_the_middle_of_ust_continues_exactly(model, tmp_path):
   for a, b in zip(jax.tree.leaves(resumed_s), jax.tree.leaves(straight_s)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # And the run did move the backbone after the switch (the comparison is not vacuous).
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), straight_p["masker"],
-                       params["masker"])
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), straight_p["masker"], params["masker"]
+  )
   assert min(jax.tree.leaves(moved["backbone"])) > 1e-5

@@ -28,7 +28,7 @@ def _dilated(x, offsets, dilations):
   for d in dilations:
     xp = np.pad(x, ((0, 0), (0, 0), (d, d), (d, d)), mode="edge")
     for r, c in offsets:
-      out.append(xp[:, :, r * d:r * d + h, c * d:c * d + w])
+      out.append(xp[:, :, r * d : r * d + h, c * d : c * d + w])
   return np.stack(out, 2)
 
 
@@ -47,6 +47,7 @@ def reference_pamr(x, mask, num_iter=ITERATIONS, dilations=DILATIONS):
 
 def _bilinear(x, size, align_corners):
   """F.interpolate(x, size, mode='bilinear', align_corners=...) on the last two axes, float64."""
+
   def taps(n_in, n_out):
     d = np.arange(n_out, dtype=np.float64)
     if align_corners:
@@ -56,6 +57,7 @@ def _bilinear(x, size, align_corners):
     i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     return i0, i1, src - i0
+
   (r0, r1, ly), (c0, c1, lx) = taps(x.shape[-2], size[0]), taps(x.shape[-1], size[1])
   top = x[..., r0, :][..., c0] * (1 - lx) + x[..., r0, :][..., c1] * lx
   bottom = x[..., r1, :][..., c0] * (1 - lx) + x[..., r1, :][..., c1] * lx
@@ -83,19 +85,21 @@ def test_generate_masks_refines_with_the_originals_pamr():
   image = jax.random.normal(jax.random.key(1), (1, h, w, 3))
   text_emb = jax.random.normal(jax.random.key(2), (3, cfg.clip.embed_dim))
   with jax.default_matmul_precision("highest"):
-    got, simmap = tcl_inference.generate_masks(params, cfg, image, text_emb, apply_pamr=True,
-                                               kp_w=0.0)
+    got, simmap = tcl_inference.generate_masks(
+      params, cfg, image, text_emb, apply_pamr=True, kp_w=0.0
+    )
   s2m = params["masker"]["sim2mask"]
   soft = 1 / (1 + np.exp(-(np.asarray(simmap, np.float64) * float(s2m["w"]) + float(s2m["b"]))))
   l, r, t, b = clip_lib.compute_padsize(h, w, cfg.patch_size)
   padded = np.pad(np.asarray(image, np.float64), ((0, 0), (t, b), (l, r), (0, 0)))
   small = _bilinear(padded.transpose(0, 3, 1, 2), soft.shape[-2:], align_corners=True)
   refined = reference_pamr(small, soft)
-  want = _bilinear(refined, padded.shape[1:3], align_corners=False)[:, :, t:t + h, l:l + w]
+  want = _bilinear(refined, padded.shape[1:3], align_corners=False)[:, :, t : t + h, l : l + w]
   assert got.shape == want.shape == (1, 3, h, w)
   # Measured 8.9e-8 max abs; without PAMR the masks are 0.059 away, with 3 iterations 0.049.
   assert np.abs(np.asarray(got) - want).max() < 1e-5
-  unrefined = _bilinear(soft, padded.shape[1:3], align_corners=False)[:, :, t:t + h, l:l + w]
-  three = _bilinear(reference_pamr(small, soft, num_iter=3), padded.shape[1:3],
-                    align_corners=False)[:, :, t:t + h, l:l + w]
+  unrefined = _bilinear(soft, padded.shape[1:3], align_corners=False)[:, :, t : t + h, l : l + w]
+  three = _bilinear(
+    reference_pamr(small, soft, num_iter=3), padded.shape[1:3], align_corners=False
+  )[:, :, t : t + h, l : l + w]
   assert np.abs(unrefined - want).max() > 1e-2 and np.abs(three - want).max() > 1e-2

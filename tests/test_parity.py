@@ -6,9 +6,9 @@ clone) and `../shared/fixtures/tcl_tiny` (the CI reference; skipped with a messa
 """
 
 import json
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,18 +16,27 @@ import pytest
 COMPACT = Path(__file__).resolve().parent / "data" / "tcl_compact"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tcl_tiny"
 FIXTURES = [
-    pytest.param(COMPACT, id="compact"),
-    pytest.param(SHARED, id="shared", marks=pytest.mark.skipif(
-        not SHARED.is_dir(),
-        reason="../shared fixtures not present (clone without the shared fixtures)")),
+  pytest.param(COMPACT, id="compact"),
+  pytest.param(
+    SHARED,
+    id="shared",
+    marks=pytest.mark.skipif(
+      not SHARED.is_dir(),
+      reason="../shared fixtures not present (clone without the shared fixtures)",
+    ),
+  ),
 ]
 
 
 @pytest.mark.parametrize("fixture_dir", FIXTURES)
 def test_parity_tool_reports_every_fixture_quantity_ok(tmp_path, fixture_dir):
   out = tmp_path / "r.json"
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.tools.parity", str(fixture_dir), "--json", str(out)],
-                     capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.tools.parity", str(fixture_dir), "--json", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   report = json.loads(out.read_text())
   bad = [x for x in report["results"] if not x["ok"]]
   assert not bad, bad
@@ -45,7 +54,8 @@ def test_parity_tool_reports_every_fixture_quantity_ok(tmp_path, fixture_dir):
   traj = {x["name"]: x for x in report["results"] if x["name"].startswith("trajectory/")}
   ref = np.load(fixture_dir / "trajectory.npz")
   series = {"trajectory/lr", "trajectory/total_loss", "trajectory/grad_norm"} | {
-      "trajectory/" + k for k in ref.files if k.startswith("loss/")}
+    "trajectory/" + k for k in ref.files if k.startswith("loss/")
+  }
   trained = json.loads((fixture_dir / "trajectory.json").read_text())["trained_params"]
   assert set(traj) == series | {"trajectory/final/" + n for n in trained}
   assert len(trained) == 39 and len(series) == 9
@@ -56,13 +66,15 @@ def test_parity_tool_reports_every_fixture_quantity_ok(tmp_path, fixture_dir):
 
 
 def test_parity_tool_rejects_a_non_fixture_directory(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.tools.parity", str(tmp_path)],
-                     capture_output=True, text=True)
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.tools.parity", str(tmp_path)], capture_output=True, text=True
+  )
   assert r.returncode == 2 and "no fixture.json" in r.stderr
 
 
 def test_trajectory_report_names_the_first_step_out_of_tolerance():
   from tcl_jax.tools import trajectory
+
   ref = np.array([1.0, 2.0, 3.0, 4.0])
   ours = np.array([1.0, 2.0 * (1 + 1e-3), 3.0, 4.0 * (1 + 5e-3)])
   r = trajectory.series_result("trajectory/x", ours, ref, 1e-4)

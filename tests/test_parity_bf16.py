@@ -8,25 +8,39 @@ the tool's own tolerances (tcl_jax/tools/parity.py BF16_TOL) are tighter and mus
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tcl_tiny"
 pytestmark = pytest.mark.skipif(
-    not FIXTURE.is_dir(), reason="../shared fixtures not present (clone without the shared fixtures)")
+  not FIXTURE.is_dir(), reason="../shared fixtures not present (clone without the shared fixtures)"
+)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("bf16") / "r.json"
   env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user runs it (not conftest's 8)
-  r = subprocess.run([sys.executable, "-m", "tcl_jax.tools.parity", str(FIXTURE), "--dtype",
-                      "bfloat16", "--json", str(out)], capture_output=True, text=True, timeout=900,
-                     env=env)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.tools.parity",
+      str(FIXTURE),
+      "--dtype",
+      "bfloat16",
+      "--json",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=env,
+  )
   assert out.exists(), r.stderr[-3000:]
   return r, {x["name"]: x for x in json.loads(out.read_text())["results"]}
 

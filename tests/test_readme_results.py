@@ -9,9 +9,8 @@ import json
 import os
 import re
 
-import numpy as np
-
 from conftest import REPO
+import numpy as np
 
 RESULTS = os.path.join(REPO, "docs", "results")
 NOT_BACKED = "not backed by a kept artifact"
@@ -28,7 +27,7 @@ def _table(text: str, header_start: str) -> list:
   starts = [i for i, l in enumerate(lines) if l.startswith(header_start)]
   assert len(starts) == 1, f"README: {len(starts)} tables start with {header_start!r}"
   rows = []
-  for line in lines[starts[0] + 2:]:  # past the header and its --- line
+  for line in lines[starts[0] + 2 :]:  # past the header and its --- line
     if not line.startswith("|"):
       break
     rows.append([c.strip() for c in line.strip().strip("|").split("|")])
@@ -57,9 +56,16 @@ def _miniature_row(out: dict) -> list:
   b, t = out["baseline_miou"], out["tcl_miou"]
   s, s12 = out["per_task"]["shapes"], out["per_task"]["shapes12"]
   bg = (s["baseline_per_class_iou"]["background"], s["tcl_per_class_iou"]["background"])
-  return [str(out["seed"]), f"{b:.2f}", f"{t:.2f}", f"{t - b:+.2f}",
-          f"{s['baseline_miou']:.2f} → {s['tcl_miou']:.2f}", f"{bg[0]:.1f} → {bg[1]:.1f}",
-          f"{s12['baseline_miou']:.2f} → {s12['tcl_miou']:.2f}", f"{out['wall_s'] / 60:.1f} min"]
+  return [
+    str(out["seed"]),
+    f"{b:.2f}",
+    f"{t:.2f}",
+    f"{t - b:+.2f}",
+    f"{s['baseline_miou']:.2f} → {s['tcl_miou']:.2f}",
+    f"{bg[0]:.1f} → {bg[1]:.1f}",
+    f"{s12['baseline_miou']:.2f} → {s12['tcl_miou']:.2f}",
+    f"{out['wall_s'] / 60:.1f} min",
+  ]
 
 
 def test_miniature_table_is_the_committed_runs():
@@ -83,14 +89,25 @@ def test_miniature_table_is_the_committed_runs():
     b = np.mean([o["baseline_miou"] for o in backed])
     t = np.mean([o["tcl_miou"] for o in backed])
     gains = [o["tcl_miou"] - o["baseline_miou"] for o in backed]
-    task_gain = lambda k: np.mean([o["per_task"][k]["tcl_miou"] - o["per_task"][k]["baseline_miou"]
-                                   for o in backed])
-    bg_gain = np.mean([o["per_task"]["shapes"]["tcl_per_class_iou"]["background"]
-                       - o["per_task"]["shapes"]["baseline_per_class_iou"]["background"]
-                       for o in backed])
-    want = ["mean", f"{b:.2f}", f"{t:.2f}",
-            f"**{np.mean(gains):+.2f}** ({min(gains):+.2f} to {max(gains):+.2f})",
-            f"{task_gain('shapes'):+.1f}", f"{bg_gain:+.0f}", f"{task_gain('shapes12'):+.1f}"]
+    task_gain = lambda k: np.mean(
+      [o["per_task"][k]["tcl_miou"] - o["per_task"][k]["baseline_miou"] for o in backed]
+    )
+    bg_gain = np.mean(
+      [
+        o["per_task"]["shapes"]["tcl_per_class_iou"]["background"]
+        - o["per_task"]["shapes"]["baseline_per_class_iou"]["background"]
+        for o in backed
+      ]
+    )
+    want = [
+      "mean",
+      f"{b:.2f}",
+      f"{t:.2f}",
+      f"**{np.mean(gains):+.2f}** ({min(gains):+.2f} to {max(gains):+.2f})",
+      f"{task_gain('shapes'):+.1f}",
+      f"{bg_gain:+.0f}",
+      f"{task_gain('shapes12'):+.1f}",
+    ]
     assert mean[0][:7] == want, (mean[0], want)
   assert len(seed_rows) + len(mean) == len(rows), rows
 
@@ -111,7 +128,7 @@ def _appears(figure: str, values: list) -> bool:
   """A README figure such as '37.7' appears when some value rounds to it at its decimals."""
   decimals = len(figure.split(".")[1]) if "." in figure else 0
   x = float(figure)
-  return any(abs(v - x) <= 0.5 * 10 ** -decimals * (1 + 1e-9) for v in values)
+  return any(abs(v - x) <= 0.5 * 10**-decimals * (1 + 1e-9) for v in values)
 
 
 def test_cpu_benchmark_table_figures_are_in_the_committed_runs():

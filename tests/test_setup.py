@@ -21,7 +21,12 @@ def test_setup_skips_pyenv_shims_that_exit_127(tmp_path):
   os.symlink(sys.executable, installed / "python3")
   tools = os.path.dirname(shutil.which("dirname"))  # bash, dirname
   env = dict(os.environ, PATH=f"{shims}:{tools}", PYENV_ROOT=str(tmp_path / "pyenv"))
-  proc = subprocess.run(["bash", os.path.join(REPO, "setup.sh"), "--print-python"], env=env,
-                        capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+    ["bash", os.path.join(REPO, "setup.sh"), "--print-python"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == str(installed / "python3")

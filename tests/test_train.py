@@ -9,6 +9,7 @@ import math
 import os
 import signal
 
+from conftest import load_config_module
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,17 +18,15 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tcl_jax import train_step as step_lib
-from tcl_jax import kinds
-from tcl_jax import summaries
-from tcl_jax.kinds import base
-from tcl_jax.models import tcl as tcl_lib
 from tcl_jax import checkpointing
+from tcl_jax import kinds
 from tcl_jax import optim
 from tcl_jax import sharding
+from tcl_jax import summaries
 from tcl_jax import train
-
-from conftest import load_config_module
+from tcl_jax import train_step as step_lib
+from tcl_jax.kinds import base
+from tcl_jax.models import tcl as tcl_lib
 
 tcl_config = load_config_module("tcl")
 
@@ -35,9 +34,19 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def small_clip():
-  return dict(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=32,
-              vision_patch_size=16, vision_heads=2, context_length=77, vocab_size=1000,
-              transformer_width=32, transformer_heads=2, transformer_layers=1)
+  return dict(
+    embed_dim=16,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=32,
+    vision_patch_size=16,
+    vision_heads=2,
+    context_length=77,
+    vocab_size=1000,
+    transformer_width=32,
+    transformer_heads=2,
+    transformer_layers=1,
+  )
 
 
 def small_config(**overrides) -> ml_collections.ConfigDict:
@@ -87,6 +96,7 @@ class FakeIterator:
 # Schedule and optimizer
 # ------------------------------------------------------------------------------------------------
 
+
 def test_conftest_gives_eight_cpu_devices():
   assert jax.device_count() == 8
   assert jax.devices()[0].platform == "cpu"
@@ -101,8 +111,9 @@ def test_schedule_matches_torch_linear_then_cosine():
   np.testing.assert_allclose(float(lr(10)), peak, rtol=1e-6)
   # CosineAnnealingLR(T_max=100, eta_min=low): halfway is the mean, the end is eta_min.
   np.testing.assert_allclose(float(lr(60)), (peak + low) / 2, rtol=1e-5)
-  np.testing.assert_allclose(float(lr(35)), low + (peak - low) * 0.5 * (1 + math.cos(math.pi / 4)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(lr(35)), low + (peak - low) * 0.5 * (1 + math.cos(math.pi / 4)), rtol=1e-5
+  )
   np.testing.assert_allclose(float(lr(110)), low, rtol=1e-5)
   np.testing.assert_allclose(float(lr(500)), low, rtol=1e-5)
 
@@ -117,14 +128,13 @@ def test_paper_lr_is_scaled_by_global_batch():
 
 def _toy_params():
   return {
-      "clip": {"visual": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
-      "masker": {
-          "backbone": {"kernel": jnp.full((2, 2), 2.0), "ln": {"scale": jnp.ones((2,))}},
-          "decoder": {"kernel": jnp.full((3, 2), 1.0), "bias": jnp.zeros((2,)),
-                      "gate": jnp.zeros(())},
-          "sim2mask": {"w": jnp.asarray(10.0), "b": jnp.asarray(-2.5)},
-      },
-      "tcli_logit_scale": jnp.asarray(2.0),
+    "clip": {"visual": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
+    "masker": {
+      "backbone": {"kernel": jnp.full((2, 2), 2.0), "ln": {"scale": jnp.ones((2,))}},
+      "decoder": {"kernel": jnp.full((3, 2), 1.0), "bias": jnp.zeros((2,)), "gate": jnp.zeros(())},
+      "sim2mask": {"w": jnp.asarray(10.0), "b": jnp.asarray(-2.5)},
+    },
+    "tcli_logit_scale": jnp.asarray(2.0),
   }
 
 
@@ -148,14 +158,24 @@ def test_labels_and_weight_decay_rule():
 def test_optimizer_freezes_clip_and_ust_phase_then_fresh_adamw():
   params = _toy_params()
   c = ml_collections.ConfigDict(tcl_config.get_config().optim.to_dict())
-  c.update(base_lr=0.1, min_lr=0.1, lr_scale_reference_batch=0, warmup_steps=0, ust_steps=2,
-           weight_decay=0.5, clip_grad=0.0)
+  c.update(
+    base_lr=0.1,
+    min_lr=0.1,
+    lr_scale_reference_batch=0,
+    warmup_steps=0,
+    ust_steps=2,
+    weight_decay=0.5,
+    clip_grad=0.0,
+  )
   tx, schedule = optim.make_optimizer(c, params, total_steps=10, global_batch_size=8)
   opt_state = tx.init(params)
   # No optimizer state for frozen CLIP: AdamW moments only for the 8 masker/scale leaves.
   moments = sum(x.size for x in jax.tree.leaves(opt_state) if x.dtype == jnp.float32)
-  trainable = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(params)
-                  if "clip" not in jax.tree_util.keystr(k))
+  trainable = sum(
+    x.size
+    for k, x in jax.tree_util.tree_leaves_with_path(params)
+    if "clip" not in jax.tree_util.keystr(k)
+  )
   assert moments == 2 * trainable
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
   history = [params]
@@ -171,8 +191,9 @@ def test_optimizer_freezes_clip_and_ust_phase_then_fresh_adamw():
   np.testing.assert_array_equal(p2["masker"]["backbone"]["kernel"], 2.0)
   # ... then its first AdamW step is a *fresh* one (bias correction from 1, as torch's per-param
   # state): update = lr * (g / (|g| + eps) + wd * p) = 0.1 * (a + 0.5 * 2).
-  np.testing.assert_allclose(p3["masker"]["backbone"]["kernel"], 2.0 - 0.1 * (a + 0.5 * 2.0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    p3["masker"]["backbone"]["kernel"], 2.0 - 0.1 * (a + 0.5 * 2.0), rtol=1e-6
+  )
   np.testing.assert_allclose(p3["masker"]["backbone"]["ln"]["scale"], 1.0 - 0.1 * a, rtol=1e-6)
   # The decoder trains from step 0: three Adam steps on a constant gradient, decay on kernels.
   k = 1.0
@@ -189,22 +210,26 @@ def test_grad_clipping_excludes_frozen_and_ust_leaves():
   labels = optim.param_labels(params, c.frozen_regex, c.ust_regex)
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 2.0), params)
   # 12 trainable scalars (decoder 6 + 2 + 1, sim2mask 2, scale 1) with gradient 2.
-  np.testing.assert_allclose(optim.trainable_grad_norm(grads, labels, 0, 5), 2 * math.sqrt(12),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    optim.trainable_grad_norm(grads, labels, 0, 5), 2 * math.sqrt(12), rtol=1e-6
+  )
   # After UST the backbone's 6 scalars count too.
-  np.testing.assert_allclose(optim.trainable_grad_norm(grads, labels, 5, 5), 2 * math.sqrt(18),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    optim.trainable_grad_norm(grads, labels, 5, 5), 2 * math.sqrt(18), rtol=1e-6
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # Sharded step == single-device step
 # ------------------------------------------------------------------------------------------------
 
+
 def _train_steps(config, devices, params, batch, steps=2):
   model = kinds.build_model(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
+  tx, schedule = optim.make_optimizer(
+    config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
+  )
   labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
   state = step_lib.create_train_state(params, jax.random.key(1), tx)
   state_sharding = sharding.state_shardings(mesh, jax.eval_shape(lambda: state), config.mesh)
@@ -212,9 +237,15 @@ def _train_steps(config, devices, params, batch, steps=2):
     state = jax.device_put(state, state_sharding)
     batch = sharding.to_global(batch, sharding.data_sharding(mesh))
     step = step_lib.make_jit_train_step(
-        model=model, tx=tx, labels=labels, schedule=schedule, config=config,
-        state_sharding=state_sharding, batch_sharding=sharding.data_sharding(mesh),
-        repl=sharding.repl_sharding(mesh))
+      model=model,
+      tx=tx,
+      labels=labels,
+      schedule=schedule,
+      config=config,
+      state_sharding=state_sharding,
+      batch_sharding=sharding.data_sharding(mesh),
+      repl=sharding.repl_sharding(mesh),
+    )
     for _ in range(steps):  # the second step sees updated params and AdamW moments
       state, metrics, _ = step(state, batch)
   return jax.device_get(state.params), jax.device_get(metrics), state_sharding
@@ -228,8 +259,9 @@ def visible_update_config(**overrides) -> ml_collections.ConfigDict:
   to 1e-5) into update differences of a few % of lr.
   """
   c = small_config(**overrides)
-  c.optim.update(base_lr=1e-2, min_lr=1e-2, lr_scale_reference_batch=0, warmup_steps=0,
-                 ust_steps=0, eps=1e-4)
+  c.optim.update(
+    base_lr=1e-2, min_lr=1e-2, lr_scale_reference_batch=0, warmup_steps=0, ust_steps=0, eps=1e-4
+  )
   return c
 
 
@@ -252,12 +284,14 @@ def assert_leaves_close(got: dict, want: dict, what: str, rel=1e-3):
     assert a.shape == b.shape, (what, k, a.shape, b.shape)
     err = np.linalg.norm((a - b).ravel().astype(np.float64))
     assert err <= rel * np.linalg.norm(b.ravel().astype(np.float64)), (
-        f"{what}: {k}: |got - want| = {err:.3g}, {err / max(np.linalg.norm(b), 1e-30):.3g} "
-        f"of |want|, above {rel}")
+      f"{what}: {k}: |got - want| = {err:.3g}, {err / max(np.linalg.norm(b), 1e-30):.3g} "
+      f"of |want|, above {rel}"
+    )
 
 
-def assert_same_updates(got: dict, want: dict, init: dict, labels: dict, what: str,
-                        min_move=5e-4, rel=1e-3):
+def assert_same_updates(
+  got: dict, want: dict, init: dict, labels: dict, what: str, min_move=5e-4, rel=1e-3
+):
   """Flat param dicts: got - init == want - init for every trained leaf (assert_leaves_close),
   every trained leaf moved by at least `min_move` somewhere (an Adam step at lr 1e-2 moves
   elements by up to 1e-2, float32 noise is ~1e-7), frozen leaves did not move."""
@@ -269,8 +303,9 @@ def assert_same_updates(got: dict, want: dict, init: dict, labels: dict, what: s
   updates = {k: np.asarray(want[k], np.float64) - init[k] for k in trained}
   for k in trained:
     assert np.abs(updates[k]).max() >= min_move, (what, k, np.abs(updates[k]).max())
-  assert_leaves_close({k: np.asarray(got[k], np.float64) - init[k] for k in trained}, updates,
-                      f"{what}: update", rel)
+  assert_leaves_close(
+    {k: np.asarray(got[k], np.float64) - init[k] for k in trained}, updates, f"{what}: update", rel
+  )
   assert len(trained) >= 30 and len(trained) < len(init), (len(trained), len(init))
 
 
@@ -294,8 +329,9 @@ def test_eight_device_step_equals_one_device_step(fsdp):
   # The last step's metrics: its loss is computed on the params the first update produced.
   for k in ("loss", "grad_norm", "lr") + tcl_lib.LOSS_TERMS:
     np.testing.assert_allclose(got_metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  assert_same_updates(flat(got_params), flat(ref_params), flat(params), flat(labels),
-                      f"fsdp={fsdp}")
+  assert_same_updates(
+    flat(got_params), flat(ref_params), flat(params), flat(labels), f"fsdp={fsdp}"
+  )
 
 
 def test_mesh_shapes_and_fsdp_rule():
@@ -303,14 +339,19 @@ def test_mesh_shapes_and_fsdp_rule():
   assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {"data": 2, "fsdp": 4}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   assert sharding.data_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
-  tree = {"big": jax.ShapeDtypeStruct((6, 8), jnp.float32),
-          "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32),
-          "scalar": jax.ShapeDtypeStruct((), jnp.float32)}
+  tree = {
+    "big": jax.ShapeDtypeStruct((6, 8), jnp.float32),
+    "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32),
+    "scalar": jax.ShapeDtypeStruct((), jnp.float32),
+  }
   mc = tcl_config.common.mesh_config(4)
   mc.fsdp_min_size = 0
   specs = jax.tree.map(lambda s: s.spec, sharding.state_shardings(mesh, tree, mc))
-  assert specs == {"big": jax.sharding.PartitionSpec(None, "fsdp"),  # largest divisible dim
-                   "odd": jax.sharding.PartitionSpec(), "scalar": jax.sharding.PartitionSpec()}
+  assert specs == {
+    "big": jax.sharding.PartitionSpec(None, "fsdp"),  # largest divisible dim
+    "odd": jax.sharding.PartitionSpec(),
+    "scalar": jax.sharding.PartitionSpec(),
+  }
   with pytest.raises(ValueError, match="do not split"):
     sharding.make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 3), axes=("data", "fsdp"))))
 
@@ -318,12 +359,21 @@ def test_mesh_shapes_and_fsdp_rule():
 def _steps_on_one_device(config, params, batch, steps=2):
   """`steps` jitted train steps without a mesh; returns (params, last metrics, jaxpr text)."""
   model = kinds.build_model(config)
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
+  tx, schedule = optim.make_optimizer(
+    config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
+  )
   labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
   state = step_lib.create_train_state(params, jax.random.key(1), tx)
-  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=model.loss, tx=tx, labels=labels,
-                                   schedule=schedule, ust_steps=config.optim.ust_steps))
+  step = jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      loss_fn=model.loss,
+      tx=tx,
+      labels=labels,
+      schedule=schedule,
+      ust_steps=config.optim.ust_steps,
+    )
+  )
   jaxpr = str(jax.make_jaxpr(step)(state, batch))
   for _ in range(steps):
     state, metrics, _ = step(state, batch)
@@ -368,6 +418,7 @@ def test_remat_and_bf16_steps_run_and_match_float32():
 # Checkpoints: exact resume, non-finite stop
 # ------------------------------------------------------------------------------------------------
 
+
 def _losses(history):
   return {h["step"]: h["loss"] for h in history if "loss" in h}
 
@@ -380,12 +431,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
   config.mesh = tcl_config.common.mesh_config(2)
   config.mesh.fsdp_min_size = 0
   straight, straight_hist = train.train_and_evaluate(
-      config, str(tmp_path / "straight"), train_iter=FakeIterator(8, 32))
+    config, str(tmp_path / "straight"), train_iter=FakeIterator(8, 32)
+  )
 
   # Preempted after n steps: a SIGTERM while the n-th batch is served stops the run after the
   # n-th step (train.py's between-steps check), with a checkpoint.
   class SigtermAtBatchN(FakeIterator):
-
     def __next__(self):
       if self.i == n - 1:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -395,8 +446,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
   _, hist = train.train_and_evaluate(config, str(tmp_path / "resumed"), train_iter=preempted)
   assert max(_losses(hist)) == n and preempted.i == n
   it = FakeIterator(8, 32)
-  resumed, resumed_hist = train.train_and_evaluate(config, str(tmp_path / "resumed"),
-                                                   train_iter=it)
+  resumed, resumed_hist = train.train_and_evaluate(config, str(tmp_path / "resumed"), train_iter=it)
   assert it.i == 2 * n  # the iterator was fast-forwarded to batch n, then served n more
   want, got = _losses(straight_hist), _losses(resumed_hist)
   assert sorted(got) == list(range(n + 1, 2 * n + 1))
@@ -404,12 +454,18 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(got[s], want[s], rtol=0, atol=1e-6, err_msg=f"step {s}")
   assert int(resumed.step) == 2 * n
   # Relative per leaf: Adam's second moments are ~1e-9, below any useful absolute tolerance.
-  assert_leaves_close(flat(jax.device_get(resumed.params)), flat(jax.device_get(straight.params)),
-                      "params", rel=1e-6)
-  assert_leaves_close(flat(jax.device_get(resumed.opt_state)),
-                      flat(jax.device_get(straight.opt_state)), "opt_state", rel=1e-6)
+  assert_leaves_close(
+    flat(jax.device_get(resumed.params)), flat(jax.device_get(straight.params)), "params", rel=1e-6
+  )
+  assert_leaves_close(
+    flat(jax.device_get(resumed.opt_state)),
+    flat(jax.device_get(straight.opt_state)),
+    "opt_state",
+    rel=1e-6,
+  )
   # A training workdir is a checkpoint users can evaluate: its latest parameters load by path.
   from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+
   cfg, params = convert.load_any(str(tmp_path / "resumed"))
   assert cfg.ie_freeze == config.model.ie_freeze
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed.params)):
@@ -421,10 +477,10 @@ def test_sigterm_while_waiting_for_data_checkpoints_the_steps_done(tmp_path):
   # the run stops without a third batch and keeps steps 1-2 in a checkpoint whose input state is
   # the one before the read that never finished.
   import threading  # pylint: disable=g-import-not-at-top
+
   n, release = 2, threading.Event()
 
   class StallsAfterN(FakeIterator):
-
     def __next__(self):
       if self.i == n:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -448,33 +504,56 @@ def test_sigterm_while_waiting_for_data_checkpoints_the_steps_done(tmp_path):
 
 def test_non_finite_stop_keeps_last_good_and_best_checkpoints(tmp_path, monkeypatch):
   # state.step == 3 is the 4th update: steps 1..3 are good and checkpointed, step 4 is NaN.
-  config = small_config(total_steps=8, checkpoint_every_steps=1, log_every_steps=1,
-                        debug_nan_at_step=3, eval_every_steps=1, image_log_every_steps=2)
+  config = small_config(
+    total_steps=8,
+    checkpoint_every_steps=1,
+    log_every_steps=1,
+    debug_nan_at_step=3,
+    eval_every_steps=1,
+    image_log_every_steps=2,
+  )
   config.checkpoint.keep, config.checkpoint.keep_best = 1, 1
   # Evaluation is stubbed (tests/test_evaluate*.py cover it): mIoU 5, 9, 2 at steps 1, 2, 3.
   mious = iter([5.0, 9.0, 2.0, 1.0])
-  monkeypatch.setattr(train, "run_evaluation", lambda *a, **k: (
-      lambda m: {"voc20": {"miou": m}, "context59": {"miou": None}, "average": m})(next(mious)))
+  monkeypatch.setattr(
+    train,
+    "run_evaluation",
+    lambda *a, **k: (lambda m: {"voc20": {"miou": m}, "context59": {"miou": None}, "average": m})(
+      next(mious)
+    ),
+  )
   with pytest.raises(train.NonFiniteLossError, match="Non-finite loss.* step 4.*step 3"):
     train.train_and_evaluate(config, str(tmp_path), train_iter=FakeIterator(8, 32))
   mngr = checkpointing.create_checkpoint_manager(str(tmp_path), config.checkpoint)
   assert mngr.latest_step() == 3
   assert sorted(mngr.all_steps()) == [2, 3]  # the best (mIoU 9) and the latest good one
-  restored = mngr.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                     input=ocp.args.JsonRestore()))
+  restored = mngr.restore(
+    3, args=ocp.args.Composite(state=ocp.args.StandardRestore(), input=ocp.args.JsonRestore())
+  )
   leaves = jax.tree.leaves(restored["state"]["params"])
   assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
   assert int(restored["state"]["step"]) == 3
   assert restored["input"] == {"process_count": 1, "processes": {"0": {"i": 3}}}
   mngr.close()
   # TensorBoard got the eval scalars and the mask image grid.
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import (
+    event_accumulator,  # pylint: disable=g-import-not-at-top
+  )
+
   events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
   events.Reload()
   tags = events.Tags()["tensors"]
-  for tag in ("train/loss", "train/tcli_loss", "train/grad_norm", "train/lr", "steps_per_sec",
-              "eval/voc20/miou_percent", "eval/average_miou_percent", "train/masks",
-              "input/bad_record"):
+  for tag in (
+    "train/loss",
+    "train/tcli_loss",
+    "train/grad_norm",
+    "train/lr",
+    "steps_per_sec",
+    "eval/voc20/miou_percent",
+    "eval/average_miou_percent",
+    "train/masks",
+    "input/bad_record",
+  ):
     assert tag in tags, tag
   assert "eval/context59/miou_percent" not in tags  # None results are skipped
   assert [e.step for e in events.Tensors("eval/voc20/miou_percent")] == [1, 2, 3]
@@ -498,6 +577,7 @@ def test_mask_overlay_grid():
 # ------------------------------------------------------------------------------------------------
 # The update descends, and the per-step noise follows the step
 # ------------------------------------------------------------------------------------------------
+
 
 class FixedBatch(FakeIterator):
   """FakeIterator serving its first batch every time (the position still counts)."""
@@ -528,8 +608,9 @@ def _fixed_noise_batch(config):
   loss is a deterministic function of the parameters."""
   batch = next(FakeIterator(config.batch_size, 32))
   grid = 32 // config.model.clip["vision_patch_size"] * 4  # the masks' side: patch grid x 4
-  batch["gumbel_uniform"] = np.random.default_rng(5).uniform(
-      1e-3, 1 - 1e-3, (8, 8, grid, grid)).astype(np.float32)
+  batch["gumbel_uniform"] = (
+    np.random.default_rng(5).uniform(1e-3, 1 - 1e-3, (8, 8, grid, grid)).astype(np.float32)
+  )
   return batch
 
 
@@ -537,7 +618,8 @@ def open_gates(params):
   """The decoder's zero-init gates set to 0.5 (as a trained masker's), so that every decoder
   leaf gets a gradient."""
   return jax.tree_util.tree_map_with_path(
-      lambda k, v: jnp.full_like(v, 0.5) if "gate" in jax.tree_util.keystr(k) else v, params)
+    lambda k, v: jnp.full_like(v, 0.5) if "gate" in jax.tree_util.keystr(k) else v, params
+  )
 
 
 def test_the_update_opposes_the_gradient_in_every_trained_leaf():
@@ -549,15 +631,28 @@ def test_the_update_opposes_the_gradient_in_every_trained_leaf():
   params = open_gates(jax.device_get(jax.jit(model.init)(jax.random.key(0))))
   batch = _fixed_noise_batch(config)
   grads = jax.jit(jax.grad(lambda p: model.loss(p, batch, None)[0]))(params)
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
+  tx, schedule = optim.make_optimizer(
+    config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
+  )
   labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
   state = step_lib.create_train_state(params, jax.random.key(1), tx)
-  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=model.loss, tx=tx, labels=labels,
-                                   schedule=schedule, ust_steps=config.optim.ust_steps))
+  step = jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      loss_fn=model.loss,
+      tx=tx,
+      labels=labels,
+      schedule=schedule,
+      ust_steps=config.optim.ust_steps,
+    )
+  )
   new_state, metrics, _ = step(state, batch)
-  before, after, g, lab = flat(params), flat(jax.device_get(new_state.params)), flat(grads), flat(
-      labels)
+  before, after, g, lab = (
+    flat(params),
+    flat(jax.device_get(new_state.params)),
+    flat(grads),
+    flat(labels),
+  )
   cosines = {}
   for k in before:
     u = np.asarray(after[k], np.float64) - before[k]
@@ -585,11 +680,20 @@ def test_step_noise_differs_between_steps_and_is_reproduced_on_resume(tmp_path):
   model = kinds.build_model(config)
   params = jax.device_get(jax.jit(model.init)(jax.random.key(0)))
   batch = next(FakeIterator(config.batch_size, 32))
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
+  tx, schedule = optim.make_optimizer(
+    config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
+  )
   labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
-  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=model.loss, tx=tx, labels=labels,
-                                   schedule=schedule, ust_steps=config.optim.ust_steps))
+  step = jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      loss_fn=model.loss,
+      tx=tx,
+      labels=labels,
+      schedule=schedule,
+      ust_steps=config.optim.ust_steps,
+    )
+  )
   state = step_lib.create_train_state(params, jax.random.key(1), tx)
   losses, states = [], [state]
   for _ in range(3):
@@ -602,7 +706,7 @@ def test_step_noise_differs_between_steps_and_is_reproduced_on_resume(tmp_path):
   assert float(step(states[0], batch)[1]["loss"]) == losses[0]
   # ... and each step draws new noise. Measured (2-core CPU): 1.331, 1.289, 1.273, the closest
   # two 0.017 (1.2%) apart.
-  spread = min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1:])
+  spread = min(abs(a - b) for i, a in enumerate(losses) for b in losses[i + 1 :])
   assert spread > 1e-3 * abs(losses[0]), losses
   # Resume: the state at step 2 through the loop's checkpoint save and restore draws the noise
   # of the uninterrupted run's third step.
@@ -612,12 +716,13 @@ def test_step_noise_differs_between_steps_and_is_reproduced_on_resume(tmp_path):
   abstract = jax.eval_shape(lambda: states[2])
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   restored, _ = checkpointing.restore(
-      mngr, 2, checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: one,
-                                                                            abstract)))
+    mngr, 2, checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: one, abstract))
+  )
   mngr.close()
   assert int(restored.step) == 2
   assert float(step(restored, batch)[1]["loss"]) == losses[2]
   # The noise is a function of the state's (rng, step) alone: a fresh state set to step 2 too.
   fresh = step_lib.create_train_state(params, jax.random.key(1), tx).replace(
-      step=jnp.asarray(2, jnp.int32))
+    step=jnp.asarray(2, jnp.int32)
+  )
   assert float(step(fresh, batch)[1]["loss"]) == losses[2]

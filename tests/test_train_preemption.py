@@ -9,8 +9,7 @@ import time
 
 from conftest import REPO
 
-FIXTURE = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "tcl_tiny",
-                       "tcl_reference.pth")
+FIXTURE = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "tcl_tiny", "tcl_reference.pth")
 STEP_LOG = re.compile(r"\[(\d+)\] .*train/loss=")
 
 
@@ -18,11 +17,21 @@ def _start(workdir, log_path, *overrides):
   env = dict(os.environ)
   env["XLA_FLAGS"] = ""  # one CPU device in the child: compile fast
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-  cmd = [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py",
-         f"--workdir={workdir}", "--config.batch_size=4", "--config.log_every_steps=1",
-         "--config.checkpoint_every_steps=1000", "--config.image_log_every_steps=0",
-         "--config.evals.tasks=", "--config.synthetic.num_train_examples=64",
-         "--config.input.options.shuffle_buffer=64", *overrides]
+  cmd = [
+    sys.executable,
+    "-m",
+    "tcl_jax.main",
+    "--config=configs/synthetic.py",
+    f"--workdir={workdir}",
+    "--config.batch_size=4",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=1000",
+    "--config.image_log_every_steps=0",
+    "--config.evals.tasks=",
+    "--config.synthetic.num_train_examples=64",
+    "--config.input.options.shuffle_buffer=64",
+    *overrides,
+  ]
   log = open(log_path, "w")
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
@@ -82,6 +91,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path):
 def _bad_shard(path, n=16):
   """A shard of `n` well-formed records whose image bytes are not an image."""
   from tcl_jax.data import schema  # pylint: disable=g-import-not-at-top
+
   with schema.ShardWriter(str(path)) as w:
     for i in range(n):
       w.write(schema.make_example(b"\x00not a jpeg" * 8, f"a photo {i}", f"bad-{i:02d}"))
@@ -95,14 +105,29 @@ def test_all_bad_data_stops_with_one_line_naming_the_file(tmp_path):
   # An endless loop of epochs would never end: the generous timeout (start-up and compile on a
   # loaded 2-core machine take minutes) fails it with TimeoutExpired.
   proc = subprocess.run(
-      [sys.executable, "-m", "tcl_jax.main", "--config=configs/synthetic.py",
-       f"--workdir={tmp_path / 'wd'}", "--config.total_steps=5", "--config.evals.tasks=",
-       "--config.synthetic.num_train_examples=16", f"--config.input.train_files=('{data}/*',)"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "tcl_jax.main",
+      "--config=configs/synthetic.py",
+      f"--workdir={tmp_path / 'wd'}",
+      "--config.total_steps=5",
+      "--config.evals.tasks=",
+      "--config.synthetic.num_train_examples=16",
+      f"--config.input.train_files=('{data}/*',)",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   last = proc.stderr.strip().splitlines()[-1]
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert last == (f"error: input: no usable example in a full pass over 1 file "
-                  f"({data / 'train-00000-of-00001.tfrecord'}): 16 corrupt_image"), last
+  assert last == (
+    f"error: input: no usable example in a full pass over 1 file "
+    f"({data / 'train-00000-of-00001.tfrecord'}): 16 corrupt_image"
+  ), last
   assert "Traceback" not in proc.stderr
   # Each bad record is named once (rate-limited: the first 10) with its file and key.
   named = re.findall(r"input: corrupt_image: (\S+), key '(bad-\d\d)'", proc.stderr)
@@ -117,8 +142,9 @@ def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):
   fifo = data / "train-00000-of-00001.tfrecord"
   os.mkfifo(fifo)
   log_path = tmp_path / "run.log"
-  proc, fh = _start(tmp_path / "wd", log_path, "--config.total_steps=5",
-                    f"--config.input.train_files=('{data}/*',)")
+  proc, fh = _start(
+    tmp_path / "wd", log_path, "--config.total_steps=5", f"--config.input.train_files=('{data}/*',)"
+  )
   try:
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -168,5 +194,7 @@ def test_ctrl_c_checkpoints_says_so_in_one_line_and_exits_130(tmp_path):
   ckpts = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert ckpts == [stopped]  # the steps done are saved: a rerun resumes there
   lines = [ln for ln in text.splitlines() if ln.startswith("stopped: ")]
-  assert lines == [f"stopped: interrupted (Ctrl-C) at step {stopped}; the checkpoint is in "
-                   f"{workdir / 'checkpoints'}: rerun the same command to resume"], text[-2000:]
+  assert lines == [
+    f"stopped: interrupted (Ctrl-C) at step {stopped}; the checkpoint is in "
+    f"{workdir / 'checkpoints'}: rerun the same command to resume"
+  ], text[-2000:]

@@ -15,10 +15,15 @@ import zipfile
 
 import numpy as np
 
-_STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
-            np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",
-            np.dtype(np.int32): "IntStorage", np.dtype(np.uint8): "ByteStorage",
-            np.dtype(np.bool_): "BoolStorage"}
+_STORAGE = {
+  np.dtype(np.float32): "FloatStorage",
+  np.dtype(np.float64): "DoubleStorage",
+  np.dtype(np.float16): "HalfStorage",
+  np.dtype(np.int64): "LongStorage",
+  np.dtype(np.int32): "IntStorage",
+  np.dtype(np.uint8): "ByteStorage",
+  np.dtype(np.bool_): "BoolStorage",
+}
 
 
 class _TorchGlobal:
@@ -64,13 +69,20 @@ class _Pickler(pickle._Pickler):  # the Python pickler: its dispatch table can b
     storage = _Storage(str(len(self.storages)), a)
     self.storages.append(storage)
     stride = tuple(s // a.itemsize for s in a.strides) if a.size else (1,) * a.ndim
-    return (_TorchGlobal("torch._utils", "_rebuild_tensor_v2"),
-            (storage, 0, _Size(a.shape), stride, False, collections.OrderedDict()))
+    return (
+      _TorchGlobal("torch._utils", "_rebuild_tensor_v2"),
+      (storage, 0, _Size(a.shape), stride, False, collections.OrderedDict()),
+    )
 
   def persistent_id(self, obj):
     if isinstance(obj, _Storage):
-      return ("storage", _TorchGlobal("torch", _STORAGE[obj.array.dtype]), obj.key, "cpu",
-              obj.array.size)
+      return (
+        "storage",
+        _TorchGlobal("torch", _STORAGE[obj.array.dtype]),
+        obj.key,
+        "cpu",
+        obj.array.size,
+      )
     return None
 
 

@@ -39,9 +39,13 @@ def _typed(key: str, value: str, default):
     parsed = ast.literal_eval(value.strip())
   except (ValueError, SyntaxError):
     parsed = None
-  ok = (isinstance(parsed, bool) if kind is bool else
-        isinstance(parsed, int) and not isinstance(parsed, bool) if kind is int else
-        isinstance(parsed, (int, float)) and not isinstance(parsed, bool))
+  ok = (
+    isinstance(parsed, bool)
+    if kind is bool
+    else isinstance(parsed, int) and not isinstance(parsed, bool)
+    if kind is int
+    else isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
+  )
   if not ok:
     raise ValueError(f"{key} must be {_TYPE_NAMES[kind]}, got {value!r}")
   return kind(parsed)
@@ -56,15 +60,22 @@ def mesh_config(fsdp: int = 1) -> ml_collections.ConfigDict:
   16-chip pod slice (v4-32, v5e-16), `--config.mesh.shape='(4,4)'` is 4-way data x 4-way FSDP,
   `'(-1,1)'` pure data parallel (tcl_jax/sharding.py).
   """
-  return ml_collections.ConfigDict(dict(
-      shape=(-1, fsdp), axes=("data", "fsdp"), axis_types="auto",
-      param_rules=((".*", "fsdp"),), fsdp_min_size=2**16))
+  return ml_collections.ConfigDict(
+    dict(
+      shape=(-1, fsdp),
+      axes=("data", "fsdp"),
+      axis_types="auto",
+      param_rules=((".*", "fsdp"),),
+      fsdp_min_size=2**16,
+    )
+  )
 
 
 def distributed_config() -> ml_collections.ConfigDict:
   """jax.distributed.initialize arguments; '' / -1 = auto-detect (TPU pods, SLURM)."""
-  return ml_collections.ConfigDict(dict(
-      initialize=False, coordinator_address="", num_processes=-1, process_id=-1))
+  return ml_collections.ConfigDict(
+    dict(initialize=False, coordinator_address="", num_processes=-1, process_id=-1)
+  )
 
 
 def checkpoint_config(keep: int = 3, keep_best: int = 1) -> ml_collections.ConfigDict:
@@ -74,42 +85,79 @@ def checkpoint_config(keep: int = 3, keep_best: int = 1) -> ml_collections.Confi
 
 def clip_vit_b16() -> dict:
   """OpenAI CLIP ViT-B/16 dimensions."""
-  return dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-              vision_patch_size=16, vision_heads=12, context_length=77, vocab_size=49408,
-              transformer_width=512, transformer_heads=8, transformer_layers=12)
+  return dict(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=16,
+    vision_heads=12,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=12,
+  )
 
 
 def clip_tiny() -> dict:
   """The shared fixture's tiny CLIP (tests/fixtures, tcl_jax.models.tcl.tiny_config)."""
-  return dict(embed_dim=64, image_resolution=96, vision_layers=4, vision_width=128,
-              vision_patch_size=16, vision_heads=2, context_length=77, vocab_size=49408,
-              transformer_width=64, transformer_heads=2, transformer_layers=2)
+  return dict(
+    embed_dim=64,
+    image_resolution=96,
+    vision_layers=4,
+    vision_width=128,
+    vision_patch_size=16,
+    vision_heads=2,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=64,
+    transformer_heads=2,
+    transformer_layers=2,
+  )
 
 
 def tcl_model(clip: dict, ie_freeze: int) -> ml_collections.ConfigDict:
   """`config.model`: the fields of tcl_jax.models.tcl.TCLConfig (configs/tcl.yml's model:)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       clip=clip,
       ie_freeze=ie_freeze,  # masker backbone = CLIP blocks [ie_freeze:]
       ie_ignore_last_attn=True,  # MaskCLIP
-      decoder_n_layers=2, decoder_kernel_size=3, decoder_act="gelu", decoder_norm="ln",
+      decoder_n_layers=2,
+      decoder_kernel_size=3,
+      decoder_act="gelu",
+      decoder_norm="ln",
       decoder_double=True,
-      sim2mask_init_w=10.0, sim2mask_init_b=-2.5, gumbel_tau=1.0,
-      tcl_w=0.1, area_w=0.4, tv_w=1.0,
-  ))
+      sim2mask_init_w=10.0,
+      sim2mask_init_b=-2.5,
+      gumbel_tau=1.0,
+      tcl_w=0.1,
+      area_w=0.4,
+      tv_w=1.0,
+    )
+  )
 
 
 def tcl_optim(**overrides) -> ml_collections.ConfigDict:
   """`config.optim`: configs/tcl.yml's train: section (over default.yml)."""
-  c = ml_collections.ConfigDict(dict(
+  c = ml_collections.ConfigDict(
+    dict(
       # lr and min_lr are scaled by global_batch / lr_scale_reference_batch (main.py); 0 = off.
-      base_lr=3e-4, min_lr=4e-5, lr_scale_reference_batch=4096,
-      warmup_steps=15000, warmup_start_factor=1e-4,  # LinearLR(start_factor=1e-4)
+      base_lr=3e-4,
+      min_lr=4e-5,
+      lr_scale_reference_batch=4096,
+      warmup_steps=15000,
+      warmup_start_factor=1e-4,  # LinearLR(start_factor=1e-4)
       ust_steps=30000,  # decoder-only phase: masker backbone frozen
-      weight_decay=0.05, clip_grad=5.0,
-      b1=0.9, b2=0.999, eps=1e-6,
+      weight_decay=0.05,
+      clip_grad=5.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-6,
       frozen_regex=r"^clip/",  # CLIP towers: never trained
       ust_regex=r"^masker/backbone/",  # trained only after ust_steps
-  ))
+    )
+  )
   c.update(overrides)
   return c

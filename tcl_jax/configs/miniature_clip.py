@@ -41,8 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.remat = False
 
   # The shapes world, written into <workdir>/data on first start (tcl_jax.train).
-  config.synthetic = ml_collections.ConfigDict(dict(
-      num_train_examples=16384, image_size=96, num_shards=8, seed=arg.seed, num_eval_images=0))
+  config.synthetic = ml_collections.ConfigDict(
+    dict(num_train_examples=16384, image_size=96, num_shards=8, seed=arg.seed, num_eval_images=0)
+  )
   config.input = ml_collections.ConfigDict()
   config.input.train_files = ("{workdir}/data/train/train-*.tfrecord",)
   config.input.image_size = 96
@@ -57,8 +58,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 3e-4, not 1e-3: at 1e-3 this ViT learns colour but never shape (trained on shape labels
   # alone it stays at chance for 400 steps at 1e-3, and learns at 1e-4 and 2e-4).
   config.optim = common.tcl_optim(
-      base_lr=3e-4, min_lr=1e-5, lr_scale_reference_batch=0, warmup_steps=150,
-      ust_steps=0, weight_decay=0.1, frozen_regex="", ust_regex="")
+    base_lr=3e-4,
+    min_lr=1e-5,
+    lr_scale_reference_batch=0,
+    warmup_steps=150,
+    ust_steps=0,
+    weight_decay=0.1,
+    frozen_regex="",
+    ust_regex="",
+  )
 
   config.evals = ml_collections.ConfigDict(dict(tasks=""))
   config.mesh = common.mesh_config(1)

@@ -42,14 +42,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.compute_dtype = "auto"
   config.remat = False
 
-  config.miniature = ml_collections.ConfigDict(dict(
+  config.miniature = ml_collections.ConfigDict(
+    dict(
       clip_weights="tcl_jax/assets/miniature_clip.npz",  # "": train stage 1 in <workdir>/clip
       clip_steps=0,  # stage 1 steps when it runs (0: configs/miniature_clip.py's)
-      num_mask_images=6))  # evaluation images in miniature_masks.png
+      num_mask_images=6,
+    )
+  )  # evaluation images in miniature_masks.png
 
   # The shapes world, written by the loop on first start (tcl_jax.train.prepare_synthetic_data).
-  config.synthetic = ml_collections.ConfigDict(dict(
-      num_train_examples=4096, image_size=96, num_shards=4, seed=arg.seed, num_eval_images=100))
+  config.synthetic = ml_collections.ConfigDict(
+    dict(num_train_examples=4096, image_size=96, num_shards=4, seed=arg.seed, num_eval_images=100)
+  )
   config.input = ml_collections.ConfigDict()
   config.input.train_files = ("{workdir}/data/train/train-*.tfrecord",)
   config.input.image_size = 96  # the tiny CLIP's native resolution
@@ -63,8 +67,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = common.tcl_model(common.clip_tiny(), ie_freeze=3)
   # No linear lr scaling at this batch size; UST for the first third, as in the recipe.
   config.optim = common.tcl_optim(
-      base_lr=1e-3, min_lr=1e-5, lr_scale_reference_batch=0,
-      warmup_steps=max(arg.steps // 10, 1), ust_steps=arg.steps // 3)
+    base_lr=1e-3,
+    min_lr=1e-5,
+    lr_scale_reference_batch=0,
+    warmup_steps=max(arg.steps // 10, 1),
+    ust_steps=arg.steps // 3,
+  )
 
   config.evals = eval_configs.evals_config()
   config.evals.tasks = "shapes,shapes12"  # as voc and voc20: with and without background

@@ -10,19 +10,31 @@ import numpy as np
 
 from tcl_jax import tokenizer
 
-_CAPTIONS = tuple(f"a photo of a {c} {s}" for c in ("red", "green", "blue", "white")
-                  for s in ("dog", "car", "tree", "house"))
+_CAPTIONS = tuple(
+  f"a photo of a {c} {s}"
+  for c in ("red", "green", "blue", "white")
+  for s in ("dog", "car", "tree", "house")
+)
 
 
 class InMemoryIterator:
   """Endless per-host batches: {"image": float32 [b, S, S, 3], "text_tokens": int32 [b, L]} with
   b = global_batch_size // process_count."""
 
-  def __init__(self, *, global_batch_size: int, image_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, context_length: int = 77):
+  def __init__(
+    self,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    context_length: int = 77,
+  ):
     if global_batch_size % process_count:
-      raise ValueError(f"global batch {global_batch_size} does not divide over "
-                       f"{process_count} processes")
+      raise ValueError(
+        f"global batch {global_batch_size} does not divide over {process_count} processes"
+      )
     self._b = global_batch_size // process_count
     self._size = image_size
     self._seed, self._process = seed, process_index

@@ -47,102 +47,110 @@ STATS_SUFFIX = ".stats.json"
 
 
 def shard_name(index: int, count: int, split: str = "train") -> str:
-    return f"{split}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
+  return f"{split}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
 
 
 def parse_spec(with_tokens: bool = False, context_length: int = 77) -> dict:
-    """Feature spec for ``tf.io.parse_single_example``.
+  """Feature spec for ``tf.io.parse_single_example``.
 
-    Missing required features parse to empty strings rather than failing, so
-    that the reader can count them ("missing_image" / "empty_caption") instead
-    of losing the whole record to a parse error.
-    """
-    import tensorflow as tf
+  Missing required features parse to empty strings rather than failing, so
+  that the reader can count them ("missing_image" / "empty_caption") instead
+  of losing the whole record to a parse error.
+  """
+  import tensorflow as tf
 
-    spec = {
-        IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        CAPTION: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    }
-    if with_tokens:
-        spec[TOKENS] = tf.io.FixedLenFeature(
-            [context_length], tf.int64, default_value=[0] * context_length)
-    return spec
+  spec = {
+    IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    CAPTION: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+  }
+  if with_tokens:
+    spec[TOKENS] = tf.io.FixedLenFeature(
+      [context_length], tf.int64, default_value=[0] * context_length
+    )
+  return spec
 
 
-def make_example(image: bytes, caption: str, key: str, *, url: str | None = None,
-                 width: int | None = None, height: int | None = None,
-                 tokens=None) -> bytes:
-    """Serialize one image-text pair to ``tf.train.Example`` bytes."""
-    import tensorflow as tf
+def make_example(
+  image: bytes,
+  caption: str,
+  key: str,
+  *,
+  url: str | None = None,
+  width: int | None = None,
+  height: int | None = None,
+  tokens=None,
+) -> bytes:
+  """Serialize one image-text pair to ``tf.train.Example`` bytes."""
+  import tensorflow as tf
 
-    def _bytes(v):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+  def _bytes(v):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
-    def _ints(v):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
+  def _ints(v):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
 
-    feats = {
-        IMAGE: _bytes(image),
-        CAPTION: _bytes(caption.encode("utf-8")),
-        KEY: _bytes(key.encode("utf-8")),
-    }
-    if url:
-        feats[URL] = _bytes(url.encode("utf-8"))
-    if width is not None:
-        feats[WIDTH] = _ints([int(width)])
-    if height is not None:
-        feats[HEIGHT] = _ints([int(height)])
-    if tokens is not None:
-        feats[TOKENS] = _ints(int(t) for t in tokens)
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+  feats = {
+    IMAGE: _bytes(image),
+    CAPTION: _bytes(caption.encode("utf-8")),
+    KEY: _bytes(key.encode("utf-8")),
+  }
+  if url:
+    feats[URL] = _bytes(url.encode("utf-8"))
+  if width is not None:
+    feats[WIDTH] = _ints([int(width)])
+  if height is not None:
+    feats[HEIGHT] = _ints([int(height)])
+  if tokens is not None:
+    feats[TOKENS] = _ints(int(t) for t in tokens)
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
 
 class ShardWriter:
-    """Writes one shard to a temp name; ``close()`` renames it into place.
+  """Writes one shard to a temp name; ``close()`` renames it into place.
 
-    Use as a context manager: on an exception the temp file is removed and the
-    final name never appears, which is what makes conversion resumable.
-    """
+  Use as a context manager: on an exception the temp file is removed and the
+  final name never appears, which is what makes conversion resumable.
+  """
 
-    def __init__(self, path: str):
-        import tensorflow as tf
+  def __init__(self, path: str):
+    import tensorflow as tf
 
-        self.path = path
-        self.tmp_path = f"{path}.tmp-{os.getpid()}"
-        self._writer = tf.io.TFRecordWriter(self.tmp_path)
-        self.count = 0
-        self._done = False
+    self.path = path
+    self.tmp_path = f"{path}.tmp-{os.getpid()}"
+    self._writer = tf.io.TFRecordWriter(self.tmp_path)
+    self.count = 0
+    self._done = False
 
-    def write(self, record: bytes) -> None:
-        self._writer.write(record)
-        self.count += 1
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+    self.count += 1
 
-    def close(self, stats: dict | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._writer.close()
-        # The sidecar goes first: a final-named shard then always has one.
-        if stats is not None:
-            with open(self.path + STATS_SUFFIX, "w") as f:
-                json.dump(stats, f)
-        os.replace(self.tmp_path, self.path)
+  def close(self, stats: dict | None = None) -> None:
+    if self._done:
+      return
+    self._done = True
+    self._writer.close()
+    # The sidecar goes first: a final-named shard then always has one.
+    if stats is not None:
+      with open(self.path + STATS_SUFFIX, "w") as f:
+        json.dump(stats, f)
+    os.replace(self.tmp_path, self.path)
 
-    def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._writer.close()
-        if os.path.exists(self.tmp_path):
-            os.remove(self.tmp_path)
+  def abort(self) -> None:
+    if self._done:
+      return
+    self._done = True
+    self._writer.close()
+    if os.path.exists(self.tmp_path):
+      os.remove(self.tmp_path)
 
-    def __enter__(self):
-        return self
+  def __enter__(self):
+    return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-        return False
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None:
+      self.abort()
+    else:
+      self.close()
+    return False

@@ -21,18 +21,34 @@ from PIL import ImageDraw
 
 from tcl_jax.data import schema
 
-COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215),
-          "yellow": (235, 205, 35)}
+COLORS = {
+  "red": (215, 40, 40),
+  "green": (40, 165, 60),
+  "blue": (45, 80, 215),
+  "yellow": (235, 205, 35),
+}
 SHAPES = ("circle", "square", "triangle")
 # Segmentation classes: background, then every colour-shape pair.
 CLASSES = ("background",) + tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 # Neutral background tones (no object colour), named in some captions.
-BACKGROUNDS = {"grey": (128, 128, 128), "white": (235, 235, 230), "black": (30, 30, 30),
-               "brown": (120, 85, 55), "beige": (205, 190, 160)}
+BACKGROUNDS = {
+  "grey": (128, 128, 128),
+  "white": (235, 235, 230),
+  "black": (30, 30, 30),
+  "brown": (120, 85, 55),
+  "beige": (205, 190, 160),
+}
 TEXTURES = ("plain", "noise", "stripes", "checks")
 # Caption templates over the listed objects ("a red circle, a blue square and a green triangle").
-TEMPLATES = ("{}", "a photo of {}", "there is {}", "an image with {}", "a picture of {}",
-             "{} on a {bg} background", "a photo of {} on a {bg} background")
+TEMPLATES = (
+  "{}",
+  "a photo of {}",
+  "there is {}",
+  "an image with {}",
+  "a picture of {}",
+  "{} on a {bg} background",
+  "a photo of {} on a {bg} background",
+)
 STREAM_TRAIN, STREAM_EVAL = 0, 1
 OBJECT_RADIUS = (0.16, 0.3)  # an object's radius, as a fraction of the image side
 # Captions that name the objects by shape alone ("a circle and a square"): pairs in a batch that
@@ -54,8 +70,9 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
     s = r * 0.9  # similar area to the circle
     d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=1)
   else:
-    d.polygon([(cx, cy - r * 1.1), (cx - r * 1.1, cy + r * 0.8), (cx + r * 1.1, cy + r * 0.8)],
-              fill=1)
+    d.polygon(
+      [(cx, cy - r * 1.1), (cx - r * 1.1, cy + r * 0.8), (cx + r * 1.1, cy + r * 0.8)], fill=1
+    )
   return np.asarray(im, bool)
 
 
@@ -96,14 +113,15 @@ def draw_scene(rng: np.random.Generator, size: int = 96):
     img[m] = fill
     label[m] = k
     masks.append(m)
-  objects = [CLASSES[k] for k, m in zip(classes, masks)
-             if (label[m] == k).mean() >= _MIN_VISIBLE]  # mostly hidden objects go unnamed
+  objects = [
+    CLASSES[k] for k, m in zip(classes, masks) if (label[m] == k).mean() >= _MIN_VISIBLE
+  ]  # mostly hidden objects go unnamed
   if not objects:  # (cannot happen: the last object drawn is fully visible)
     raise AssertionError("no visible object")
   named = list(objects)
   rng.shuffle(named)
   if len(named) > 1 and rng.random() < 0.3:
-    named = named[:int(rng.integers(1, len(named)))]  # some captions name only some objects
+    named = named[: int(rng.integers(1, len(named)))]  # some captions name only some objects
   if rng.random() < SHAPE_ONLY_CAPTIONS:
     named = [o.split(" ")[1] for o in named]
   words = [f"a {o}" for o in named]
@@ -128,9 +146,15 @@ def vocabulary() -> list[str]:
   return sorted(words)
 
 
-def write_synthetic_image_text(out_dir: str, num_examples: int = 256, image_size: int = 96,
-                               num_shards: int = 4, seed: int = 0, image_format: str = "JPEG",
-                               quality: int = 90) -> list[str]:
+def write_synthetic_image_text(
+  out_dir: str,
+  num_examples: int = 256,
+  image_size: int = 96,
+  num_shards: int = 4,
+  seed: int = 0,
+  image_format: str = "JPEG",
+  quality: int = 90,
+) -> list[str]:
   """Write `num_examples` training pairs into `num_shards` TFRecords; return their paths.
 
   Deterministic in `seed`; existing complete shards are kept (resumable like the converter).
@@ -148,9 +172,13 @@ def write_synthetic_image_text(out_dir: str, num_examples: int = 256, image_size
       for i in range(bounds[s], bounds[s + 1]):
         rgb, _, _, caption = scene(seed, STREAM_TRAIN, i, image_size)
         buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format=image_format,
-                                  **({"quality": quality} if image_format == "JPEG" else {}))
-        w.write(schema.make_example(buf.getvalue(), caption, f"synth-{i:08d}",
-                                    width=image_size, height=image_size))
+        Image.fromarray(rgb).save(
+          buf, format=image_format, **({"quality": quality} if image_format == "JPEG" else {})
+        )
+        w.write(
+          schema.make_example(
+            buf.getvalue(), caption, f"synth-{i:08d}", width=image_size, height=image_size
+          )
+        )
       w.close({"written": w.count, "skipped": {}})
   return paths

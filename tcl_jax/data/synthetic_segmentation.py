@@ -40,7 +40,7 @@ def _random_label(rng, h, w, values, border_255: bool, ignore_frac: float = 0.0)
     label[0, :] = datasets.IGNORE_INDEX
   if ignore_frac:
     k = int(ignore_frac * h)
-    label[h - k:, :w // 3] = datasets.IGNORE_INDEX
+    label[h - k :, : w // 3] = datasets.IGNORE_INDEX
   return label
 
 
@@ -119,12 +119,13 @@ def write_synthetic_segmentation(root: str, task: str, num_images: int = 2, seed
     for i, (h, w) in enumerate(sizes):
       city = cities[i % len(cities)]
       stem = f"{city}/{city}_{i:06d}_000019"
-      label = _random_label(rng, h, w, list(range(19)) + [datasets.IGNORE_INDEX],
-                            border_255=False)
-      _save_image(os.path.join(base, spec.img_dir, stem + "_leftImg8bit.png"),
-                  _image_for(rng, label))
-      _save_png(os.path.join(base, spec.ann_dir, stem + "_gtFine_labelTrainIds.png"), label,
-                palette=False)
+      label = _random_label(rng, h, w, list(range(19)) + [datasets.IGNORE_INDEX], border_255=False)
+      _save_image(
+        os.path.join(base, spec.img_dir, stem + "_leftImg8bit.png"), _image_for(rng, label)
+      )
+      _save_png(
+        os.path.join(base, spec.ann_dir, stem + "_gtFine_labelTrainIds.png"), label, palette=False
+      )
   elif layout == "ade20k":
     for i, (h, w) in enumerate(sizes):
       stem = f"ADE_val_{i + 1:08d}"

@@ -37,5 +37,6 @@ def zero_shot_model(cfg) -> base.ZeroShotModel:
       if kind.zero_shot is None:
         raise ValueError(f"model kind {kind.name!r} has no zero-shot segmentation")
       return kind.zero_shot(cfg)
-  raise ValueError(f"no model kind takes a {type(cfg).__name__} config; known kinds: "
-                   f"{', '.join(sorted(KINDS))}")
+  raise ValueError(
+    f"no model kind takes a {type(cfg).__name__} config; known kinds: {', '.join(sorted(KINDS))}"
+  )

@@ -17,6 +17,7 @@ class ZeroShotModel:
     scores per class at the window's size (a background channel is added by the pipeline); with
     simmaps, [k, 2N, h, w]: the scores, then similarity maps to show.
   """
+
   cfg: Any
   text_embedding: Callable[..., jax.Array]
   window_masks: Callable[..., jax.Array]
@@ -26,6 +27,7 @@ class ZeroShotModel:
 @dataclasses.dataclass(frozen=True)
 class Model:
   """What the training loop needs from a model kind (built from a training config)."""
+
   cfg: Any  # the model config (e.g. TCLConfig)
   init: Callable[[jax.Array], Any]  # rng -> params
   # (params, batch, rng) -> (loss, aux): every 0-d entry of aux is logged as train/<name>; an
@@ -39,6 +41,7 @@ class Model:
 class ModelKind:
   """A registry entry: how to build a kind's model from a training config, and which model
   configs (from checkpoints) are of this kind."""
+
   name: str
   build: Callable[[Any], Model]  # training config -> Model
   config_type: type  # the model config class (checkpoint configs are matched on it)

@@ -34,9 +34,12 @@ def _window_masks(params, text_emb, windows, *, cfg, pamr, kp_w, simmaps):
 
 
 def zero_shot(cfg: clip_lib.CLIPConfig) -> base.ZeroShotModel:
-  return base.ZeroShotModel(cfg=cfg, text_embedding=functools.partial(_text_embedding, cfg=cfg),
-                            window_masks=functools.partial(_window_masks, cfg=cfg),
-                            min_size=cfg.vision_patch_size)
+  return base.ZeroShotModel(
+    cfg=cfg,
+    text_embedding=functools.partial(_text_embedding, cfg=cfg),
+    window_masks=functools.partial(_window_masks, cfg=cfg),
+    min_size=cfg.vision_patch_size,
+  )
 
 
 def build(config) -> base.Model:
@@ -46,12 +49,18 @@ def build(config) -> base.Model:
 
   def loss(params, batch, rng):
     del rng  # deterministic objective
-    return clip_contrastive.contrastive_loss(params, cfg, batch["image"], batch["text_tokens"],
-                                             dtype)
+    return clip_contrastive.contrastive_loss(
+      params, cfg, batch["image"], batch["text_tokens"], dtype
+    )
 
-  return base.Model(cfg=cfg, init=lambda rng: clip_contrastive.init_params(cfg, rng), loss=loss,
-                    zero_shot=zero_shot(cfg))
+  return base.Model(
+    cfg=cfg,
+    init=lambda rng: clip_contrastive.init_params(cfg, rng),
+    loss=loss,
+    zero_shot=zero_shot(cfg),
+  )
 
 
-KIND = base.ModelKind(name="clip", build=build, config_type=clip_lib.CLIPConfig,
-                      zero_shot=zero_shot)
+KIND = base.ModelKind(
+  name="clip", build=build, config_type=clip_lib.CLIPConfig, zero_shot=zero_shot
+)

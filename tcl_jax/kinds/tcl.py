@@ -13,16 +13,18 @@ from tcl_jax.models import tcl_inference
 
 @functools.partial(jax.jit, static_argnames=("cfg", "pamr", "kp_w", "simmaps"))
 def _window_masks(params, text_emb, windows, *, cfg, pamr, kp_w, simmaps):
-  return tcl_inference.window_outputs(params, cfg, windows, text_emb, apply_pamr=bool(pamr),
-                                      kp_w=float(kp_w), simmaps=simmaps)
+  return tcl_inference.window_outputs(
+    params, cfg, windows, text_emb, apply_pamr=bool(pamr), kp_w=float(kp_w), simmaps=simmaps
+  )
 
 
 def zero_shot(cfg: tcl_lib.TCLConfig) -> base.ZeroShotModel:
   return base.ZeroShotModel(
-      cfg=cfg,
-      text_embedding=functools.partial(_text_embedding, cfg=cfg),
-      window_masks=functools.partial(_window_masks, cfg=cfg),
-      min_size=cfg.patch_size)
+    cfg=cfg,
+    text_embedding=functools.partial(_text_embedding, cfg=cfg),
+    window_masks=functools.partial(_window_masks, cfg=cfg),
+    min_size=cfg.patch_size,
+  )
 
 
 def _text_embedding(params, tokens, *, cfg):
@@ -39,26 +41,43 @@ def build(config) -> base.Model:
     # An optional "gumbel_uniform" batch entry replays given Gumbel noise instead of drawing it
     # from the step rng: only the parity tool's trajectory replay uses it, never training.
     uniform = batch.get("gumbel_uniform")
-    return tcl_lib.tcl_loss(params, cfg, batch["image"], batch["text_tokens"],
-                            rng=None if uniform is not None else rng, uniform=uniform,
-                            compute_dtype=dtype, remat=remat)
+    return tcl_lib.tcl_loss(
+      params,
+      cfg,
+      batch["image"],
+      batch["text_tokens"],
+      rng=None if uniform is not None else rng,
+      uniform=uniform,
+      compute_dtype=dtype,
+      remat=remat,
+    )
 
   def load(path):
     # Attention heads cannot be read off tensor shapes, and a CLIP-only file has no masker:
     # the config says what the model is; conversion fails loudly if the file disagrees.
     overrides = {k: v for k, v in cfg.to_dict().items() if k != "clip"}
     ckpt_cfg, params = convert.load_any(
-        path, vision_heads=cfg.clip.vision_heads, text_heads=cfg.clip.transformer_heads,
-        seed=int(config.seed), **overrides)
+      path,
+      vision_heads=cfg.clip.vision_heads,
+      text_heads=cfg.clip.transformer_heads,
+      seed=int(config.seed),
+      **overrides,
+    )
     if ckpt_cfg.clip != cfg.clip or ckpt_cfg.ie_freeze != cfg.ie_freeze:
       raise ValueError(
-          f"init_checkpoint {path} holds a model with clip={ckpt_cfg.clip}, ie_freeze="
-          f"{ckpt_cfg.ie_freeze}, but config.model has clip={cfg.clip}, ie_freeze="
-          f"{cfg.ie_freeze}; set config.model to match the checkpoint")
+        f"init_checkpoint {path} holds a model with clip={ckpt_cfg.clip}, ie_freeze="
+        f"{ckpt_cfg.ie_freeze}, but config.model has clip={cfg.clip}, ie_freeze="
+        f"{cfg.ie_freeze}; set config.model to match the checkpoint"
+      )
     return params
 
-  return base.Model(cfg=cfg, init=lambda rng: tcl_lib.init_params(cfg, rng), loss=loss, load=load,
-                    zero_shot=zero_shot(cfg))
+  return base.Model(
+    cfg=cfg,
+    init=lambda rng: tcl_lib.init_params(cfg, rng),
+    loss=loss,
+    load=load,
+    zero_shot=zero_shot(cfg),
+  )
 
 
 KIND = base.ModelKind(name="tcl", build=build, config_type=tcl_lib.TCLConfig, zero_shot=zero_shot)

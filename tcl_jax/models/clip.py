@@ -32,6 +32,7 @@ Dtype = Any
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
   """OpenAI CLIP ViT dimensions (the arguments of the original's `CLIP.__init__`)."""
+
   embed_dim: int = 512
   image_resolution: int = 224
   vision_layers: int = 12
@@ -51,6 +52,7 @@ class CLIPConfig:
 
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis in float32 (the original casts to fp32 too), eps 1e-5 as torch."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -99,11 +101,14 @@ def _unsupported(impl: str, shapes: tuple, dtype, causal: bool) -> Optional[str]
   its VJP on abstract values. The backward check matters: under remat (jax.checkpoint) cuDNN's
   training-only limits (e.g. odd sequence lengths, as ViT-B/16's 197 and the text tower's 77 are
   with jax 0.11) are checked when the step is differentiated, outside any try around the call."""
+
   def fwd_bwd(q, k, v):
-    fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                      implementation=impl)
+    fn = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation=impl
+    )
     y, vjp = jax.vjp(fn, q, k, v)
     return vjp(y)
+
   try:
     jax.eval_shape(fwd_bwd, *(jax.ShapeDtypeStruct(s, dtype) for s in shapes))
   except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
@@ -123,13 +128,21 @@ def attention(q, k, v, *, causal: bool, implementation: Optional[str] = None):
     why = _unsupported(impl, (q.shape, k.shape, v.shape), jnp.dtype(q.dtype), causal)
     if why is None:
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
-    logging.log_first_n(logging.WARNING, "attention: %s unavailable for %s %s (%s); using xla",
-                        1, impl, q.shape, q.dtype, why)
+    logging.log_first_n(
+      logging.WARNING,
+      "attention: %s unavailable for %s %s (%s); using xla",
+      1,
+      impl,
+      q.shape,
+      q.dtype,
+      why,
+    )
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
 class MultiheadAttention(nn.Module):
   """torch.nn.MultiheadAttention (fused in_proj, out_proj) on [B, L, D]."""
+
   width: int
   heads: int
   dtype: Dtype = jnp.float32
@@ -160,7 +173,8 @@ class ResidualAttentionBlock(nn.Module):
     # Flags are positional so nn.remat can mark them static (argnums 2, 3; self is 0).
     h = LayerNorm(self.dtype, name="ln_1")(x)
     x = x + MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
-        h, causal=causal, self_only=self_only)
+      h, causal=causal, self_only=self_only
+    )
     h = LayerNorm(self.dtype, name="ln_2")(x)
     h = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(h)
     h = nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(h))
@@ -175,7 +189,7 @@ def interpolate_pos_emb(pos_emb, h: int, w: int):
   n = pos_emb.shape[0] - 1
   if h * w == n and h == w:
     return pos_emb
-  g = int(round(n ** 0.5))
+  g = int(round(n**0.5))
   cls_pe, grid_pe = pos_emb[:1], pos_emb[1:].reshape(g, g, -1)
   grid_pe = resize.resize_hw(grid_pe, (h, w), "bicubic")
   return jnp.concatenate([cls_pe, grid_pe.reshape(h * w, -1)], axis=0)
@@ -187,6 +201,7 @@ class VisionTransformer(nn.Module):
   TCL splits the tower this way: the frozen encoder's ln_post/proj become `clip_proj`, applied
   either to the class token (TCL_i) or to every spatial token (the KP branch).
   """
+
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
@@ -194,20 +209,27 @@ class VisionTransformer(nn.Module):
   def setup(self):
     c = self.cfg
     p, d = c.vision_patch_size, c.vision_width
-    self.conv1 = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                         dtype=self.dtype, name="conv1")
-    scale = d ** -0.5
+    self.conv1 = nn.Conv(
+      d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype, name="conv1"
+    )
+    scale = d**-0.5
     self.class_embedding = self.param(
-        "class_embedding", lambda k: scale * jax.random.normal(k, (d,)))
+      "class_embedding", lambda k: scale * jax.random.normal(k, (d,))
+    )
     self.positional_embedding = self.param(
-        "positional_embedding", lambda k: scale * jax.random.normal(k, (c.grid_size ** 2 + 1, d)))
+      "positional_embedding", lambda k: scale * jax.random.normal(k, (c.grid_size**2 + 1, d))
+    )
     self.ln_pre = LayerNorm(self.dtype)
-    block = nn.remat(ResidualAttentionBlock, static_argnums=(2, 3)) if self.remat else ResidualAttentionBlock
-    self.resblocks = [block(d, c.vision_heads, self.dtype, name=f"resblocks_{i}")
-                      for i in range(c.vision_layers)]
+    block = (
+      nn.remat(ResidualAttentionBlock, static_argnums=(2, 3))
+      if self.remat
+      else ResidualAttentionBlock
+    )
+    self.resblocks = [
+      block(d, c.vision_heads, self.dtype, name=f"resblocks_{i}") for i in range(c.vision_layers)
+    ]
     self.ln_post = LayerNorm(self.dtype)
-    self.proj = self.param(
-        "proj", lambda k: scale * jax.random.normal(k, (d, c.embed_dim)))
+    self.proj = self.param("proj", lambda k: scale * jax.random.normal(k, (d, c.embed_dim)))
 
   def tokens(self, images, *, num_blocks: Optional[int] = None, ignore_last_attn: bool = False):
     """images [B, H, W, 3] -> (tokens [B, 1 + h*w, D] after `num_blocks` blocks, (h, w)).
@@ -217,8 +239,9 @@ class VisionTransformer(nn.Module):
     """
     p = self.cfg.vision_patch_size
     if images.shape[1] < p or images.shape[2] < p:
-      raise ValueError(f"image {images.shape[1]}x{images.shape[2]} is smaller than one "
-                       f"{p}x{p} patch")
+      raise ValueError(
+        f"image {images.shape[1]}x{images.shape[2]} is smaller than one {p}x{p} patch"
+      )
     x = self.conv1(images.astype(self.dtype))  # floors like torch's conv when H, W % p != 0
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
@@ -248,26 +271,36 @@ class VisionTransformer(nn.Module):
 
 class TextTransformer(nn.Module):
   """CLIP text tower: causal transformer, ln_final, EOT pooling (argmax of ids), projection."""
+
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):
     c = self.cfg
-    x = nn.Embed(c.vocab_size, c.transformer_width, embedding_init=nn.initializers.normal(0.02),
-                 name="token_embedding")(tokens).astype(self.dtype)
-    pe = self.param("positional_embedding", nn.initializers.normal(0.01),
-                    (c.context_length, c.transformer_width))
+    x = nn.Embed(
+      c.vocab_size,
+      c.transformer_width,
+      embedding_init=nn.initializers.normal(0.02),
+      name="token_embedding",
+    )(tokens).astype(self.dtype)
+    pe = self.param(
+      "positional_embedding", nn.initializers.normal(0.01), (c.context_length, c.transformer_width)
+    )
     x = x + pe[: tokens.shape[1]].astype(self.dtype)
     for i in range(c.transformer_layers):
-      x = ResidualAttentionBlock(c.transformer_width, c.transformer_heads, self.dtype,
-                                 name=f"resblocks_{i}")(x, True, False)
+      x = ResidualAttentionBlock(
+        c.transformer_width, c.transformer_heads, self.dtype, name=f"resblocks_{i}"
+      )(x, True, False)
     x = LayerNorm(self.dtype, name="ln_final")(x)
     # The EOT token has the largest id, so argmax finds it (as the original).
     eot = jnp.argmax(tokens, axis=-1)
     x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-    proj = self.param("text_projection", nn.initializers.normal(c.transformer_width ** -0.5),
-                      (c.transformer_width, c.embed_dim))
+    proj = self.param(
+      "text_projection",
+      nn.initializers.normal(c.transformer_width**-0.5),
+      (c.transformer_width, c.embed_dim),
+    )
     return x @ proj.astype(self.dtype)
 
 

@@ -16,19 +16,24 @@ from tcl_jax.models import resize
 
 
 def init_params(cfg: clip_lib.CLIPConfig, rng) -> dict:
-  return {"clip": clip_lib.init_clip_params(cfg, rng),
-          "logit_scale": jnp.asarray(clip_lib.INITIAL_LOGIT_SCALE, jnp.float32)}
+  return {
+    "clip": clip_lib.init_clip_params(cfg, rng),
+    "logit_scale": jnp.asarray(clip_lib.INITIAL_LOGIT_SCALE, jnp.float32),
+  }
 
 
-def contrastive_loss(params, cfg: clip_lib.CLIPConfig, images, text_tokens,
-                     compute_dtype=jnp.float32):
+def contrastive_loss(
+  params, cfg: clip_lib.CLIPConfig, images, text_tokens, compute_dtype=jnp.float32
+):
   """(loss, aux) of a batch: images [B, H, W, 3] normalized, text_tokens int [B, L]."""
   image_emb = clip_lib.encode_image(params["clip"], cfg, images, compute_dtype)
   text_emb = clip_lib.encode_text(params["clip"], cfg, text_tokens, compute_dtype)
   loss = losses.info_nce(image_emb, text_emb, params["logit_scale"])
   # Retrieval accuracy in the batch (image -> its own caption), a readable sign of learning.
-  sims = losses.l2_normalize(image_emb.astype(jnp.float32)) @ losses.l2_normalize(
-      text_emb.astype(jnp.float32)).T
+  sims = (
+    losses.l2_normalize(image_emb.astype(jnp.float32))
+    @ losses.l2_normalize(text_emb.astype(jnp.float32)).T
+  )
   acc = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0]))
   return loss, {"clip_loss": loss, "i2t_accuracy": jax.lax.stop_gradient(acc)}
 
@@ -47,4 +52,4 @@ def dense_scores(params, cfg: clip_lib.CLIPConfig, windows, text_emb):
   dense = visual.apply(vparams, tokens[:, 1:], method="project").reshape(x.shape[0], gh, gw, -1)
   sim = jnp.einsum("khwc,nc->knhw", losses.l2_normalize(dense), text_emb)
   sim = resize.resize_hw(sim, x.shape[1:3], "bilinear", layout="NCHW")
-  return sim[:, :, t:t + h, l:l + w]
+  return sim[:, :, t : t + h, l : l + w]

@@ -120,7 +120,6 @@ def resize_with_taps(x, rows, cols):
   return b0[:, None] * r0 + b1[:, None] * r1
 
 
-
 def padded_bilinear_taps(in_size: int, out_size: int, padded_out: int):
   """bilinear_taps padded to padded_out outputs (extra outputs read index 0, weight 0): shape
   buckets, so one compiled program serves many image sizes."""

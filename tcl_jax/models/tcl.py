@@ -25,18 +25,21 @@ from tcl_jax.models.clip import CLIPConfig
 Dtype = Any
 
 _ACTIVATIONS = {
-    "none": lambda x: x,
-    "relu": jax.nn.relu,
-    "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU is the erf form
+  "none": lambda x: x,
+  "relu": jax.nn.relu,
+  "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU is the erf form
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class TCLConfig:
   """The original's `model:` section (configs/tcl.yml) plus the CLIP dimensions."""
+
   clip: CLIPConfig = CLIPConfig()
-  ie_freeze: int = 11  # masker backbone = CLIP blocks [ie_freeze:]; features after block ie_freeze-1
+  ie_freeze: int = (
+    11  # masker backbone = CLIP blocks [ie_freeze:]; features after block ie_freeze-1
+  )
   ie_ignore_last_attn: bool = True  # MaskCLIP identity attention in the last block
   decoder_n_layers: int = 2
   decoder_kernel_size: int = 3
@@ -55,10 +58,14 @@ class TCLConfig:
     if not 1 <= self.ie_freeze <= layers:
       raise ValueError(f"ie_freeze must be in [1, {layers}] (vision layers), got {self.ie_freeze}")
     if self.decoder_act not in _ACTIVATIONS:
-      raise ValueError(f"decoder_act must be one of {sorted(_ACTIVATIONS)}, got {self.decoder_act!r}")
+      raise ValueError(
+        f"decoder_act must be one of {sorted(_ACTIVATIONS)}, got {self.decoder_act!r}"
+      )
     if self.decoder_norm not in ("ln", "none"):
-      raise ValueError(f"decoder_norm must be 'ln' or 'none' (batch norms are not ported), "
-                       f"got {self.decoder_norm!r}")
+      raise ValueError(
+        f"decoder_norm must be 'ln' or 'none' (batch norms are not ported), "
+        f"got {self.decoder_norm!r}"
+      )
     if self.decoder_kernel_size % 2 != 1:
       raise ValueError(f"decoder_kernel_size must be odd, got {self.decoder_kernel_size}")
     if self.gumbel_tau <= 0:
@@ -88,15 +95,27 @@ class TCLConfig:
 def tiny_config() -> TCLConfig:
   """The shared fixture's dims: a CLIP small enough for CPU tests and the synthetic default."""
   return TCLConfig(
-      clip=CLIPConfig(embed_dim=64, image_resolution=96, vision_layers=4, vision_width=128,
-                      vision_patch_size=16, vision_heads=2, context_length=77, vocab_size=49408,
-                      transformer_width=64, transformer_heads=2, transformer_layers=2),
-      ie_freeze=3)
+    clip=CLIPConfig(
+      embed_dim=64,
+      image_resolution=96,
+      vision_layers=4,
+      vision_width=128,
+      vision_patch_size=16,
+      vision_heads=2,
+      context_length=77,
+      vocab_size=49408,
+      transformer_width=64,
+      transformer_heads=2,
+      transformer_layers=2,
+    ),
+    ie_freeze=3,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
 # Masker modules
 # ----------------------------------------------------------------------------------------------
+
 
 def _torch_uniform_init(fan_in):
   # torch's default Conv2d init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
@@ -136,6 +155,7 @@ class Conv2d(nn.Module):
   with summed kernel taps, the same sums in another order at 16/36 of the FLOPs. On GPU/TPU the
   native convolution is used (im2col would cost 9x activation memory there).
   """
+
   features: int
   kernel_size: int
   dtype: Dtype = jnp.float32
@@ -152,15 +172,17 @@ class Conv2d(nn.Module):
     if jax.default_backend() != "cpu":
       if self.upsampled_input:
         x = resize.upsample_nearest_2x(x)
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(r, r), (r, r)],
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), [(r, r), (r, r)], dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
       return _add_bias(y, bias, self.dtype)
     b, h, w, _ = x.shape
     if not self.upsampled_input:
       xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
-      slices = [xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)]
-      return _add_bias(_im2col_matmul(slices, [kernel[i, j] for i in range(k) for j in range(k)]),
-                       bias, self.dtype)
+      slices = [xp[:, i : i + h, j : j + w] for i in range(k) for j in range(k)]
+      return _add_bias(
+        _im2col_matmul(slices, [kernel[i, j] for i in range(k) for j in range(k)]), bias, self.dtype
+      )
     pad = (r + 1) // 2
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     rows = []
@@ -170,7 +192,7 @@ class Conv2d(nn.Module):
         slices, kernels = [], []
         for du, ti in _phase_taps(k, pa):
           for dv, tj in _phase_taps(k, pb):
-            slices.append(xp[:, pad + du:pad + du + h, pad + dv:pad + dv + w])
+            slices.append(xp[:, pad + du : pad + du + h, pad + dv : pad + dv + w])
             kernels.append(sum(kernel[i, j] for i in ti for j in tj))
         cols.append(_im2col_matmul(slices, kernels))
       rows.append(jnp.stack(cols, axis=3))  # [B, h, w, 2 (column phase), O]
@@ -184,6 +206,7 @@ class ConvBlock(nn.Module):
   With `upsampled_input` the block acts on the nearest-x2 upsample of `x`; norm and activation are
   per pixel, so they run before the upsampling at a quarter of the cost.
   """
+
   channels: int
   kernel_size: int
   norm: str
@@ -205,6 +228,7 @@ class ConvBlock(nn.Module):
 
 class ResConv(nn.Module):
   """Nearest x2 upsample, then x + conv(x) (and x + conv2(x) when `double`)."""
+
   channels: int
   kernel_size: int
   norm: str
@@ -214,17 +238,26 @@ class ResConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = ConvBlock(self.channels, self.kernel_size, self.norm, self.act, self.dtype,
-                  upsampled_input=True, name="conv")(x)
+    c = ConvBlock(
+      self.channels,
+      self.kernel_size,
+      self.norm,
+      self.act,
+      self.dtype,
+      upsampled_input=True,
+      name="conv",
+    )(x)
     x = resize.upsample_nearest_2x(x) + c
     if self.double:
-      x = x + ConvBlock(self.channels, self.kernel_size, self.norm, self.act, self.dtype,
-                        name="conv2")(x)
+      x = x + ConvBlock(
+        self.channels, self.kernel_size, self.norm, self.act, self.dtype, name="conv2"
+      )(x)
     return x
 
 
 class GDecoder(nn.Module):
   """n_layers ResConv blocks, each upsampling x2."""
+
   cfg: TCLConfig
   dtype: Dtype = jnp.float32
 
@@ -232,13 +265,21 @@ class GDecoder(nn.Module):
   def __call__(self, x):
     c = self.cfg
     for i in range(c.decoder_n_layers):
-      x = ResConv(c.clip.vision_width, c.decoder_kernel_size, c.decoder_norm, c.decoder_act,
-                  c.decoder_double, self.dtype, name=f"net_{i}")(x)
+      x = ResConv(
+        c.clip.vision_width,
+        c.decoder_kernel_size,
+        c.decoder_norm,
+        c.decoder_act,
+        c.decoder_double,
+        self.dtype,
+        name=f"net_{i}",
+      )(x)
     return x
 
 
 class LNProj(nn.Module):
   """LayerNorm + projection matrix (CLIP's ln_post/proj, copied as the masker's image_proj)."""
+
   width: int
   out_dim: int
   dtype: Dtype = jnp.float32
@@ -246,12 +287,13 @@ class LNProj(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = clip_lib.LayerNorm(self.dtype, name="ln")(x)
-    proj = self.param("proj", nn.initializers.normal(self.width ** -0.5), (self.width, self.out_dim))
+    proj = self.param("proj", nn.initializers.normal(self.width**-0.5), (self.width, self.out_dim))
     return x @ proj.astype(self.dtype)
 
 
 class BlockStack(nn.Module):
   """CLIP blocks numbered [start, layers) (names keep the original indices: resblocks_3, ...)."""
+
   cfg: CLIPConfig
   start: int
   ignore_last_attn: bool
@@ -265,14 +307,16 @@ class BlockStack(nn.Module):
       block_cls = nn.remat(block_cls, static_argnums=(2, 3))
     last = self.cfg.vision_layers - 1
     for i in range(self.start, self.cfg.vision_layers):
-      x = block_cls(self.cfg.vision_width, self.cfg.vision_heads, self.dtype,
-                    name=f"resblocks_{i}")(x, False, self.ignore_last_attn and i == last)
+      x = block_cls(
+        self.cfg.vision_width, self.cfg.vision_heads, self.dtype, name=f"resblocks_{i}"
+      )(x, False, self.ignore_last_attn and i == last)
     return x
 
 
 class Masker(nn.Module):
   """Masker image encoder: trainable copies of the CLIP blocks [ie_freeze:], the GDecoder and the
   image projection, giving [B, 2^n h, 2^n w, embed_dim] from CLIP tokens [B, 1 + h*w, D]."""
+
   cfg: TCLConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
@@ -280,8 +324,9 @@ class Masker(nn.Module):
   @nn.compact
   def __call__(self, feat, hw):
     c, vc = self.cfg, self.cfg.clip
-    x = BlockStack(vc, c.ie_freeze, c.ie_ignore_last_attn, self.remat, self.dtype,
-                   name="backbone")(feat.astype(self.dtype))
+    x = BlockStack(vc, c.ie_freeze, c.ie_ignore_last_attn, self.remat, self.dtype, name="backbone")(
+      feat.astype(self.dtype)
+    )
     # The backbone's own ln_post/proj are Identity/None in the original (moved to image_proj).
     x = x[:, 1:].reshape(x.shape[0], hw[0], hw[1], vc.vision_width)
     x = GDecoder(c, self.dtype, name="decoder")(x)
@@ -296,6 +341,7 @@ def _module_params(masker_params):
 # Parameters
 # ----------------------------------------------------------------------------------------------
 
+
 def masker_from_clip(clip_params, cfg: TCLConfig, rng) -> dict:
   """Masker parameters initialised as the original does from a CLIP: deep copies of the visual
   blocks [ie_freeze:] and of ln_post/proj, a freshly initialised decoder (zero gates), and
@@ -305,11 +351,14 @@ def masker_from_clip(clip_params, cfg: TCLConfig, rng) -> dict:
   feat = jnp.zeros((1, g * g + 1, vc.vision_width))
   masker = dict(Masker(cfg).init(rng, feat, (g, g))["params"])
   visual = clip_params["visual"]
-  masker["backbone"] = {f"resblocks_{i}": visual[f"resblocks_{i}"]
-                        for i in range(cfg.ie_freeze, vc.vision_layers)}
+  masker["backbone"] = {
+    f"resblocks_{i}": visual[f"resblocks_{i}"] for i in range(cfg.ie_freeze, vc.vision_layers)
+  }
   masker["image_proj"] = {"ln": visual["ln_post"], "proj": visual["proj"]}
-  masker["sim2mask"] = {"w": jnp.asarray(cfg.sim2mask_init_w, jnp.float32),
-                        "b": jnp.asarray(cfg.sim2mask_init_b, jnp.float32)}
+  masker["sim2mask"] = {
+    "w": jnp.asarray(cfg.sim2mask_init_w, jnp.float32),
+    "b": jnp.asarray(cfg.sim2mask_init_b, jnp.float32),
+  }
   return jax.tree.map(jnp.array, masker)  # copies, not aliases of the frozen CLIP
 
 
@@ -319,13 +368,18 @@ def init_params(cfg: TCLConfig, rng, clip_params: Optional[dict] = None) -> dict
   if clip_params is None:
     clip_params = clip_lib.init_clip_params(cfg.clip, k_clip)
   scale = jnp.asarray(clip_lib.INITIAL_LOGIT_SCALE, jnp.float32)
-  return {"clip": clip_params, "masker": masker_from_clip(clip_params, cfg, k_masker),
-          "tcli_logit_scale": scale, "tclf_logit_scale": jnp.array(scale)}
+  return {
+    "clip": clip_params,
+    "masker": masker_from_clip(clip_params, cfg, k_masker),
+    "tcli_logit_scale": scale,
+    "tclf_logit_scale": jnp.array(scale),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward pieces
 # ----------------------------------------------------------------------------------------------
+
 
 def visual_tower(cfg: TCLConfig, dtype=jnp.float32):
   return clip_lib.VisionTransformer(cfg.clip, dtype)
@@ -333,8 +387,9 @@ def visual_tower(cfg: TCLConfig, dtype=jnp.float32):
 
 def clip_features(clip_params, cfg: TCLConfig, images, dtype=jnp.float32):
   """Frozen CLIP tokens after block ie_freeze-1 (the masker's input) and the grid size."""
-  return visual_tower(cfg, dtype).apply({"params": clip_params["visual"]}, images,
-                                   num_blocks=cfg.ie_freeze, method="tokens")
+  return visual_tower(cfg, dtype).apply(
+    {"params": clip_params["visual"]}, images, num_blocks=cfg.ie_freeze, method="tokens"
+  )
 
 
 def masker_image_emb(masker_params, cfg: TCLConfig, feat, hw, dtype=jnp.float32, remat=False):
@@ -375,8 +430,17 @@ def _off_diagonal(x):
   return jnp.take_along_axis(x, jnp.asarray(idx), axis=1)
 
 
-def tcl_loss(params, cfg: TCLConfig, images, text_tokens, *, rng=None, uniform=None,
-             compute_dtype=jnp.float32, remat: bool = False):
+def tcl_loss(
+  params,
+  cfg: TCLConfig,
+  images,
+  text_tokens,
+  *,
+  rng=None,
+  uniform=None,
+  compute_dtype=jnp.float32,
+  remat: bool = False,
+):
   """The TCL training objective on a (global) batch. Returns (total_loss, aux).
 
   images [B, H, W, 3] normalized; text_tokens int [B, L]. Exactly one of `rng` (draws the Gumbel
@@ -394,7 +458,8 @@ def tcl_loss(params, cfg: TCLConfig, images, text_tokens, *, rng=None, uniform=N
   feat, hw = clip_features(clip_params, cfg, images, compute_dtype)
   feat = jax.lax.stop_gradient(feat)
   text_emb = jax.lax.stop_gradient(
-      clip_lib.encode_text(clip_params, cfg.clip, text_tokens, compute_dtype)).astype(jnp.float32)
+    clip_lib.encode_text(clip_params, cfg.clip, text_tokens, compute_dtype)
+  ).astype(jnp.float32)
 
   # Masker: image embedding, image-to-every-caption similarity, masks.
   image_emb = masker_image_emb(params["masker"], cfg, feat, hw, compute_dtype, remat)
@@ -412,7 +477,9 @@ def tcl_loss(params, cfg: TCLConfig, images, text_tokens, *, rng=None, uniform=N
   aux["area_loss"] = losses.area_loss(soft_pos, 0.4) * cfg.area_w
   aux["neg_area_loss"] = losses.area_loss(soft_neg, 0.0) * cfg.area_w
   pooled = losses.masked_pool(image_emb, soft)  # [B, B, C]
-  aux["tclf_loss"] = losses.extended_info_nce(pooled, text_emb, params["tclf_logit_scale"]) * cfg.tcl_w
+  aux["tclf_loss"] = (
+    losses.extended_info_nce(pooled, text_emb, params["tclf_logit_scale"]) * cfg.tcl_w
+  )
   aux["tv_img_loss"] = losses.tv_loss(image_emb, axes=(1, 2)) * cfg.tv_w
   aux["tv_mask_loss"] = losses.tv_loss(soft, axes=(2, 3)) * cfg.tv_w
 
@@ -420,7 +487,8 @@ def tcl_loss(params, cfg: TCLConfig, images, text_tokens, *, rng=None, uniform=N
   up = resize.resize_hw(pos_mask[..., None], images.shape[1:3], "nearest")
   masked_images = (up * images).astype(compute_dtype)
   masked_emb = clip_lib.VisionTransformer(cfg.clip, compute_dtype, remat).apply(
-      {"params": clip_params["visual"]}, masked_images)
+    {"params": clip_params["visual"]}, masked_images
+  )
   aux["tcli_loss"] = losses.info_nce(masked_emb, text_emb, params["tcli_logit_scale"]) * cfg.tcl_w
 
   total = sum(aux[k] for k in LOSS_TERMS)

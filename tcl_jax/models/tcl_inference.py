@@ -10,19 +10,23 @@ from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import resize
 from tcl_jax.models import tcl
 
+
 def encode_text(params, cfg: tcl.TCLConfig, tokens, dtype=jnp.float32):
   return clip_lib.encode_text(params["clip"], cfg.clip, tokens, dtype)
 
 
-def build_text_embedding(params, cfg: tcl.TCLConfig, tokens, chunk_size: int = 1024,
-                         dtype=jnp.float32):
+def build_text_embedding(
+  params, cfg: tcl.TCLConfig, tokens, chunk_size: int = 1024, dtype=jnp.float32
+):
   """Prompt-ensembled class embeddings: tokens [N, T, L] -> mean over T of the (unnormalized)
   text embeddings, then L2-normalized [N, E] (the original's build_text_embedding)."""
   tokens = np.asarray(tokens)
   n, t, l = tokens.shape
   flat = tokens.reshape(n * t, l)
-  embs = [_jit_encode_text(params, cfg, flat[i:i + chunk_size], dtype)
-          for i in range(0, n * t, chunk_size)]
+  embs = [
+    _jit_encode_text(params, cfg, flat[i : i + chunk_size], dtype)
+    for i in range(0, n * t, chunk_size)
+  ]
   embs = jnp.concatenate(embs).astype(jnp.float32).reshape(n, t, -1).mean(axis=1)
   return losses.l2_normalize(embs)
 
@@ -43,7 +47,7 @@ def _shifts(x, dilations, with_center: bool):
       for dx in (-1, 0, 1):
         if dy == 0 and dx == 0 and not with_center:
           continue
-        out.append(xp[:, :, d + dy * d:d + dy * d + h, d + dx * d:d + dx * d + w])
+        out.append(xp[:, :, d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w])
   return jnp.stack(out, axis=2)
 
 
@@ -60,8 +64,16 @@ def pamr(image, mask, num_iter: int = 10, dilations=(1, 2, 4, 8, 12, 24)):
   return jax.lax.fori_loop(0, num_iter, step, mask)
 
 
-def generate_masks(params, cfg: tcl.TCLConfig, image, text_emb, *, apply_pamr: bool = False,
-                   kp_w: float = 0.3, dtype=jnp.float32):
+def generate_masks(
+  params,
+  cfg: tcl.TCLConfig,
+  image,
+  text_emb,
+  *,
+  apply_pamr: bool = False,
+  kp_w: float = 0.3,
+  dtype=jnp.float32,
+):
   """Soft masks [B, N, H, W] for each text embedding (and the masker simmap [B, N, h', w']).
 
   image [B, H, W, 3] normalized, any size of at least one patch: zero-padded to patch multiples
@@ -83,14 +95,25 @@ def generate_masks(params, cfg: tcl.TCLConfig, image, text_emb, *, apply_pamr: b
   _, mask = tcl.sim2mask(params["masker"]["sim2mask"], simmap)
 
   if apply_pamr:
-    img = resize.resize_hw(jnp.transpose(image, (0, 3, 1, 2)), mask.shape[-2:], "bilinear",
-                           align_corners=True, layout="NCHW")
+    img = resize.resize_hw(
+      jnp.transpose(image, (0, 3, 1, 2)),
+      mask.shape[-2:],
+      "bilinear",
+      align_corners=True,
+      layout="NCHW",
+    )
     mask = pamr(img.astype(jnp.float32), mask)
   if kp_w:
     # KP branch: MaskCLIP tokens of the frozen tower (rest of the blocks, identity attention in
     # the last), projected by CLIP's ln_post/proj.
-    tokens = visual.apply(vparams, feat, cfg.ie_freeze, cfg.clip.vision_layers,
-                          cfg.ie_ignore_last_attn, method="run_blocks")
+    tokens = visual.apply(
+      vparams,
+      feat,
+      cfg.ie_freeze,
+      cfg.clip.vision_layers,
+      cfg.ie_ignore_last_attn,
+      method="run_blocks",
+    )
     b = tokens.shape[0]
     spatial = visual.apply(vparams, tokens[:, 1:], method="project")
     spatial = spatial.reshape(b, hw[0], hw[1], -1).astype(jnp.float32)
@@ -99,11 +122,19 @@ def generate_masks(params, cfg: tcl.TCLConfig, image, text_emb, *, apply_pamr: b
     mask = kp_w * kp + (1.0 - kp_w) * mask
 
   mask = resize.resize_hw(mask, (ph, pw), "bilinear", layout="NCHW")
-  return mask[:, :, t:t + h, l:l + w], simmap
+  return mask[:, :, t : t + h, l : l + w], simmap
 
 
-def window_outputs(params, cfg: tcl.TCLConfig, windows, text_emb, *, apply_pamr: bool, kp_w: float,
-                   simmaps: bool = False):
+def window_outputs(
+  params,
+  cfg: tcl.TCLConfig,
+  windows,
+  text_emb,
+  *,
+  apply_pamr: bool,
+  kp_w: float,
+  simmaps: bool = False,
+):
   """The zero-shot window function: windows [k, h, w, 3] -> soft masks [k, N, h, w]; with
   simmaps, [k, 2N, h, w]: the masks, then the masker's similarity maps resized to the window
   like the masks are (what the demo shows)."""
@@ -113,4 +144,4 @@ def window_outputs(params, cfg: tcl.TCLConfig, windows, text_emb, *, apply_pamr:
   h, w = windows.shape[1:3]
   l, r, t, b = clip_lib.compute_padsize(h, w, cfg.patch_size)
   sim = resize.resize_hw(simmap, (h + t + b, w + l + r), "bilinear", layout="NCHW")
-  return jnp.concatenate([masks, sim[:, :, t:t + h, l:l + w]], axis=1)
+  return jnp.concatenate([masks, sim[:, :, t : t + h, l : l + w]], axis=1)

@@ -65,16 +65,20 @@ def convert_file(mask_path: str, out_split_dir: str) -> str:
 def _raw_maps(folder: str) -> list:
   if not os.path.isdir(folder):
     return []
-  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if f.endswith(".png") and "TrainIds" not in f)
+  return sorted(
+    os.path.join(folder, f)
+    for f in os.listdir(folder)
+    if f.endswith(".png") and "TrainIds" not in f
+  )
 
 
 def convert(coco_path: str, out_dir: str = None, nproc: int = 1, progress: bool = True) -> int:
   """Convert every raw map of train2017 and val2017; returns the number written."""
   ann_in = os.path.join(coco_path, "annotations")
   if not os.path.isdir(ann_in):
-    raise FileNotFoundError(f"{ann_in} does not exist (expected COCO-Stuff-164k's "
-                            f"annotations/{{train,val}}2017)")
+    raise FileNotFoundError(
+      f"{ann_in} does not exist (expected COCO-Stuff-164k's annotations/{{train,val}}2017)"
+    )
   out_dir = out_dir or coco_path
   if os.path.abspath(out_dir) != os.path.abspath(coco_path):
     src_images = os.path.join(coco_path, "images")
@@ -89,8 +93,9 @@ def convert(coco_path: str, out_dir: str = None, nproc: int = 1, progress: bool 
   if total == 0:
     raise FileNotFoundError(f"no raw label maps (*.png) under {ann_in}/{{train,val}}2017")
   if total != COCO_LEN:
-    print(f"warning: {total} label maps found, the full COCO-Stuff-164k has {COCO_LEN}",
-          file=sys.stderr)
+    print(
+      f"warning: {total} label maps found, the full COCO-Stuff-164k has {COCO_LEN}", file=sys.stderr
+    )
   done = 0
   for split, files, out_split in jobs:
     if not files:

@@ -44,17 +44,21 @@ def load_fixture_model(fixture_dir: str, meta: dict):
   build_model would need the same override); so do the loss weights and decoder settings.
   """
   from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+
   c = meta["clip"]
   cfg, params = convert.load_torch(
-      os.path.join(fixture_dir, "tcl_reference.pth"),
-      vision_heads=c.get("vision_heads", c["vision_width"] // 64),
-      text_heads=c.get("transformer_heads", c["transformer_width"] // 64))
+    os.path.join(fixture_dir, "tcl_reference.pth"),
+    vision_heads=c.get("vision_heads", c["vision_width"] // 64),
+    text_heads=c.get("transformer_heads", c["transformer_width"] // 64),
+  )
   dec = meta.get("decoder", {})
   s2m = meta.get("sim2mask", {})
   cfg = cfg.replace(
-      ie_ignore_last_attn=meta.get("ie_ignore_last_attn", True),
-      decoder_act=dec.get("act", cfg.decoder_act),
-      gumbel_tau=s2m.get("gumbel_tau", cfg.gumbel_tau),
-      tcl_w=meta.get("tcl_w", cfg.tcl_w), area_w=meta.get("area_w", cfg.area_w),
-      tv_w=meta.get("tv_w", cfg.tv_w))
+    ie_ignore_last_attn=meta.get("ie_ignore_last_attn", True),
+    decoder_act=dec.get("act", cfg.decoder_act),
+    gumbel_tau=s2m.get("gumbel_tau", cfg.gumbel_tau),
+    tcl_w=meta.get("tcl_w", cfg.tcl_w),
+    area_w=meta.get("area_w", cfg.area_w),
+    tv_w=meta.get("tv_w", cfg.tv_w),
+  )
   return cfg, params

@@ -33,12 +33,12 @@ TOL_GRAD_REL = 1e-4
 # (rel 1.5e-2, 1-cos 2e-3, grad_rel 6e-2, max_abs 1e-2, label_diff 2e-3); label_diff keeps room
 # for that.
 BF16_TOL = {
-    "rel": 1.5e-2,  # loss terms (7.5e-3, TCL_i) and embeddings (8.6e-3, text; H200 8.6e-3 too)
-    "1-cos": 1.5e-3,  # gradients with more than one element (6.2e-4)
-    "grad_rel": 6e-2,  # scalar gradients (2.5e-2, a logit scale)
-    "max_abs": 8e-3,  # similarity maps (3.3e-3)
-    "label_diff": 1.2e-3,  # pixels whose label changes (background < 0.5, else argmax) (3.1e-4;
-                           # the H200's is only known to be <= 1.14e-3)
+  "rel": 1.5e-2,  # loss terms (7.5e-3, TCL_i) and embeddings (8.6e-3, text; H200 8.6e-3 too)
+  "1-cos": 1.5e-3,  # gradients with more than one element (6.2e-4)
+  "grad_rel": 6e-2,  # scalar gradients (2.5e-2, a logit scale)
+  "max_abs": 8e-3,  # similarity maps (3.3e-3)
+  "label_diff": 1.2e-3,  # pixels whose label changes (background < 0.5, else argmax) (3.1e-4;
+  # the H200's is only known to be <= 1.14e-3)
 }
 
 # Arrays that are inputs of the original's computation, not results to compare.
@@ -48,9 +48,11 @@ INPUTS = ("images", "text_tokens", "gumbel_uniform", "seg_image")
 def _label_diff(a, b, threshold=0.5):
   """Fraction of pixels whose label differs: background where every mask [1, N, H, W] is below
   the threshold, else the argmax class (how evaluation labels pixels)."""
+
   def labels(m):
     m = np.asarray(m, np.float64)[0]
     return np.where(m.max(0) < threshold, -1, m.argmax(0))
+
   if np.shape(a) != np.shape(b):
     return float("inf")
   return float(np.mean(labels(a) != labels(b)))
@@ -63,7 +65,11 @@ def _compare(kind, value, ref, bf16: bool):
       metric, err = "max_abs", fixture.max_abs(value, ref)
     else:
       metric, err = "rel", fixture.rel(value, ref)
-    return err, {"max_abs": TOL_MAX_ABS, "rel": TOL_LOSS_REL, "grad_rel": TOL_GRAD_REL}[kind], metric
+    return (
+      err,
+      {"max_abs": TOL_MAX_ABS, "rel": TOL_LOSS_REL, "grad_rel": TOL_GRAD_REL}[kind],
+      metric,
+    )
   if kind == "grad_rel" and np.size(ref) > 1:
     return fixture.one_minus_cos(value, ref), BF16_TOL["1-cos"], "1-cos"
   if kind == "grad_rel":
@@ -82,6 +88,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   """
   import jax
   import jax.numpy as jnp
+
   jax.config.update("jax_default_matmul_precision", "highest")
   bf16 = dtype == "bfloat16"
   dt = jnp.dtype(dtype)
@@ -103,10 +110,18 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   # Tokenizer.
   try:
     from tcl_jax import tokenizer
+
     if "tokenizer_ids" in ref:
-      computed["tokenizer_ids"] = ("exact", tokenizer.tokenize(meta["tokenizer_corpus"], c["context_length"]))
-    class_tokens = np.stack([tokenizer.tokenize([t.format(n) for t in meta["templates"]], c["context_length"])
-                             for n in meta["classnames"]])
+      computed["tokenizer_ids"] = (
+        "exact",
+        tokenizer.tokenize(meta["tokenizer_corpus"], c["context_length"]),
+      )
+    class_tokens = np.stack(
+      [
+        tokenizer.tokenize([t.format(n) for t in meta["templates"]], c["context_length"])
+        for n in meta["classnames"]
+      ]
+    )
     computed["class_tokens"] = ("exact", class_tokens)
   except ImportError:
     class_tokens = ref["class_tokens"]
@@ -114,10 +129,14 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   # CLIP towers.
   images = nhwc(ref["images"])
   computed["clip_image_emb"] = (emb, clip_lib.encode_image(params["clip"], cfg.clip, images, dt))
-  computed["clip_text_emb"] = (emb, clip_lib.encode_text(
-      params["clip"], cfg.clip, jnp.asarray(ref["text_tokens"], jnp.int32), dt))
-  computed["class_text_emb"] = (emb, tcl_inference.build_text_embedding(params, cfg, class_tokens,
-                                                                        dtype=dt))
+  computed["clip_text_emb"] = (
+    emb,
+    clip_lib.encode_text(params["clip"], cfg.clip, jnp.asarray(ref["text_tokens"], jnp.int32), dt),
+  )
+  computed["class_text_emb"] = (
+    emb,
+    tcl_inference.build_text_embedding(params, cfg, class_tokens, dtype=dt),
+  )
 
   # Objective and gradients, replaying the recorded Gumbel noise.
   tokens = jnp.asarray(ref["text_tokens"], jnp.int32)
@@ -125,8 +144,9 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   trainable = {k: v for k, v in params.items() if k != "clip"}
 
   def loss_fn(tr):
-    return tcl_lib.tcl_loss(dict(tr, clip=params["clip"]), cfg, images, tokens, uniform=uniform,
-                            compute_dtype=dt)
+    return tcl_lib.tcl_loss(
+      dict(tr, clip=params["clip"]), cfg, images, tokens, uniform=uniform, compute_dtype=dt
+    )
 
   (total, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable)
   for k in tcl_lib.LOSS_TERMS:
@@ -138,11 +158,15 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   # Mask inference in each recorded setting, from the fixture's class embeddings.
   seg = nhwc(ref["seg_image"])
   text_emb = jnp.asarray(ref["class_text_emb"])
-  jit_masks = jax.jit(tcl_inference.generate_masks, static_argnums=(1,),
-                      static_argnames=("apply_pamr", "kp_w", "dtype"))
+  jit_masks = jax.jit(
+    tcl_inference.generate_masks,
+    static_argnums=(1,),
+    static_argnames=("apply_pamr", "kp_w", "dtype"),
+  )
   for tag, s in meta.get("generate_masks_settings", {}).items():
-    masks, simmap = jit_masks(params, cfg, seg, text_emb, apply_pamr=bool(s["apply_pamr"]),
-                              kp_w=float(s["kp_w"]), dtype=dt)
+    masks, simmap = jit_masks(
+      params, cfg, seg, text_emb, apply_pamr=bool(s["apply_pamr"]), kp_w=float(s["kp_w"]), dtype=dt
+    )
     computed[f"masks_{tag}"] = ("masks" if bf16 else "max_abs", masks)
     computed[f"simmap_{tag}"] = ("max_abs", simmap)
 
@@ -157,26 +181,46 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
     value = np.asarray(value)
     if kind == "exact":
       same = value.shape == ref[name].shape and bool(np.array_equal(value, ref[name]))
-      err = 0.0 if same else float(np.sum(value != ref[name]) if value.shape == ref[name].shape else np.inf)
+      err = (
+        0.0
+        if same
+        else float(np.sum(value != ref[name]) if value.shape == ref[name].shape else np.inf)
+      )
       results.append({"name": name, "metric": "exact", "error": err, "tolerance": 0.0, "ok": same})
       continue
     err, tol, metric = _compare(kind, value, ref[name], bf16)
-    results.append({"name": name, "metric": metric, "error": err, "tolerance": tol,
-                    "ok": bool(np.isfinite(err) and err <= tol)})
+    results.append(
+      {
+        "name": name,
+        "metric": metric,
+        "error": err,
+        "tolerance": tol,
+        "ok": bool(np.isfinite(err) and err <= tol),
+      }
+    )
   return results
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m tcl_jax.tools.parity", description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(
+    prog="python -m tcl_jax.tools.parity", description=__doc__.split("\n")[0]
+  )
   ap.add_argument("fixture_dir")
   ap.add_argument("--json", dest="json_out", default=None, help="write the results here")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                  help="compute dtype (parameters stay float32); bfloat16 is the GPU/TPU default")
+  ap.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="compute dtype (parameters stay float32); bfloat16 is the GPU/TPU default",
+  )
   args = ap.parse_args(argv)
   for f in ("fixture.json", "fixture.npz", "tcl_reference.pth"):
     if not os.path.isfile(os.path.join(args.fixture_dir, f)):
-      print(f"error: {args.fixture_dir} has no {f}; expected a fixture directory laid out like "
-            f"shared/fixtures/tcl_tiny", file=sys.stderr)
+      print(
+        f"error: {args.fixture_dir} has no {f}; expected a fixture directory laid out like "
+        f"shared/fixtures/tcl_tiny",
+        file=sys.stderr,
+      )
       return 2
   results = compute(args.fixture_dir, args.dtype)
   if trajectory.has_trajectory(args.fixture_dir):
@@ -189,8 +233,10 @@ def main(argv=None):
     tol = "" if r["tolerance"] is None else f"{r['tolerance']:.0e}"
     first_bad = r.get("first_bad_step")
     where = f"  (first out of tolerance at step {first_bad})" if first_bad is not None else ""
-    print(f"{r['name']:<{width}}  {r['metric'] or '-':<7}  {err:>10}  {tol:>9}  "
-          f"{'yes' if r['ok'] else 'NO'}{where}")
+    print(
+      f"{r['name']:<{width}}  {r['metric'] or '-':<7}  {err:>10}  {tol:>9}  "
+      f"{'yes' if r['ok'] else 'NO'}{where}"
+    )
   n_ok = sum(r["ok"] for r in results)
   print(f"{n_ok}/{len(results)} quantities within tolerance")
   if args.json_out:

@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from tcl_jax import train_step as step_lib
 from tcl_jax import kinds
+from tcl_jax import train_step as step_lib
 from tcl_jax.tools import fixture
 
 # The fixture README's tolerances for a faithful float32 port. bfloat16 compute is held to bounds
@@ -29,23 +29,26 @@ from tcl_jax.tools import fixture
 # whole elements' steps). The H200 run checked the earlier grad-norm bound, 5e-2, only. The rate
 # is computed in float32 either way.
 TOLERANCES = {
-    "float32": {"lr": 1e-6, "loss": 1e-4, "grad_norm": 1e-4, "final": 5e-3},
-    "bfloat16": {"lr": 1e-6, "loss": 5e-2, "grad_norm": 1.5e-2, "final": 2.5e-1},
-    # bf16 measured: loss terms 1.65e-2 (TCL_i), grad norm 4.1e-3, movement 6.0e-2.
+  "float32": {"lr": 1e-6, "loss": 1e-4, "grad_norm": 1e-4, "final": 5e-3},
+  "bfloat16": {"lr": 1e-6, "loss": 5e-2, "grad_norm": 1.5e-2, "final": 2.5e-1},
+  # bf16 measured: loss terms 1.65e-2 (TCL_i), grad norm 4.1e-3, movement 6.0e-2.
 }
 
 
 def has_trajectory(fixture_dir: str) -> bool:
-  return all(os.path.isfile(os.path.join(fixture_dir, f))
-             for f in ("trajectory.json", "trajectory.npz"))
+  return all(
+    os.path.isfile(os.path.join(fixture_dir, f)) for f in ("trajectory.json", "trajectory.npz")
+  )
 
 
 def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "float32"):
   """The training config of the recorded run: configs/tcl.py with the fixture's model, batch,
   schedule and optimizer values. The recorded rates are effective ones, so the linear batch
   scaling is switched off (`lr_scale_reference_batch=0`) and `base_lr`/`min_lr` are those rates."""
-  from tcl_jax import config_files
   import ml_collections
+
+  from tcl_jax import config_files
+
   configs_dir = config_files.packaged("configs")
   common = config_files.load_module(os.path.join(configs_dir, "common.py"))
   t = traj_meta["train"]
@@ -61,10 +64,18 @@ def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "
   config.mesh = common.mesh_config(1)
   b1, b2 = t.get("adam_betas", (0.9, 0.999))
   config.optim = common.tcl_optim(
-      base_lr=float(t["lr"]), min_lr=float(t["min_lr"]), lr_scale_reference_batch=0,
-      warmup_steps=int(t["warmup_steps"]), warmup_start_factor=float(t["warmup_start_factor"]),
-      ust_steps=int(t["ust_steps"]), weight_decay=float(t["weight_decay"]),
-      clip_grad=float(t["clip_grad"]), b1=float(b1), b2=float(b2), eps=float(t["adam_eps"]))
+    base_lr=float(t["lr"]),
+    min_lr=float(t["min_lr"]),
+    lr_scale_reference_batch=0,
+    warmup_steps=int(t["warmup_steps"]),
+    warmup_start_factor=float(t["warmup_start_factor"]),
+    ust_steps=int(t["ust_steps"]),
+    weight_decay=float(t["weight_decay"]),
+    clip_grad=float(t["clip_grad"]),
+    b1=float(b1),
+    b2=float(b2),
+    eps=float(t["adam_eps"]),
+  )
   return config
 
 
@@ -75,9 +86,15 @@ def series_result(name, ours, ref, tol) -> dict:
   errs = np.abs(ours - ref) / np.maximum(np.abs(ref), 1e-30)
   bad = np.flatnonzero(~(errs <= tol))
   worst = int(np.argmax(errs))
-  return {"name": name, "metric": "rel", "error": float(errs[worst]), "tolerance": tol,
-          "ok": bad.size == 0, "worst_step": worst,
-          "first_bad_step": int(bad[0]) if bad.size else None}
+  return {
+    "name": name,
+    "metric": "rel",
+    "error": float(errs[worst]),
+    "tolerance": tol,
+    "ok": bad.size == 0,
+    "worst_step": worst,
+    "first_bad_step": int(bad[0]) if bad.size else None,
+  }
 
 
 def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
@@ -88,7 +105,9 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
     initial params as {torch name: array}).
   """
   import functools
+
   import jax
+
   from tcl_jax import convert_maps
   from tcl_jax import optim
   from tcl_jax import sharding
@@ -103,13 +122,14 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
 
   # The same wiring as train.train_and_evaluate: optimizer, labels, mesh, state shardings, the
   # jitted state constructor and the donated, sharded train step.
-  tx, schedule = optim.make_optimizer(config.optim, params, total_steps=config.total_steps,
-                                      global_batch_size=config.batch_size)
+  tx, schedule = optim.make_optimizer(
+    config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
+  )
   labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
   if devices is None:
     # As many devices as divide the recorded batch (a global batch must split evenly).
     devices = jax.devices()
-    devices = devices[:max(d for d in range(1, len(devices) + 1) if config.batch_size % d == 0)]
+    devices = devices[: max(d for d in range(1, len(devices) + 1) if config.batch_size % d == 0)]
   mesh = sharding.make_mesh(config.mesh, devices)
   batch_sharding = sharding.data_sharding(mesh)
   repl = sharding.repl_sharding(mesh)
@@ -119,16 +139,24 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   state_sharding = sharding.state_shardings(mesh, abstract_state, config.mesh)
   metrics = {}
   with jax.set_mesh(mesh):
-    state = jax.jit(create, in_shardings=(state_sharding.params, repl),
-                    out_shardings=state_sharding)(params, rng)
+    state = jax.jit(
+      create, in_shardings=(state_sharding.params, repl), out_shardings=state_sharding
+    )(params, rng)
     step_fn = step_lib.make_jit_train_step(
-        model=model, tx=tx, labels=labels, schedule=schedule, config=config,
-        state_sharding=state_sharding, batch_sharding=batch_sharding, repl=repl)
+      model=model,
+      tx=tx,
+      labels=labels,
+      schedule=schedule,
+      config=config,
+      state_sharding=state_sharding,
+      batch_sharding=batch_sharding,
+      repl=repl,
+    )
     for k in range(int(traj_meta["steps"])):
       batch = {
-          "image": np.transpose(ref[f"step/{k}/images"], (0, 2, 3, 1)).astype(np.float32),
-          "text_tokens": ref[f"step/{k}/text_tokens"].astype(np.int32),
-          "gumbel_uniform": ref[f"step/{k}/gumbel_uniform"].astype(np.float32),
+        "image": np.transpose(ref[f"step/{k}/images"], (0, 2, 3, 1)).astype(np.float32),
+        "text_tokens": ref[f"step/{k}/text_tokens"].astype(np.int32),
+        "gumbel_uniform": ref[f"step/{k}/gumbel_uniform"].astype(np.float32),
       }
       batch = jax.device_put(batch, batch_sharding)
       state, m, _ = step_fn(state, batch)
@@ -142,20 +170,24 @@ def replay(fixture_dir: str, dtype: str = "float32", devices=None) -> list:
   """Result dicts (name, metric, error, tolerance, ok, worst_step, first_bad_step) for every
   `trajectory/*` quantity of the fixture."""
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")
   tol = TOLERANCES[dtype]
   ref = np.load(os.path.join(fixture_dir, "trajectory.npz"))
   traj_meta = json.load(open(os.path.join(fixture_dir, "trajectory.json")))
   _, metrics, final, init = run_steps(fixture_dir, dtype, devices)
 
-  results = [series_result("trajectory/lr", metrics["lr"], ref["lr"], tol["lr"]),
-             series_result("trajectory/total_loss", metrics["loss"], ref["total_loss"],
-                            tol["loss"])]
+  results = [
+    series_result("trajectory/lr", metrics["lr"], ref["lr"], tol["lr"]),
+    series_result("trajectory/total_loss", metrics["loss"], ref["total_loss"], tol["loss"]),
+  ]
   for key in sorted(k for k in ref.files if k.startswith("loss/")):
-    results.append(series_result("trajectory/" + key, metrics[key.split("/", 1)[1]], ref[key],
-                                  tol["loss"]))
-  results.append(series_result("trajectory/grad_norm", metrics["grad_norm"], ref["grad_norm"],
-                                tol["grad_norm"]))
+    results.append(
+      series_result("trajectory/" + key, metrics[key.split("/", 1)[1]], ref[key], tol["loss"])
+    )
+  results.append(
+    series_result("trajectory/grad_norm", metrics["grad_norm"], ref["grad_norm"], tol["grad_norm"])
+  )
   for name in traj_meta["trained_params"]:
     r = {"name": "trajectory/final/" + name, "metric": "delta_rel", "tolerance": tol["final"]}
     if name not in final:

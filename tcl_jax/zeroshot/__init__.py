@@ -14,10 +14,16 @@ The names below are loaded on first use, so `tcl_jax.zeroshot.protocol` stays li
 
 import importlib
 
-_PUBLIC = {"Prediction": "pipeline", "predict": "pipeline", "Protocol": "protocol",
-           "class_text_embedding": "prompts", "evaluate_dataset": "evaluator",
-           "evaluate_tasks": "evaluator", "make_window_fn": "evaluator",
-           "open_datasets": "evaluator"}
+_PUBLIC = {
+  "Prediction": "pipeline",
+  "predict": "pipeline",
+  "Protocol": "protocol",
+  "class_text_embedding": "prompts",
+  "evaluate_dataset": "evaluator",
+  "evaluate_tasks": "evaluator",
+  "make_window_fn": "evaluator",
+  "open_datasets": "evaluator",
+}
 __all__ = sorted(_PUBLIC)
 
 

@@ -34,8 +34,15 @@ def parse_tasks(tasks) -> list:
   return names
 
 
-def make_window_fn(model: base.ZeroShotModel, params, text_emb, protocol: pipeline.Protocol, *,
-                   mesh: Optional[jax.sharding.Mesh] = None, simmaps: bool = False) -> Callable:
+def make_window_fn(
+  model: base.ZeroShotModel,
+  params,
+  text_emb,
+  protocol: pipeline.Protocol,
+  *,
+  mesh: Optional[jax.sharding.Mesh] = None,
+  simmaps: bool = False,
+) -> Callable:
   """windows [n, h, w, 3] -> the model's masks [n, N(, 2N), h, w], one jitted call, cached per
   model config, N and window shape. With a mesh of several devices, windows are split over its
   first axis and the model replicated. The background channel is added by the pipeline, per
@@ -54,8 +61,14 @@ def make_window_fn(model: base.ZeroShotModel, params, text_emb, protocol: pipeli
       if pad:
         windows = np.concatenate([windows, np.zeros((pad,) + windows.shape[1:], windows.dtype)])
       windows = jax.device_put(windows, split)
-    masks = model.window_masks(params, text_emb, windows, pamr=bool(protocol.pamr),
-                               kp_w=float(protocol.kp_w), simmaps=simmaps)
+    masks = model.window_masks(
+      params,
+      text_emb,
+      windows,
+      pamr=bool(protocol.pamr),
+      kp_w=float(protocol.kp_w),
+      simmaps=simmaps,
+    )
     return masks[:n]
 
   return window_fn
@@ -67,7 +80,11 @@ def _prepare(ds: datasets.SegDataset, i: int, protocol: pipeline.Protocol):
     sample = ds.load(i)
   except datasets.CorruptSample as e:
     return i, None, str(e)
-  return i, (pipeline.preprocess(sample.image, protocol), sample.image.shape[:2], sample.label), None
+  return (
+    i,
+    (pipeline.preprocess(sample.image, protocol), sample.image.shape[:2], sample.label),
+    None,
+  )
 
 
 def _sum_over_processes(x: np.ndarray) -> np.ndarray:
@@ -79,8 +96,14 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
   return (every[:, 0].sum(0) << 31) + every[:, 1].sum(0)
 
 
-def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pipeline.Protocol, *,
-                     progress: bool = True, workers: int = 2) -> dict:
+def evaluate_dataset(
+  ds: datasets.SegDataset,
+  window_fn: Callable,
+  protocol: pipeline.Protocol,
+  *,
+  progress: bool = True,
+  workers: int = 2,
+) -> dict:
   """Run the pipeline over a dataset; returns {"miou", "per_class_iou", "num_images",
   "num_skipped", "intersect", "union"} (percent; miou rounded to 2 decimals as mmseg reports
   it; intersect/union: the per-class pixel counts summed over the dataset).
@@ -96,13 +119,16 @@ def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pip
   acc = metrics.IoUAccumulator(spec.num_classes, datasets.IGNORE_INDEX, spec.reduce_zero_label)
   ds.num_skipped, ds.skipped = 0, []
   mine = list(range(jax.process_index(), len(ds), jax.process_count()))
-  bar = (tqdm(total=len(mine), desc=spec.name, unit="img", dynamic_ncols=True)
-         if progress and jax.process_index() == 0 else None)
+  bar = (
+    tqdm(total=len(mine), desc=spec.name, unit="img", dynamic_ncols=True)
+    if progress and jax.process_index() == 0
+    else None
+  )
   pending = None  # (device prediction, label) of the previous image: overlaps host and device
 
   def finish(item):
     pred, label = item
-    acc.update(np.asarray(pred)[:label.shape[0], :label.shape[1]], label)
+    acc.update(np.asarray(pred)[: label.shape[0], : label.shape[1]], label)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     futures = {}
@@ -119,8 +145,9 @@ def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pip
         logging.warning("%s: skipping %s", spec.name, err)
       else:
         x, ori_hw, label = prepared
-        pred, _ = pipeline.predict_normalized(x, ori_hw, window_fn, len(spec.text_classes),
-                                              protocol, background=spec.with_bg)
+        pred, _ = pipeline.predict_normalized(
+          x, ori_hw, window_fn, len(spec.text_classes), protocol, background=spec.with_bg
+        )
         if pending is not None:
           finish(pending)
         pending = (pred, label)
@@ -135,17 +162,19 @@ def evaluate_dataset(ds: datasets.SegDataset, window_fn: Callable, protocol: pip
   num_images, num_skipped = acc.count, ds.num_skipped
   if jax.process_count() > 1:
     intersect, union = _sum_over_processes(intersect), _sum_over_processes(union)
-    num_images, num_skipped = (int(v) for v in _sum_over_processes(
-        np.array([num_images, num_skipped])))
+    num_images, num_skipped = (
+      int(v) for v in _sum_over_processes(np.array([num_images, num_skipped]))
+    )
   miou, iou = metrics.mean_iou(intersect, union)
   return {
-      "miou": None if math.isnan(miou) else round(miou * 100, 2),
-      "per_class_iou": {c: (None if math.isnan(v) else float(v * 100))
-                        for c, v in zip(spec.classes, iou)},
-      "num_images": num_images,
-      "num_skipped": num_skipped,
-      "intersect": [int(v) for v in intersect],
-      "union": [int(v) for v in union],
+    "miou": None if math.isnan(miou) else round(miou * 100, 2),
+    "per_class_iou": {
+      c: (None if math.isnan(v) else float(v * 100)) for c, v in zip(spec.classes, iou)
+    },
+    "num_images": num_images,
+    "num_skipped": num_skipped,
+    "intersect": [int(v) for v in intersect],
+    "union": [int(v) for v in union],
   }
 
 
@@ -154,8 +183,15 @@ def open_datasets(tasks, data_root: str, max_images: int = 0) -> dict:
   return {t: datasets.SegDataset(t, data_root, max_images) for t in parse_tasks(tasks)}
 
 
-def evaluate_tasks(model: base.ZeroShotModel, params, tasks: dict, protocol: pipeline.Protocol, *,
-                   mesh: Optional[jax.sharding.Mesh] = None, progress: bool = True) -> dict:
+def evaluate_tasks(
+  model: base.ZeroShotModel,
+  params,
+  tasks: dict,
+  protocol: pipeline.Protocol,
+  *,
+  mesh: Optional[jax.sharding.Mesh] = None,
+  progress: bool = True,
+) -> dict:
   """Evaluate a model on `tasks` ({name: SegDataset}, see open_datasets).
 
   Returns {task: {"miou", "per_class_iou", "num_images", "num_skipped"}, "average": float}, in
@@ -173,23 +209,37 @@ def evaluate_tasks(model: base.ZeroShotModel, params, tasks: dict, protocol: pip
         text_cache[key] = prompts.class_text_embedding(model, params, names, protocol.template)
       window_fn = make_window_fn(model, params, text_cache[key], protocol, mesh=mesh)
       results[t] = evaluate_dataset(ds, window_fn, protocol, progress=progress)
-      logging.info("[%s] mIoU of %d images: %s%% (%d skipped)", t, results[t]["num_images"],
-                   results[t]["miou"], results[t]["num_skipped"])
+      logging.info(
+        "[%s] mIoU of %d images: %s%% (%d skipped)",
+        t,
+        results[t]["num_images"],
+        results[t]["miou"],
+        results[t]["num_skipped"],
+      )
   mious = [r["miou"] for r in results.values() if r["miou"] is not None]
   results["average"] = float(np.mean(mious)) if mious else None
   return results
 
 
-def evaluate_config(model: base.ZeroShotModel, params, eval_config, *,
-                    mesh: Optional[jax.sharding.Mesh] = None, progress: bool = True) -> dict:
+def evaluate_config(
+  model: base.ZeroShotModel,
+  params,
+  eval_config,
+  *,
+  mesh: Optional[jax.sharding.Mesh] = None,
+  progress: bool = True,
+) -> dict:
   """evaluate_tasks with the tasks, data and protocol of an evaluation config (configs/eval.py,
   a training config's `evals`): tasks (default: the 8 benchmarks), data_root, max_images and the
   Protocol fields."""
-  tasks = open_datasets(_field(eval_config, "tasks", ",".join(datasets.BENCHMARKS)),
-                        _field(eval_config, "data_root", "data"),
-                        int(_field(eval_config, "max_images", 0)))
-  return evaluate_tasks(model, params, tasks, pipeline.Protocol.from_config(eval_config),
-                        mesh=mesh, progress=progress)
+  tasks = open_datasets(
+    _field(eval_config, "tasks", ",".join(datasets.BENCHMARKS)),
+    _field(eval_config, "data_root", "data"),
+    int(_field(eval_config, "max_images", 0)),
+  )
+  return evaluate_tasks(
+    model, params, tasks, pipeline.Protocol.from_config(eval_config), mesh=mesh, progress=progress
+  )
 
 
 def _field(c, name, default):

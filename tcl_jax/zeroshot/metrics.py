@@ -15,8 +15,13 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
   return out
 
 
-def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                        ignore_index: int = 255, reduce_zero: bool = False):
+def intersect_and_union(
+  pred: np.ndarray,
+  label: np.ndarray,
+  num_classes: int,
+  ignore_index: int = 255,
+  reduce_zero: bool = False,
+):
   """Per-class (area_intersect, area_union, area_pred, area_label), int64 [num_classes].
 
   Pixels whose (reduced) label is ignore_index are dropped. As mmseg's histc, label values
@@ -66,8 +71,9 @@ class IoUAccumulator:
     self.count = 0
 
   def update(self, pred, label):
-    i, u, p, l = intersect_and_union(pred, label, self.num_classes, self.ignore_index,
-                                     self.reduce_zero)
+    i, u, p, l = intersect_and_union(
+      pred, label, self.num_classes, self.ignore_index, self.reduce_zero
+    )
     self.intersect += i
     self.union += u
     self.pred += p
@@ -76,4 +82,3 @@ class IoUAccumulator:
 
   def result(self):
     return mean_iou(self.intersect, self.union)
-

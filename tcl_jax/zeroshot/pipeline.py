@@ -120,14 +120,16 @@ def num_padded_windows(n: int, batch: int) -> int:
 @dataclasses.dataclass
 class WindowOutputs:
   """The window function's outputs of one image and where each window sits."""
+
   outs: tuple  # of [k, C, h, w], in window order, padded to num_padded_windows
   y1: np.ndarray  # int32 [n_padded]
   x1: np.ndarray  # int32 [n_padded]
   valid: np.ndarray  # bool [n_padded]: False for the padding windows
 
 
-def run_windows(image: np.ndarray, window_fn: Callable, num_channels: int, crop, stride,
-                batch: int) -> WindowOutputs:
+def run_windows(
+  image: np.ndarray, window_fn: Callable, num_channels: int, crop, stride, batch: int
+) -> WindowOutputs:
   """Cut the image's windows, pad their number (repeating the last), run window_fn in chunks of
   `batch`; window_fn(windows [k, h, w, 3]) -> [k, >= num_channels, h, w]."""
   h, w = image.shape[:2]
@@ -139,13 +141,19 @@ def run_windows(image: np.ndarray, window_fn: Callable, num_channels: int, crop,
     crops = np.concatenate([crops, np.repeat(crops[-1:], total - n, axis=0)])
   outs = []
   for s in range(0, total, batch):
-    chunk = crops[s:s + batch]
+    chunk = crops[s : s + batch]
     out = window_fn(chunk)
-    if (out.ndim != 4 or out.shape[0] != len(chunk) or out.shape[1] < num_channels
-        or tuple(out.shape[2:]) != chunk.shape[1:3]):
-      raise ValueError(f"window function returned {tuple(out.shape)} for windows {chunk.shape}, "
-                       f"expected ({len(chunk)}, >={num_channels}, {chunk.shape[1]}, "
-                       f"{chunk.shape[2]})")
+    if (
+      out.ndim != 4
+      or out.shape[0] != len(chunk)
+      or out.shape[1] < num_channels
+      or tuple(out.shape[2:]) != chunk.shape[1:3]
+    ):
+      raise ValueError(
+        f"window function returned {tuple(out.shape)} for windows {chunk.shape}, "
+        f"expected ({len(chunk)}, >={num_channels}, {chunk.shape[1]}, "
+        f"{chunk.shape[2]})"
+      )
     outs.append(out)
   y1 = np.array([win[0] for win in windows] + [0] * (total - n), np.int32)
   x1 = np.array([win[2] for win in windows] + [0] * (total - n), np.int32)
@@ -186,30 +194,42 @@ def labels_from_scores(scores, rows, cols):
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "bg_thresh", "hb", "wb"))
 def _labels_jit(outs, y1, x1, valid, rows, cols, *, num_classes, bg_thresh, hb, wb):
-  scores = average_windows(outs, y1, x1, valid, num_channels=num_classes, bg_thresh=bg_thresh,
-                           hb=hb, wb=wb)
+  scores = average_windows(
+    outs, y1, x1, valid, num_channels=num_classes, bg_thresh=bg_thresh, hb=hb, wb=wb
+  )
   return labels_from_scores(scores, rows, cols)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "num_maps", "hb", "wb"))
-def _labels_and_maps_jit(outs, y1, x1, valid, rows, cols, bg_thresh, *, num_classes, num_maps,
-                         hb, wb):
+def _labels_and_maps_jit(
+  outs, y1, x1, valid, rows, cols, bg_thresh, *, num_classes, num_maps, hb, wb
+):
   # bg_thresh is traced here: the demo and app change it per call without a recompile.
-  scores = average_windows(outs, y1, x1, valid, num_channels=num_maps, bg_thresh=bg_thresh,
-                           hb=hb, wb=wb)  # [1 + num_maps, hb, wb]
-  labels = labels_from_scores(scores[:num_classes + 1], rows, cols)
+  scores = average_windows(
+    outs, y1, x1, valid, num_channels=num_maps, bg_thresh=bg_thresh, hb=hb, wb=wb
+  )  # [1 + num_maps, hb, wb]
+  labels = labels_from_scores(scores[: num_classes + 1], rows, cols)
   return labels, resize.resize_with_taps(scores[1:], rows, cols)
 
 
 @dataclasses.dataclass
 class Prediction:
   """One image's result at its original size [H, W]."""
+
   labels: np.ndarray  # int32 [H, W]: with background, 0 = background and i = class i - 1
   maps: Optional[np.ndarray] = None  # float32 [num_maps, H, W] window-averaged channels
 
 
-def predict_normalized(x: np.ndarray, ori_hw, window_fn: Callable, num_classes: int,
-                       protocol: Protocol, *, background: bool, num_maps: int = 0):
+def predict_normalized(
+  x: np.ndarray,
+  ori_hw,
+  window_fn: Callable,
+  num_classes: int,
+  protocol: Protocol,
+  *,
+  background: bool,
+  num_maps: int = 0,
+):
   """Steps 3-4 on a normalized, resized image x [h, w, 3]: sliding windows, averaging, resize to
   ori_hw, softmax, argmax, in one jitted call whose shapes are bucketed (the same numbers as the
   unpadded computation).
@@ -223,29 +243,64 @@ def predict_normalized(x: np.ndarray, ori_hw, window_fn: Callable, num_classes: 
   """
   h, w = x.shape[:2]
   h0, w0 = int(ori_hw[0]), int(ori_hw[1])
-  win = run_windows(x, window_fn, max(num_classes, num_maps), protocol.crop, protocol.stride,
-                    protocol.batch)
+  win = run_windows(
+    x, window_fn, max(num_classes, num_maps), protocol.crop, protocol.stride, protocol.batch
+  )
   hb, wb = round_up(h, SIZE_BUCKET), round_up(w, SIZE_BUCKET)
   rows = resize.padded_bilinear_taps(h, h0, round_up(h0, SIZE_BUCKET))
   cols = resize.padded_bilinear_taps(w, w0, round_up(w0, SIZE_BUCKET))
   if not num_maps:
-    labels = _labels_jit(win.outs, win.y1, win.x1, win.valid, rows, cols,
-                         num_classes=num_classes,
-                         bg_thresh=float(protocol.bg_thresh) if background else None, hb=hb, wb=wb)
+    labels = _labels_jit(
+      win.outs,
+      win.y1,
+      win.x1,
+      win.valid,
+      rows,
+      cols,
+      num_classes=num_classes,
+      bg_thresh=float(protocol.bg_thresh) if background else None,
+      hb=hb,
+      wb=wb,
+    )
     return labels, None
   if not background:
     raise ValueError("num_maps needs the background channel (background=True)")
-  return _labels_and_maps_jit(win.outs, win.y1, win.x1, win.valid, rows, cols,
-                              np.float32(protocol.bg_thresh), num_classes=num_classes,
-                              num_maps=num_maps, hb=hb, wb=wb)
+  return _labels_and_maps_jit(
+    win.outs,
+    win.y1,
+    win.x1,
+    win.valid,
+    rows,
+    cols,
+    np.float32(protocol.bg_thresh),
+    num_classes=num_classes,
+    num_maps=num_maps,
+    hb=hb,
+    wb=wb,
+  )
 
 
-def predict(image_bgr: np.ndarray, window_fn: Callable, num_classes: int, protocol: Protocol, *,
-            background: bool, num_maps: int = 0) -> Prediction:
+def predict(
+  image_bgr: np.ndarray,
+  window_fn: Callable,
+  num_classes: int,
+  protocol: Protocol,
+  *,
+  background: bool,
+  num_maps: int = 0,
+) -> Prediction:
   """The whole test pipeline for one BGR uint8 image [H, W, 3]."""
   h0, w0 = image_bgr.shape[:2]
-  labels, maps = predict_normalized(preprocess(image_bgr, protocol), (h0, w0), window_fn,
-                                    num_classes, protocol, background=background,
-                                    num_maps=num_maps)
-  return Prediction(labels=np.asarray(labels)[:h0, :w0],
-                    maps=None if maps is None else np.asarray(maps)[:, :h0, :w0])
+  labels, maps = predict_normalized(
+    preprocess(image_bgr, protocol),
+    (h0, w0),
+    window_fn,
+    num_classes,
+    protocol,
+    background=background,
+    num_maps=num_maps,
+  )
+  return Prediction(
+    labels=np.asarray(labels)[:h0, :w0],
+    maps=None if maps is None else np.asarray(maps)[:, :h0, :w0],
+  )

@@ -12,30 +12,30 @@ from tcl_jax import tokenizer
 # ----------------------------------------------------------------------------------------------
 
 _SUBSET_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of a {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
+  "itap of a {}.",
+  "a bad photo of a {}.",
+  "a origami {}.",
+  "a photo of the large {}.",
+  "a {} in a video game.",
+  "art of the {}.",
+  "a photo of the small {}.",
 )
 _MASKCLIP_TEMPLATES = (
-    "there is a {} in the scene.",
-    "there is the {} in the scene.",
-    "this is a {} in the scene.",
-    "this is the {} in the scene.",
-    "this is one {} in the scene.",
+  "there is a {} in the scene.",
+  "there is the {} in the scene.",
+  "this is a {} in the scene.",
+  "this is the {} in the scene.",
+  "this is one {} in the scene.",
 )
 TEMPLATES = {
-    # 'custom': the 7-template ImageNet subset + many/plural (the default of configs/eval.yml).
-    "custom": _SUBSET_TEMPLATES + ("a photo of many {}.", "a photo of {}s."),
-    "subset": _SUBSET_TEMPLATES,
-    "simple": ("a photo of a {}.",),
-    "plural": ("a photo of {}s.",),
-    "identity": ("{}",),
-    "maskclip": _MASKCLIP_TEMPLATES,
-    "subset+maskclip": _SUBSET_TEMPLATES + _MASKCLIP_TEMPLATES,
+  # 'custom': the 7-template ImageNet subset + many/plural (the default of configs/eval.yml).
+  "custom": _SUBSET_TEMPLATES + ("a photo of many {}.", "a photo of {}s."),
+  "subset": _SUBSET_TEMPLATES,
+  "simple": ("a photo of a {}.",),
+  "plural": ("a photo of {}s.",),
+  "identity": ("{}",),
+  "maskclip": _MASKCLIP_TEMPLATES,
+  "subset+maskclip": _SUBSET_TEMPLATES + _MASKCLIP_TEMPLATES,
 }
 
 

@@ -9,6 +9,7 @@ class Protocol:
   """Every setting of the zero-shot protocol, in one place (the original's configs/eval.yml and
   mmseg test pipeline; shared/EVAL_PROTOCOL.md). Evaluation, training-time evaluation, the demo
   and the app all read their defaults from here."""
+
   img_scale: tuple = (2048, 448)  # keep-ratio resize bound (long, short)
   crop: int = 448  # sliding-window size
   stride: int = 224
@@ -32,8 +33,15 @@ class Protocol:
 
 
 # Field types as the config gives them (crop and stride may also be (h, w) pairs).
-_CONVERT = {"img_scale": lambda v: tuple(int(x) for x in v), "batch": int, "pamr": bool,
-            "kp_w": float, "bg_thresh": float, "template": str, "class_pad": int}
+_CONVERT = {
+  "img_scale": lambda v: tuple(int(x) for x in v),
+  "batch": int,
+  "pamr": bool,
+  "kp_w": float,
+  "bg_thresh": float,
+  "template": str,
+  "class_pad": int,
+}
 
 
 def _get(c, name):

@@ -14,8 +14,10 @@ def format_task_table(task: str, r: dict) -> str:
   lines = [f"{task}: per-class IoU (%)", f"  {'class':<{width}}  IoU"]
   for n, v in r["per_class_iou"].items():
     lines.append(f"  {n:<{width}}  {fmt_miou(v)}")
-  lines.append(f"  {'mIoU':<{width}}  {fmt_miou(r['miou'])}   ({r['num_images']} images, "
-               f"{r['num_skipped']} skipped)")
+  lines.append(
+    f"  {'mIoU':<{width}}  {fmt_miou(r['miou'])}   ({r['num_images']} images, "
+    f"{r['num_skipped']} skipped)"
+  )
   return "\n".join(lines)
 
 
@@ -25,8 +27,9 @@ def format_summary(results: dict) -> str:
   lines = [f"{'task':<{width}}  mIoU (%)  images  skipped"]
   for t in tasks:
     r = results[t]
-    lines.append(f"{t:<{width}}  {fmt_miou(r['miou']):>8}  {r['num_images']:6d}  "
-                 f"{r['num_skipped']:7d}")
+    lines.append(
+      f"{t:<{width}}  {fmt_miou(r['miou']):>8}  {r['num_images']:6d}  {r['num_skipped']:7d}"
+    )
   lines.append(f"{'average':<{width}}  {fmt_miou(results['average']):>8}")
   return "\n".join(lines)
 
@@ -39,4 +42,3 @@ def write_results(results: dict, workdir: str) -> str:
     json.dump(results, f, indent=1, allow_nan=False)
   os.replace(tmp, path)
   return path
-
