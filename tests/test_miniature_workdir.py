@@ -110,7 +110,9 @@ def test_finished_run_reports_its_stored_figures_and_wall_time(seed0_run):
     f". A finished run: these are the figures stored in {workdir / 'miniature.json'}, "
     "nothing was recomputed"
   )
-  assert f"; {stored['wall_s']:.0f} s." in first_line and stored["wall_s"] > 20
+  # The stored wall time is the first run's (the file's bytes are unchanged above); no bound on
+  # its size: a faster machine runs the tiny run in under the 20 s this once assumed.
+  assert f"; {stored['wall_s']:.0f} s." in first_line and stored["wall_s"] > 0
   assert proc.stderr == ""  # answered before TensorFlow or JAX were loaded
 
 
