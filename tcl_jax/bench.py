@@ -29,7 +29,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,34 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tcl_jax import chips
 from tcl_jax import kinds
 from tcl_jax import sharding
 from tcl_jax import train_step as step_lib
 from tcl_jax.kinds import base
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
-
-# Dense bf16 peak FLOP/s per chip (vendor datasheets, no sparsity), matched in order against
-# jax's device_kind: more specific names first.
-PEAK_BF16_FLOPS = (
-  ("H100 PCIe", 756e12),
-  ("H100", 989e12),
-  ("H200", 989e12),
-  ("GH200", 989e12),
-  ("B200", 2250e12),
-  ("A100", 312e12),
-  ("L40S", 362e12),
-  ("L4", 121e12),
-  ("A10G", 70e12),
-  ("V100", 125e12),
-  ("TPU v4", 275e12),
-  ("TPU v5 lite", 197e12),
-  ("TPU v5e", 197e12),
-  ("TPU v5p", 459e12),
-  ("TPU v5", 459e12),
-  ("TPU v6 lite", 918e12),
-  ("TPU v6e", 918e12),
-)
 
 # The original's forward+backward on CPU (shared/reference/time_reference.py), for context only.
 ORIGINAL_CPU_REFERENCE = (
@@ -116,34 +94,6 @@ def preset(name: str) -> tuple[tcl_lib.TCLConfig, int]:
   if name == "vitb16":
     return tcl_lib.TCLConfig(clip=clip_lib.CLIPConfig(), ie_freeze=11), 224
   raise ValueError(f"unknown preset {name!r} (tiny, vitb16)")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def device_label() -> str:
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    return f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
-  return f"{jax.device_count()} x {d.device_kind}"
-
-
-def peak_flops_per_chip() -> float | None:
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    return None
-  for key, flops in PEAK_BF16_FLOPS:
-    if key.lower() in d.device_kind.lower():
-      return flops
-  return None
 
 
 def _random_batch(batch: int, res: int, seed: int = 0) -> dict:
@@ -258,11 +208,11 @@ def train_bench(
     per_device = _flops(compiled.cost_analysis())  # which is per device (the SPMD partition)
     flops = per_device * n if per_device is not None else None
     flops_source = "XLA cost analysis of the compiled step"
-  peak = peak_flops_per_chip()
+  peak = chips.peak_flops_per_chip()
   return {
     "what": "train_step",
     "preset": preset_name,
-    "device": device_label(),
+    "device": chips.device_label(),
     "devices": n,
     "per_device_batch": per_device_batch,
     "global_batch": global_batch,
@@ -353,7 +303,7 @@ def eval_bench(
       {
         "what": "eval_windows",
         "preset": preset_name,
-        "device": device_label(),
+        "device": chips.device_label(),
         "windows": windows,
         "resolution": res,
         "classes": num_classes,
@@ -398,7 +348,7 @@ def _fmt(v, spec):
   return "-" if v is None else format(v, spec)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m tcl_jax.bench", description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="vitb16", choices=["vitb16", "tiny"])
   ap.add_argument(
@@ -429,7 +379,11 @@ def main(argv=None) -> int:
     help="checkout of kakaobrain/tcl: also time the original (needs torch, einops)",
   )
   ap.add_argument("--json", dest="json_out", default=None)
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
   if args.torch_ref and not os.path.isfile(os.path.join(args.torch_ref, "models", "tcl", "tcl.py")):
     print(
       f"error: --torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl "
@@ -462,7 +416,7 @@ def main(argv=None) -> int:
     print(json.dumps(theirs), flush=True)  # kept even if our step fails later
 
   print(
-    f"# {device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
+    f"# {chips.device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
     + ("  (CPU: no MFU)" if on_cpu else "")
   )
   if args.max_batch:

@@ -248,6 +248,26 @@ class _Loop:
     return state, step, False
 
 
+def _open_run_logs(config, workdir: str, idle: bool):
+  """The metric writer, and config.json on process 0. A run with nothing to train writes neither
+  an (empty) TensorBoard events file nor a config.json that would no longer describe the
+  checkpoints."""
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief or idle)
+  if is_chief and not idle:
+    with open(checkpointing.config_path(workdir), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  logging.info(
+    "process %d/%d, %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
+  return writer
+
+
 def train_and_evaluate(
   config: "ml_collections.ConfigDict",
   workdir: str,
@@ -288,20 +308,7 @@ def train_and_evaluate(
 
   # ---------------------------------------------------------------- logging
   is_chief = jax.process_index() == 0
-  # A run with nothing to train writes neither an (empty) TensorBoard events file nor a
-  # config.json that would no longer describe the checkpoints.
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief or idle)
-  if is_chief and not idle:
-    with open(checkpointing.config_path(workdir), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-  logging.info(
-    "process %d/%d, %d local / %d global devices (%s)",
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-    jax.devices()[0].platform,
-  )
+  writer = _open_run_logs(config, workdir, idle)
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh, devices)

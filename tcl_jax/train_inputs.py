@@ -12,6 +12,7 @@ from tcl_jax import checkpointing
 from tcl_jax.data import augment as augment_lib
 from tcl_jax.data import in_memory
 from tcl_jax.data import input_pipeline
+from tcl_jax.data import records
 from tcl_jax.data import synthetic
 from tcl_jax.data import synthetic_segmentation
 
@@ -60,7 +61,7 @@ def make_train_iterator(config, workdir: str):
     )
   patterns = [checkpointing.expand_workdir(p, workdir) for p in inp.train_files]
   for p in patterns:  # a wrong path is the likeliest mistake: name it before reading anything
-    if not any(tf.io.gfile.exists(f) for f in input_pipeline.list_files(p)):
+    if not any(tf.io.gfile.exists(f) for f in records.list_files(p)):
       where = "" if "://" in p or os.path.isabs(p) else f" (relative to {os.getcwd()})"
       raise ValueError(f"config.input.train_files: no file matches {p!r}{where}")
   kwargs = inp.get("options", ml_collections.ConfigDict()).to_dict()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tcl_jax import bench
+from tcl_jax import chips
 
 _BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "cv2", "torch")
 _RUN_BLOCKED = f"""
@@ -120,7 +121,7 @@ def test_peak_flops_table_matches_device_kinds():
     "TPU v6 lite": 918e12,
   }
   for kind, flops in kinds.items():
-    assert next(f for k, f in bench.PEAK_BF16_FLOPS if k.lower() in kind.lower()) == flops, kind
+    assert next(f for k, f in chips.PEAK_BF16_FLOPS if k.lower() in kind.lower()) == flops, kind
 
 
 def test_torch_ref_that_is_not_a_checkout_is_a_usage_error(tmp_path):

@@ -207,10 +207,10 @@ def test_bad_data_with_batches_and_counters_restored(bad_mix):
 
 
 def test_bad_data_is_named_once_with_its_file_and_key(bad_mix, caplog, monkeypatch):
-  from tcl_jax.data import input_pipeline
+  from tcl_jax.data import records
 
   files, good, counts, named = bad_mix
-  monkeypatch.setattr(input_pipeline, "BAD_DATA_LOG", input_pipeline.BadDataLog(burst=100))
+  monkeypatch.setattr(records, "BAD_DATA_LOG", records.BadDataLog(burst=100))
   caplog.set_level("WARNING")
   it = _iter(files, global_batch_size=2, num_epochs=3)
   assert len(list(it)) == 3 * len(good) // 2
@@ -229,7 +229,7 @@ def test_bad_data_is_named_once_with_its_file_and_key(bad_mix, caplog, monkeypat
 def test_bad_data_log_is_rate_limited(caplog):
   import time
 
-  from tcl_jax.data.input_pipeline import BadDataLog
+  from tcl_jax.data.records import BadDataLog
 
   caplog.set_level("WARNING")
   # A period far longer than the few microseconds the reports below take, even on a loaded
