@@ -356,9 +356,8 @@ def test_mesh_shapes_and_fsdp_rule():
     sharding.make_mesh(ml_collections.ConfigDict(dict(shape=(-1, 3), axes=("data", "fsdp"))))
 
 
-def _steps_on_one_device(config, params, batch, steps=2):
-  """`steps` jitted train steps without a mesh; returns (params, last metrics, jaxpr text)."""
-  model = kinds.build_model(config)
+def _state_and_jit_step(config, model, params):
+  """A fresh train state of `params` and the jitted `train_step` (no mesh), with the labels."""
   tx, schedule = optim.make_optimizer(
     config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
   )
@@ -374,6 +373,13 @@ def _steps_on_one_device(config, params, batch, steps=2):
       ust_steps=config.optim.ust_steps,
     )
   )
+  return state, step, labels
+
+
+def _steps_on_one_device(config, params, batch, steps=2):
+  """`steps` jitted train steps without a mesh; returns (params, last metrics, jaxpr text)."""
+  model = kinds.build_model(config)
+  state, step, labels = _state_and_jit_step(config, model, params)
   jaxpr = str(jax.make_jaxpr(step)(state, batch))
   for _ in range(steps):
     state, metrics, _ = step(state, batch)
@@ -631,21 +637,7 @@ def test_the_update_opposes_the_gradient_in_every_trained_leaf():
   params = open_gates(jax.device_get(jax.jit(model.init)(jax.random.key(0))))
   batch = _fixed_noise_batch(config)
   grads = jax.jit(jax.grad(lambda p: model.loss(p, batch, None)[0]))(params)
-  tx, schedule = optim.make_optimizer(
-    config.optim, params, total_steps=config.total_steps, global_batch_size=config.batch_size
-  )
-  labels = optim.param_labels(params, config.optim.frozen_regex, config.optim.ust_regex)
-  state = step_lib.create_train_state(params, jax.random.key(1), tx)
-  step = jax.jit(
-    functools.partial(
-      step_lib.train_step,
-      loss_fn=model.loss,
-      tx=tx,
-      labels=labels,
-      schedule=schedule,
-      ust_steps=config.optim.ust_steps,
-    )
-  )
+  state, step, labels = _state_and_jit_step(config, model, params)
   new_state, metrics, _ = step(state, batch)
   before, after, g, lab = (
     flat(params),
