@@ -108,6 +108,7 @@ def convert_state_dict(
   ie_freeze: Optional[int] = None,
   vision_heads: Optional[int] = None,
   text_heads: Optional[int] = None,
+  hidden_act: Optional[str] = None,
   seed: int = 0,
   **tcl_overrides,
 ):
@@ -132,14 +133,14 @@ def convert_state_dict(
         "the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), not a TCL checkpoint"
       )
     clip_cfg = convert_maps.infer_clip_config(
-      clip, "openai", vision_heads=vision_heads, text_heads=text_heads
+      clip, "openai", vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
     )
     sd = {**_clip_in_tcl_layout(clip, clip_cfg), **sd}  # the TCL file's own keys win
   else:
     if layout == "tcl" and not all(any(k.startswith(p) for k in sd) for p in CLIP_PREFIXES):
       raise model_files.ConversionError(NO_CLIP)
     clip_cfg = convert_maps.infer_clip_config(
-      sd, layout, vision_heads=vision_heads, text_heads=text_heads
+      sd, layout, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
     )
   notes = []
   if layout == "tcl":

@@ -168,7 +168,9 @@ def _shape(sd, key):
   return tuple(sd[key].shape)
 
 
-def infer_clip_config(sd: dict, layout: str, *, vision_heads=None, text_heads=None):
+def infer_clip_config(
+  sd: dict, layout: str, *, vision_heads=None, text_heads=None, hidden_act=None
+):
   vis = "visual." if layout == "openai" else "clip_image_encoder.clip_visual."
   txt = "" if layout == "openai" else "clip_text_encoder."
   conv = _shape(sd, vis + "conv1.weight")
@@ -189,6 +191,8 @@ def infer_clip_config(sd: dict, layout: str, *, vision_heads=None, text_heads=No
     transformer_width=tw,
     transformer_heads=_heads("text_heads", text_heads, tw, "text"),
     transformer_layers=_count_blocks(sd, txt + "transformer.resblocks."),
+    # Not in the shapes: a transformers config states it; OpenAI's files are quick_gelu.
+    hidden_act=hidden_act or "quick_gelu",
   )
 
 

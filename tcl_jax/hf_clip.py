@@ -64,13 +64,18 @@ def read_config(directory) -> CLIPConfig:
 
 
 def _check_config(cfg: CLIPConfig, path: str) -> None:
+  if cfg.vision_config.hidden_act != cfg.text_config.hidden_act:
+    raise HFCLIPError(
+      f"{path}: vision_config.hidden_act is {cfg.vision_config.hidden_act!r} but "
+      f"text_config.hidden_act is {cfg.text_config.hidden_act!r}; tcl_jax's towers share one"
+    )
   for name, sub in (("vision_config", cfg.vision_config), ("text_config", cfg.text_config)):
-    if sub.hidden_act != "quick_gelu":
-      # tcl_jax.models.clip computes x * sigmoid(1.702 x) (OpenAI's CLIP) in every block; a model
-      # trained with another activation would convert to plausible-looking wrong outputs.
+    if sub.hidden_act not in ("quick_gelu", "gelu"):
+      # tcl_jax.models.clip computes quick_gelu (OpenAI's CLIP) or the exact gelu in its blocks; a
+      # model trained with another activation would convert to plausible-looking wrong outputs.
       raise HFCLIPError(
         f"{path}: {name}.hidden_act is {sub.hidden_act!r}; tcl_jax's CLIP towers compute "
-        f"quick_gelu (OpenAI's CLIP), so this model cannot be converted"
+        f"quick_gelu or gelu, so this model cannot be converted"
       )
     if abs(sub.layer_norm_eps - 1e-5) > 1e-12:
       raise HFCLIPError(
@@ -114,10 +119,12 @@ def _check_config(cfg: CLIPConfig, path: str) -> None:
 
 
 def heads(cfg: CLIPConfig) -> dict:
-  """The attention heads the config states (tensor shapes do not hold them)."""
+  """What the config states that tensor shapes do not hold: the attention heads and the blocks'
+  activation."""
   return {
     "vision_heads": cfg.vision_config.num_attention_heads,
     "text_heads": cfg.text_config.num_attention_heads,
+    "hidden_act": cfg.vision_config.hidden_act,
   }
 
 

@@ -5,6 +5,8 @@ that each tensor's place matters), written as a PyTorch file (tests/torch_files.
 CLIP written from its model.py (pre-LN residual blocks: x + attn(ln_1(x)), x + mlp(ln_2(x)),
 QuickGELU; class token + ln_post + proj; causal text tower, ln_final, EOT pooling, projection)."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -90,14 +92,21 @@ def _attention(x, sd, p, heads, causal):
   return y @ sd[p + "out_proj.weight"].T + sd[p + "out_proj.bias"]
 
 
-def _resblock(x, sd, p, heads, causal):
+_ERF = np.vectorize(math.erf)
+ACTS = {
+  "quick_gelu": lambda h: h * (1 / (1 + np.exp(-1.702 * h))),  # OpenAI's QuickGELU
+  "gelu": lambda h: 0.5 * h * (1 + _ERF(h / np.sqrt(2))),  # torch's exact nn.GELU()
+}
+
+
+def _resblock(x, sd, p, heads, causal, act="quick_gelu"):
   x = x + _attention(_ln(x, sd, p + "ln_1."), sd, p + "attn.", heads, causal)
   h = _ln(x, sd, p + "ln_2.") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"]
-  h = h * (1 / (1 + np.exp(-1.702 * h)))  # QuickGELU
+  h = ACTS[act](h)
   return x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
 
 
-def reference_image_embedding(sd, images_nhwc):
+def reference_image_embedding(sd, images_nhwc, act="quick_gelu"):
   sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
   b, h, w, _ = images_nhwc.shape
   g = h // PATCH
@@ -108,7 +117,7 @@ def reference_image_embedding(sd, images_nhwc):
   x = np.concatenate([np.broadcast_to(sd["visual.class_embedding"], (b, 1, VW)), x], 1)
   x = _ln(x + sd["visual.positional_embedding"], sd, "visual.ln_pre.")
   for i in range(VL):
-    x = _resblock(x, sd, f"visual.transformer.resblocks.{i}.", VH, causal=False)
+    x = _resblock(x, sd, f"visual.transformer.resblocks.{i}.", VH, causal=False, act=act)
   return _ln(x[:, 0], sd, "visual.ln_post.") @ sd["visual.proj"]
 
 
@@ -184,3 +193,20 @@ def test_reference_forward_sees_each_layernorm(converted):
     swapped[p + "ln_1." + t], swapped[p + "ln_2." + t] = sd[p + "ln_2." + t], sd[p + "ln_1." + t]
   moved = _rel(reference_image_embedding(swapped, images), reference_image_embedding(sd, images))
   assert moved > 1e-2, moved
+
+
+def test_a_gelu_clip_computes_the_exact_gelu(tmp_path):
+  # transformers CLIPs may use hidden_act "gelu" (torch's exact GELU), stated in their config;
+  # hidden_act reaches every block (here through the converter's override, as hf_clip sets it).
+  sd = openai_state_dict()
+  path = tmp_path / "clip_openai.pt"
+  torch_files.save(torch_files.state_dict(sd), path)
+  cfg, params = convert.load_torch(str(path), vision_heads=VH, text_heads=TH, hidden_act="gelu")
+  assert cfg.clip.hidden_act == "gelu"
+  images = np.random.default_rng(1).normal(size=(3, RES, RES, 3)).astype(np.float32)
+  want = reference_image_embedding(sd, images, act="gelu")
+  with jax.default_matmul_precision("highest"):
+    got = clip_lib.encode_image(params["clip"], cfg.clip, images)
+  assert _rel(got, want) < 1e-5, _rel(got, want)
+  # The two activations are told apart far beyond that tolerance.
+  assert _rel(reference_image_embedding(sd, images), want) > 1e-3

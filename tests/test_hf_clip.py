@@ -314,10 +314,15 @@ def test_pytorch_model_bin_and_sharded_safetensors_convert_like_model_safetensor
 def test_mismatches_are_one_line_naming_the_key(tmp_path):
   cases = {
     "siglip": (lambda c: c.update(model_type="siglip"), None, "model_type is 'siglip'"),
-    "gelu": (
+    "gelu": (  # one tower gelu, the other quick_gelu: our towers share one activation
       lambda c: c["vision_config"].update(hidden_act="gelu"),
       None,
-      "vision_config.hidden_act is 'gelu'",
+      "vision_config.hidden_act is 'gelu' but text_config.hidden_act is 'quick_gelu'",
+    ),
+    "silu": (
+      lambda c: [c[t].update(hidden_act="silu") for t in ("vision_config", "text_config")],
+      None,
+      "vision_config.hidden_act is 'silu'; tcl_jax's CLIP towers compute quick_gelu or gelu",
     ),
     "eos": (
       lambda c: c["text_config"].update(eos_token_id=7),
@@ -349,6 +354,21 @@ def test_mismatches_are_one_line_naming_the_key(tmp_path):
     _run("-m", "tcl_jax.convert", str(tmp_path / "gelu"), "--output", str(tmp_path / "out"))
   )
   assert "vision_config.hidden_act is 'gelu'" in line and not (tmp_path / "out").exists()
+
+
+@needs_hf
+def test_a_gelu_config_converts_to_gelu_towers(tmp_path):
+  # Both towers gelu (a CLIP trained with the exact GELU): converted, with the activation stated
+  # in the model config (the math itself: tests/test_clip_reference.py).
+  d = _copy_fixture(tmp_path, "gelu")
+  _edit_config(
+    d, lambda c: [c[t].update(hidden_act="gelu") for t in ("vision_config", "text_config")]
+  )
+  cfg, params = convert.load_any(d)
+  assert cfg.clip.hidden_act == "gelu"
+  quick_cfg, quick_params = convert.load_any(HF_DIR)
+  assert quick_cfg.clip.hidden_act == "quick_gelu"
+  _assert_same(params, quick_params)  # the same weights: only the activation differs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,12 @@ class CLIPConfig:
   transformer_width: int = 512
   transformer_heads: int = 8
   transformer_layers: int = 12
+  # The blocks' MLP activation: OpenAI's CLIP uses quick_gelu; some transformers CLIPs use gelu.
+  hidden_act: str = "quick_gelu"
+
+  def __post_init__(self):
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
 
   @property
   def grid_size(self) -> int:
@@ -69,6 +75,14 @@ class LayerNorm(nn.Module):
 
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x):
+  """torch's nn.GELU() (transformers' "gelu"): the exact, erf-based GELU."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 _forced_attention: Optional[str] = None
@@ -167,6 +181,7 @@ class ResidualAttentionBlock(nn.Module):
   width: int
   heads: int
   dtype: Dtype = jnp.float32
+  act: str = "quick_gelu"  # CLIPConfig.hidden_act
 
   @nn.compact
   def __call__(self, x, causal: bool = False, self_only: bool = False):
@@ -177,7 +192,7 @@ class ResidualAttentionBlock(nn.Module):
     )
     h = LayerNorm(self.dtype, name="ln_2")(x)
     h = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(h)
-    h = nn.Dense(self.width, dtype=self.dtype, name="c_proj")(quick_gelu(h))
+    h = nn.Dense(self.width, dtype=self.dtype, name="c_proj")(ACTIVATIONS[self.act](h))
     return x + h
 
 
@@ -226,7 +241,8 @@ class VisionTransformer(nn.Module):
       else ResidualAttentionBlock
     )
     self.resblocks = [
-      block(d, c.vision_heads, self.dtype, name=f"resblocks_{i}") for i in range(c.vision_layers)
+      block(d, c.vision_heads, self.dtype, act=c.hidden_act, name=f"resblocks_{i}")
+      for i in range(c.vision_layers)
     ]
     self.ln_post = LayerNorm(self.dtype)
     self.proj = self.param("proj", lambda k: scale * jax.random.normal(k, (d, c.embed_dim)))
@@ -290,7 +306,11 @@ class TextTransformer(nn.Module):
     x = x + pe[: tokens.shape[1]].astype(self.dtype)
     for i in range(c.transformer_layers):
       x = ResidualAttentionBlock(
-        c.transformer_width, c.transformer_heads, self.dtype, name=f"resblocks_{i}"
+        c.transformer_width,
+        c.transformer_heads,
+        self.dtype,
+        act=c.hidden_act,
+        name=f"resblocks_{i}",
       )(x, True, False)
     x = LayerNorm(self.dtype, name="ln_final")(x)
     # The EOT token has the largest id, so argmax finds it (as the original).

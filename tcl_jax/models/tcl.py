@@ -308,7 +308,11 @@ class BlockStack(nn.Module):
     last = self.cfg.vision_layers - 1
     for i in range(self.start, self.cfg.vision_layers):
       x = block_cls(
-        self.cfg.vision_width, self.cfg.vision_heads, self.dtype, name=f"resblocks_{i}"
+        self.cfg.vision_width,
+        self.cfg.vision_heads,
+        self.dtype,
+        act=self.cfg.hidden_act,
+        name=f"resblocks_{i}",
       )(x, False, self.ignore_last_attn and i == last)
     return x
 
