@@ -16,6 +16,7 @@ import pytest
 
 from tcl_jax import bench
 from tcl_jax import chips
+from tcl_jax.models import tcl as tcl_lib
 
 _BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "cv2", "torch")
 _RUN_BLOCKED = f"""
@@ -106,7 +107,9 @@ def test_bench_optimizer_and_dims_are_the_recipe():
   assert bench.OPTIM.ust_steps == 0  # the full step: masker backbone trainable
   cfg, res = bench.preset("vitb16")
   tcl_config = load_config_module("tcl").get_config()
-  assert cfg.to_dict() == {**tcl_config.model.to_dict()} and res == tcl_config.input.image_size
+  # The same model config (fields a config leaves out take their defaults, e.g. hidden_act).
+  assert cfg == tcl_lib.TCLConfig.from_dict(tcl_config.model.to_dict())
+  assert res == tcl_config.input.image_size
 
 
 def test_peak_flops_table_matches_device_kinds():
