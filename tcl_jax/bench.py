@@ -109,21 +109,24 @@ def _peak_memory_gib() -> float | None:
   return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
 
 
-def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True):
+def _setup(
+  cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True, mesh_config=MESH
+):
   """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
-  (with `materialize=False` the inputs are ShapeDtypeStructs: enough to lower the step)."""
+  (with `materialize=False` the inputs are ShapeDtypeStructs, nothing allocated: enough to lower
+  the step; tcl_jax.tools.scaling lowers it so on other meshes)."""
   config = Fields(
     model=Fields(cfg.to_dict()),
     compute_dtype=dtype,
     remat=remat,
     optim=OPTIM,
-    mesh=MESH,
+    mesh=mesh_config,
     seed=0,
     total_steps=50_000,
     batch_size=global_batch,
   )
   model = kinds.build_model(config)
-  mesh = sharding.make_mesh(MESH)
+  mesh = sharding.make_mesh(mesh_config)
   batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
   plan = step_lib.plan_training(config, model, mesh)
   abstract_state, state_sharding = plan.abstract_state, plan.state_sharding
@@ -138,13 +141,15 @@ def _setup(cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = 
     repl=repl,
   )
   if not materialize:
-    spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    host = _random_batch(global_batch, res)
+    spec = lambda x, s, n=None: jax.ShapeDtypeStruct(
+      x.shape if n is None else (n,) + x.shape[1:], x.dtype, sharding=s
+    )
+    one = _random_batch(1, res)  # an example's shapes (the global batch could fill host memory)
     return (
       mesh,
       step,
       jax.tree.map(spec, abstract_state, state_sharding),
-      jax.tree.map(lambda x: spec(x, batch_sharding), host),
+      jax.tree.map(lambda x: spec(x, batch_sharding, global_batch), one),
     )
   with jax.set_mesh(mesh):
     init_rng, state_rng = step_lib.init_rngs(config)
