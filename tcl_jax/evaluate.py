@@ -25,6 +25,7 @@ from tcl_jax import convert
 from tcl_jax import kinds
 from tcl_jax import sharding
 from tcl_jax import zeroshot
+from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import report
 
@@ -93,30 +94,71 @@ def main(argv):
   if problem:
     config_files.usage_error(problem)
   try:
+    methods, protocols = grid_axes(config)
+  except ValueError as e:
+    config_files.usage_error(str(e))
+  try:
     # Check every task's data before loading the model.
     tasks = zeroshot.open_datasets(config.tasks, config.data_root, config.max_images)
   except (datasets.DataError, ValueError) as e:
     config_files.usage_error(str(e))
   try:
     cfg, params = convert.load_any(FLAGS.checkpoint)
-    model = kinds.zero_shot_model(cfg)
+    models = {m: zero_shot_model(cfg, m) for m in methods}
   except (ValueError, OSError) as e:
     config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
   # This host's devices (several local devices: its windows split over them).
   mesh = sharding.local_mesh()
-  results = zeroshot.evaluate_tasks(
-    model, params, tasks, zeroshot.Protocol.from_config(config), mesh=mesh, progress=True
-  )
+  grid = []
+  for m in methods:
+    for p in protocols:
+      protocol = zeroshot.Protocol.from_config(config, p, given)
+      results = zeroshot.evaluate_tasks(
+        models[m], params, tasks, protocol, mesh=mesh, progress=True
+      )
+      grid.append({"method": m or "own", "protocol": p, "results": results})
   if jax.process_index() != 0:
     return
-  for t, r in results.items():
-    if t != "average":
-      print(report.format_task_table(t, r))
-      print()
-  print(report.format_summary(results))
+  if len(grid) == 1:  # one model, one protocol: the per-class tables and the flat results.json
+    results = grid[0]["results"]
+    for t, r in results.items():
+      if t != "average":
+        print(report.format_task_table(t, r))
+        print()
+    print(report.format_summary(results))
+  else:
+    results = {"grid": grid}
+    print(report.format_grid(grid))
   if FLAGS.workdir:
     print(f"wrote {report.write_results(results, FLAGS.workdir)}")
   sys.stdout.flush()
+
+
+def grid_axes(config) -> tuple:
+  """(methods, protocols) of `--config.method` / `--config.protocol` (comma-separated); a
+  ValueError (one line) for an unknown name. Method "" is the checkpoint's own model."""
+  methods = [m.strip() for m in str(config.get("method", "") or "").split(",")]
+  methods = [("" if m == "own" else m) for m in methods if m or len(methods) == 1]
+  known = ("tcl",) + tuple(getattr(kinds, "METHODS", ()))
+  for m in methods:
+    if m and m not in known:
+      raise ValueError(f"unknown --config.method {m!r}; known: own, {', '.join(known)}")
+  protocols = [p.strip() for p in str(config.get("protocol", "tcl") or "tcl").split(",")]
+  protocols = [p for p in protocols if p]
+  for p in protocols:
+    if p not in zeroshot.PROTOCOLS:
+      raise ValueError(f"unknown --config.protocol {p!r}; known: {', '.join(zeroshot.PROTOCOLS)}")
+  return list(dict.fromkeys(methods)) or [""], list(dict.fromkeys(protocols)) or ["tcl"]
+
+
+def zero_shot_model(cfg, method: str):
+  """The zero-shot model of a checkpoint for a grid method: its own ("", or "tcl" for a TCL
+  checkpoint) or a training-free method on its CLIP."""
+  if method == "tcl" and not isinstance(cfg, tcl_lib.TCLConfig):
+    raise ValueError("method tcl needs a TCL checkpoint; this one holds a CLIP only")
+  if method in ("", "tcl"):
+    return kinds.zero_shot_model(cfg)
+  return kinds.zero_shot_method(method, cfg)
 
 
 def run():

@@ -17,6 +17,13 @@ common = config_files.sibling(__file__, "common")
 def get_config():
   """The evaluation command's config: `evals_config()` and the multi-process settings."""
   config = evals_config()
+  # Comma-separated, evaluated as a grid (one table, results.json's "grid"): zero-shot methods
+  # ("" or "own": the checkpoint's own model; tcl; maskclip, sclip, clearclip, naclip: the
+  # training-free methods on the checkpoint's CLIP, tcl_jax.kinds.METHODS) and protocols (tcl,
+  # sclip: tcl_jax/zeroshot/protocol.py). Protocol fields set on the command line apply to every
+  # protocol; the config's defaults below are TCL's and apply to protocol tcl only.
+  config.method = ""
+  config.protocol = "tcl"
   # Several processes, as in training (configs/common.py: jax.distributed.initialize arguments).
   config.distributed = common.distributed_config()
   return config

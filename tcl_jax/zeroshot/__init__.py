@@ -1,7 +1,8 @@
 """Zero-shot open-vocabulary segmentation: one engine for the evaluator, the training loop's
 periodic evaluation, the demo, the app and the notebook.
 
-  protocol   Protocol: every setting of the protocol (jax-free: configs import it)
+  protocol   Protocol: every setting of a protocol; PROTOCOLS: TCL's and SCLIP's (jax-free)
+  sclip_names  SCLIP's class names per benchmark (its protocol's queries)
   prompts    template sets, class text embeddings
   pipeline   resize/normalize, sliding windows, predict()
   metrics    intersection/union histograms, mIoU
@@ -17,6 +18,7 @@ import importlib
 _PUBLIC = {
   "Prediction": "pipeline",
   "predict": "pipeline",
+  "PROTOCOLS": "protocol",
   "Protocol": "protocol",
   "class_text_embedding": "prompts",
   "evaluate_dataset": "evaluator",

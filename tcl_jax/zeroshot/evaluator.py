@@ -19,6 +19,7 @@ from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import metrics
 from tcl_jax.zeroshot import pipeline
 from tcl_jax.zeroshot import prompts
+from tcl_jax.zeroshot import sclip_names
 
 
 def parse_tasks(tasks) -> list:
@@ -74,6 +75,23 @@ def make_window_fn(
   return window_fn
 
 
+def task_queries(spec: datasets.TaskSpec, protocol: pipeline.Protocol):
+  """(names to embed, query_class) of a task under a protocol: the text classes and None (TCL:
+  one name per class, background a constant channel), or SCLIP's names, several per class with
+  the background's among them, and the class of each."""
+  if protocol.class_names == "dataset":
+    return tuple(spec.text_classes), None
+  if protocol.class_names != "sclip":
+    raise ValueError(f"unknown class_names {protocol.class_names!r}; known: dataset, sclip")
+  if spec.name not in sclip_names.NAMES:
+    raise ValueError(
+      f"SCLIP's class names cover {', '.join(sclip_names.NAMES)}, not the task {spec.name!r}"
+    )
+  per_class = sclip_names.NAMES[spec.name]
+  names = tuple(n for c in per_class for n in c)
+  return names, tuple(i for i, c in enumerate(per_class) for _ in c)
+
+
 def _prepare(ds: datasets.SegDataset, i: int, protocol: pipeline.Protocol):
   """Load sample i and run the host part of the pipeline (in a worker thread)."""
   try:
@@ -103,13 +121,16 @@ def evaluate_dataset(
   *,
   progress: bool = True,
   workers: int = 2,
+  query_class: Optional[tuple] = None,
 ) -> dict:
   """Run the pipeline over a dataset; returns {"miou", "per_class_iou", "num_images",
   "num_skipped", "intersect", "union"} (percent; miou rounded to 2 decimals as mmseg reports
   it; intersect/union: the per-class pixel counts summed over the dataset).
 
   window_fn(windows) -> [n, >= len(spec.text_classes), h, w] masks of the text classes; datasets
-  with background get the constant bg_thresh channel in front.
+  with background get the constant bg_thresh channel in front. With query_class (SCLIP's names,
+  see task_queries), window_fn scores len(query_class) names and the protocol's logit_scale
+  readout makes the labels.
 
   With several processes, process p reads and predicts images p, p + P, p + 2P, ... (its own
   share, on its own devices through window_fn), and the counts of all processes are summed: every
@@ -146,7 +167,13 @@ def evaluate_dataset(
       else:
         x, ori_hw, label = prepared
         pred, _ = pipeline.predict_normalized(
-          x, ori_hw, window_fn, len(spec.text_classes), protocol, background=spec.with_bg
+          x,
+          ori_hw,
+          window_fn,
+          len(spec.text_classes) if query_class is None else spec.num_classes,
+          protocol,
+          background=spec.with_bg and query_class is None,
+          query_class=query_class,
         )
         if pending is not None:
           finish(pending)
@@ -203,12 +230,15 @@ def evaluate_tasks(
   # Parity with the original's float32 matmuls (no TF32/bf16 passes on accelerators).
   with jax.default_matmul_precision("highest"):
     for t, ds in tasks.items():
-      key = ds.spec.text_classes
+      p = protocol.for_task(t)
+      names, query_class = task_queries(ds.spec, p)
+      key = (names, p.template, p.ensemble)
       if key not in text_cache:
-        names = prompts.pad_classes(key, protocol.class_pad)
-        text_cache[key] = prompts.class_text_embedding(model, params, names, protocol.template)
-      window_fn = make_window_fn(model, params, text_cache[key], protocol, mesh=mesh)
-      results[t] = evaluate_dataset(ds, window_fn, protocol, progress=progress)
+        text_cache[key] = prompts.class_text_embedding(
+          model, params, prompts.pad_classes(names, p.class_pad), p.template, p.ensemble
+        )
+      window_fn = make_window_fn(model, params, text_cache[key], p, mesh=mesh)
+      results[t] = evaluate_dataset(ds, window_fn, p, progress=progress, query_class=query_class)
       logging.info(
         "[%s] mIoU of %d images: %s%% (%d skipped)",
         t,

@@ -66,7 +66,11 @@ def normalize_image(img_bgr: np.ndarray, mean=IMAGE_MEAN_255, std=IMAGE_STD_255)
 
 def preprocess(image_bgr: np.ndarray, protocol: Protocol) -> np.ndarray:
   """Steps 1-2: the normalized, resized float32 image [h, w, 3]."""
-  return normalize_image(resize_keep_ratio(image_bgr, protocol.img_scale))
+  return normalize_image(
+    resize_keep_ratio(image_bgr, protocol.img_scale),
+    protocol.image_mean or IMAGE_MEAN_255,
+    protocol.image_std or IMAGE_STD_255,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +204,52 @@ def _labels_jit(outs, y1, x1, valid, rows, cols, *, num_classes, bg_thresh, hb, 
   return labels_from_scores(scores, rows, cols)
 
 
+def readout_labels(
+  scores, rows, cols, h0, w0, *, logit_scale, query_class, num_classes, prob_thd, area_thd
+):
+  """Traced: SCLIP's postprocess_result on [Q, H, W] window-averaged scores of Q queried names ->
+  int32 labels at the taps' size (valid in [:h0, :w0]): bilinear resize, softmax(logit_scale x
+  scores) over the names, a class's probability the max over its names (query_class[q]: the
+  class of name q; None: one name per class), then classes but 0 whose argmax area is at most
+  area_thd of the other classes' pixels are zeroed, argmax, and pixels whose top probability is
+  below prob_thd become class 0."""
+  resized = resize.resize_with_taps(scores, rows, cols)
+  prob = jax.nn.softmax(logit_scale * resized, axis=0)
+  if query_class is not None:
+    prob = jax.ops.segment_max(prob, jnp.asarray(query_class), num_segments=num_classes)
+  if area_thd > 0:
+    # Areas over the image only (the buffers are padded to SIZE_BUCKET multiples).
+    valid = (jnp.arange(prob.shape[1]) < h0)[:, None] & (jnp.arange(prob.shape[2]) < w0)[None]
+    top = jax.nn.one_hot(jnp.argmax(prob, axis=0), num_classes, dtype=jnp.float32)
+    area = jnp.sum(jnp.where(valid[..., None], top, 0.0), axis=(0, 1))[1:]
+    keep = (area > area_thd * jnp.sum(area)).astype(prob.dtype)
+    prob = prob.at[1:].multiply(keep[:, None, None])
+  labels = jnp.argmax(prob, axis=0).astype(jnp.int32)
+  if prob_thd > 0:
+    labels = jnp.where(jnp.max(prob, axis=0) < prob_thd, 0, labels)
+  return labels
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "num_scores",
+    "logit_scale",
+    "query_class",
+    "num_classes",
+    "prob_thd",
+    "area_thd",
+    "hb",
+    "wb",
+  ),
+)
+def _readout_jit(outs, y1, x1, valid, rows, cols, h0, w0, *, num_scores, hb, wb, **readout):
+  scores = average_windows(
+    outs, y1, x1, valid, num_channels=num_scores, bg_thresh=None, hb=hb, wb=wb
+  )
+  return readout_labels(scores, rows, cols, h0, w0, **readout)
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "num_maps", "hb", "wb"))
 def _labels_and_maps_jit(
   outs, y1, x1, valid, rows, cols, bg_thresh, *, num_classes, num_maps, hb, wb
@@ -229,6 +279,7 @@ def predict_normalized(
   *,
   background: bool,
   num_maps: int = 0,
+  query_class: Optional[tuple] = None,
 ):
   """Steps 3-4 on a normalized, resized image x [h, w, 3]: sliding windows, averaging, resize to
   ori_hw, softmax, argmax, in one jitted call whose shapes are bucketed (the same numbers as the
@@ -238,17 +289,44 @@ def predict_normalized(
   channels, e.g. class padding, are dropped). With num_maps, the first num_maps channels are
   also returned window-averaged and resized (the labels come from the first num_classes).
 
+  With protocol.logit_scale > 0 the labels are SCLIP's readout (`readout_labels`): the window
+  function scores len(query_class) names (or num_classes, one per class), class c the max over
+  the names q with query_class[q] == c; there is no constant background channel.
+
   Returns (labels, maps): jax arrays padded to SIZE_BUCKET multiples (slice [:H0, :W0]); maps is
   None without num_maps.
   """
   h, w = x.shape[:2]
   h0, w0 = int(ori_hw[0]), int(ori_hw[1])
+  num_scores = num_classes if query_class is None else len(query_class)
   win = run_windows(
-    x, window_fn, max(num_classes, num_maps), protocol.crop, protocol.stride, protocol.batch
+    x, window_fn, max(num_scores, num_maps), protocol.crop, protocol.stride, protocol.batch
   )
   hb, wb = round_up(h, SIZE_BUCKET), round_up(w, SIZE_BUCKET)
   rows = resize.padded_bilinear_taps(h, h0, round_up(h0, SIZE_BUCKET))
   cols = resize.padded_bilinear_taps(w, w0, round_up(w0, SIZE_BUCKET))
+  if protocol.logit_scale > 0:
+    if num_maps or background:
+      raise ValueError("a logit_scale readout has no maps and no constant background channel")
+    labels = _readout_jit(
+      win.outs,
+      win.y1,
+      win.x1,
+      win.valid,
+      rows,
+      cols,
+      np.int32(h0),
+      np.int32(w0),
+      num_scores=num_scores,
+      logit_scale=float(protocol.logit_scale),
+      query_class=None if query_class is None else tuple(int(c) for c in query_class),
+      num_classes=num_classes,
+      prob_thd=float(protocol.prob_thd),
+      area_thd=float(protocol.area_thd),
+      hb=hb,
+      wb=wb,
+    )
+    return labels, None
   if not num_maps:
     labels = _labels_jit(
       win.outs,

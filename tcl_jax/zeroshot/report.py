@@ -34,6 +34,33 @@ def format_summary(results: dict) -> str:
   return "\n".join(lines)
 
 
+def format_grid(grid: list) -> str:
+  """One table of a method x protocol grid: [{"method", "protocol", "results"}, ...] -> a row per
+  entry, a column per benchmark and the average (mIoU %)."""
+  tasks = []
+  for g in grid:
+    tasks += [t for t in g["results"] if t != "average" and t not in tasks]
+  cols = tasks + ["average"]
+  mw = max([len("method")] + [len(g["method"]) for g in grid])
+  pw = max([len("protocol")] + [len(g["protocol"]) for g in grid])
+  widths = [max(7, len(c)) for c in cols]
+  head = f"{'method':<{mw}}  {'protocol':<{pw}}  " + "  ".join(
+    f"{c:>{w}}" for c, w in zip(cols, widths)
+  )
+  lines = ["mIoU (%)", head]
+  for g in grid:
+    r = g["results"]
+    cells = [
+      fmt_miou(r.get(c) if c == "average" else (r[c]["miou"] if c in r else None)).strip()
+      for c in cols
+    ]
+    lines.append(
+      f"{g['method']:<{mw}}  {g['protocol']:<{pw}}  "
+      + "  ".join(f"{v:>{w}}" for v, w in zip(cells, widths))
+    )
+  return "\n".join(lines)
+
+
 def write_results(results: dict, workdir: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "results.json")
