@@ -4,6 +4,7 @@
   python -m tcl_jax.bench --batch 64 --remat       # per-device batch, rematerialised blocks
   python -m tcl_jax.bench --max-batch              # at the largest per-device batch that fits
   python -m tcl_jax.bench --torch-ref DIR          # + the original PyTorch TCL, same device/batch
+  python -m tcl_jax.bench --no-train --eval-images 4 --torch-ref DIR --torch-python VENV/bin/python
   python -m tcl_jax.bench --json out.json
 
 Training: the jitted `tcl_jax.train.train_step` (forward, backward, clipping, AdamW update) on a
@@ -15,18 +16,39 @@ two warm-up steps), images/s, compile time, peak device memory, and MFU = model 
 the lowered step with remat off and XLA attention (cuDNN's fused attention is opaque to it), so
 remat's recomputation does not count as useful work. On CPU no MFU is given.
 
-Evaluation: `generate_masks` (the zero-shot protocol's per-window call, float32 as evaluate.py
-runs it) on batches of 448x448 windows with 21 classes (VOC + background), with and without PAMR.
+Evaluation windows: `generate_masks` (the zero-shot protocol's per-window call, float32 as
+evaluate.py runs it) on batches of 448x448 windows with 21 classes (VOC + background), with and
+without PAMR.
 
-`--torch-ref DIR` times the original (tcl_jax.bench_torch; needs torch and einops) first, in a
-subprocess, on the same device and per-device batch, and reports our images/s over its images/s.
-Without it no ratio is printed: a figure measured on another machine is not a ratio.
+Evaluation per image (`--eval-images N`, `--eval-sizes HxW,...`): the whole zero-shot protocol
+as tcl_jax.zeroshot runs it, `pipeline.predict` with the tcl kind's window function
+(`evaluator.make_window_fn`) and `Protocol`'s defaults: keep-ratio resize to img_scale
+(2048, 448), 448 crop / 224 stride windows (8 per model call), PAMR, KP 0.3, background 0.4,
+window averaging, resize back, argmax to a host label map; one device, float32 at "highest"
+matmul precision (as evaluate_tasks). Synthetic BGR images cycling through the sizes (default
+VOC's 500x375 both ways: 448x597 / 597x448 after the resize, 2 windows each), 20 text classes +
+background, random weights. A warm-up pass over one image of each size compiles first. Reported
+(`"what": "eval_image"`): s/image, images/s, windows/s, warm-up time. Needs OpenCV and the
+engine's imports (Pillow, tqdm, tokenizers); where they are missing this part is skipped with
+a `# eval per image skipped` line.
 
-Needs only jax, flax, optax and numpy: no TensorFlow, clu, ml_collections or dataset.
+`--torch-ref DIR` times the original first, in subprocesses, on the same device: its training
+step at the same per-device batch (tcl_jax.bench_torch), and, for the per-image evaluation, its
+own path on the same images (tcl_jax.bench_torch_eval: mmseg's test pipeline, then
+slide_inference feeding one window at a time to TCLSegInference.encode_decode, float32, with as
+many CPU threads as there are cores). It prints our images/s over the original's for each
+(`ratio_vs_original` in our records). `--torch-python` names the interpreter for those
+subprocesses (one with torch, einops and OpenCV), if not this one. Without `--torch-ref` no
+ratio is printed: a figure measured on another machine is not a ratio. `--no-train` skips the
+training step (and its reference).
+
+Needs only jax, flax, optax and numpy: no TensorFlow, clu, ml_collections or dataset (and no
+OpenCV, except for the per-image evaluation).
 """
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -37,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tcl_jax import bench_torch_eval
 from tcl_jax import chips
 from tcl_jax import kinds
 from tcl_jax import sharding
@@ -322,31 +345,116 @@ def eval_bench(
   return out
 
 
-def torch_reference(ref_repo: str, per_device_batch: int, steps: int, res: int) -> dict:
-  """The original's training step in a subprocess (before JAX claims the device's memory)."""
+def eval_image_bench(
+  preset_name: str = "vitb16",
+  images: int = 4,
+  sizes=bench_torch_eval.VOC_SIZES,
+  num_classes: int = 20,
+  protocol=None,
+  seed: int = 0,
+) -> dict:
+  """The zero-shot protocol per image, end to end as tcl_jax.zeroshot runs it: `pipeline.predict`
+  (keep-ratio resize, normalisation, sliding windows through the tcl kind's window function from
+  `evaluator.make_window_fn`, window averaging, resize back, argmax) with the Protocol's defaults
+  (or `protocol`), on one device, at "highest" matmul precision as evaluate_tasks. `num_classes`
+  text classes plus the background channel; random weights; the images and class embeddings are
+  bench_torch_eval's, which the original is timed on. A warm-up pass over one image of each size
+  compiles every shape first."""
+  from tcl_jax.zeroshot import evaluator  # pylint: disable=g-import-not-at-top
+  from tcl_jax.zeroshot import pipeline  # pylint: disable=g-import-not-at-top  (OpenCV)
+
+  protocol = protocol or pipeline.Protocol()
+  cfg, _ = preset(preset_name)
+  model = kinds.zero_shot_model(cfg)
+  params = tcl_lib.init_params(cfg, jax.random.key(seed))
+  text = jnp.asarray(bench_torch_eval.synthetic_text(num_classes, cfg.clip.embed_dim, seed))
+  imgs = bench_torch_eval.synthetic_images(images, sizes, seed)
+  warm = bench_torch_eval.synthetic_images(len(sizes), sizes, seed + 7)
+  resized = [pipeline.mmcv_rescale_size(w, h, protocol.img_scale)[::-1] for h, w in sizes]
+  with jax.default_matmul_precision("highest"):
+    window_fn = evaluator.make_window_fn(model, params, text, protocol)
+    predict = functools.partial(
+      pipeline.predict,
+      window_fn=window_fn,
+      num_classes=num_classes,
+      protocol=protocol,
+      background=True,
+    )
+    t0 = time.perf_counter()
+    for img in warm:
+      predict(img)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shapes = [predict(img).labels.shape for img in imgs]  # (labels come back to the host)
+    total_s = time.perf_counter() - t0
+  if shapes != [img.shape[:2] for img in imgs]:
+    raise RuntimeError(f"label maps of sizes {shapes} for images {[i.shape for i in imgs]}")
+  windows = sum(
+    len(pipeline.slide_windows(*resized[i % len(sizes)], protocol.crop, protocol.stride))
+    for i in range(images)
+  )
+  return {
+    "what": "eval_image",
+    "impl": "tcl_jax",
+    "preset": preset_name,
+    "device": chips.device_label(),
+    "threads": os.cpu_count() if jax.default_backend() == "cpu" else None,
+    "precision": "float32 (matmul precision highest)",
+    "images": images,
+    "sizes": [list(s) for s in sizes],
+    "resized": [list(s) for s in resized],
+    "windows": windows,
+    "classes": num_classes + 1,
+    "window_batch": protocol.batch,
+    "img_scale": list(protocol.img_scale),
+    "crop": protocol.crop,
+    "stride": protocol.stride,
+    "pamr": protocol.pamr,
+    "kp_w": protocol.kp_w,
+    "bg_thresh": protocol.bg_thresh,
+    "warmup_s": warm_s,
+    "total_s": total_s,
+    "load_avg_1m": os.getloadavg()[0],  # other jobs on a shared host skew the figure
+    "s_per_image": total_s / images,
+    "images_per_s": images / total_s,
+    "windows_per_s": windows / total_s,
+  }
+
+
+def _run_module(module: str, args: list, python: str | None = None) -> dict:
+  """`python -m module args` in a subprocess; its last stdout line as JSON. `python` (default
+  this interpreter) may be another environment's, one with torch: the repo root goes on its
+  PYTHONPATH so that it finds tcl_jax."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   r = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "tcl_jax.bench_torch",
-      "--ref-repo",
-      ref_repo,
-      "--batch",
-      str(per_device_batch),
-      "--steps",
-      str(steps),
-      "--resolution",
-      str(res),
-    ],
-    capture_output=True,
-    text=True,
+    [python or sys.executable, "-m", module, *args], capture_output=True, text=True, env=env
   )
   if r.returncode:
     lines = r.stderr.strip().splitlines()
     raise RuntimeError(
-      lines[-1].removeprefix("error: ") if lines else f"bench_torch exited {r.returncode}"
+      lines[-1].removeprefix("error: ") if lines else f"{module} exited {r.returncode}"
     )
   return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def torch_eval_reference(
+  ref_repo: str, images: int, sizes, num_classes: int, python: str | None = None
+) -> dict:
+  """The original's evaluation per image (tcl_jax.bench_torch_eval) in a subprocess, with as
+  many CPU threads as XLA's CPU client uses (all cores)."""
+  args = ["--ref-repo", ref_repo, "--images", str(images), "--classes", str(num_classes)]
+  args += ["--sizes", ",".join(f"{h}x{w}" for h, w in sizes), "--threads", str(os.cpu_count())]
+  return _run_module("tcl_jax.bench_torch_eval", args, python)
+
+
+def torch_reference(
+  ref_repo: str, per_device_batch: int, steps: int, res: int, python: str | None = None
+) -> dict:
+  """The original's training step in a subprocess (before JAX claims the device's memory)."""
+  args = ["--ref-repo", ref_repo, "--batch", str(per_device_batch), "--steps", str(steps)]
+  return _run_module("tcl_jax.bench_torch", args + ["--resolution", str(res)], python)
 
 
 def _fmt(v, spec):
@@ -370,12 +478,32 @@ def _parser() -> argparse.ArgumentParser:
     action="store_true",
     help="time the largest per-device batch predicted to fit (GPU/TPU)",
   )
+  ap.add_argument("--no-train", action="store_true", help="skip the training step (eval only)")
   ap.add_argument(
     "--eval-windows",
     type=int,
     default=None,
     help="448x448 windows per eval batch (default 8 on accelerators, 1 on CPU; "
-    "0 skips the eval benchmark)",
+    "0 skips the eval-window benchmark)",
+  )
+  ap.add_argument(
+    "--eval-images",
+    type=int,
+    default=None,
+    help="synthetic images through the whole zero-shot protocol (default 32 on accelerators, "
+    "2 on CPU; 0 skips the eval-per-image benchmark)",
+  )
+  ap.add_argument(
+    "--eval-sizes",
+    default="375x500,500x375",
+    metavar="HxW,...",
+    help="the eval images' sizes before the resize, cycled (default: VOC's 500x375, both ways)",
+  )
+  ap.add_argument(
+    "--eval-classes",
+    type=int,
+    default=20,
+    help="text classes of the eval benchmarks, a background channel added (default 20: VOC)",
   )
   ap.add_argument(
     "--torch-ref",
@@ -383,53 +511,143 @@ def _parser() -> argparse.ArgumentParser:
     metavar="DIR",
     help="checkout of kakaobrain/tcl: also time the original (needs torch, einops)",
   )
+  ap.add_argument(
+    "--torch-python",
+    default=None,
+    metavar="PYTHON",
+    help="interpreter that times the original (one with torch; default: this one)",
+  )
   ap.add_argument("--json", dest="json_out", default=None)
   return ap
+
+
+def _usage_error(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def _eval_engine_missing() -> str | None:
+  """Why the zero-shot engine cannot be imported here (OpenCV, Pillow, tqdm, tokenizers), or
+  None: the eval-per-image benchmark is then skipped, the rest still runs on a bare image."""
+  try:
+    importlib.import_module("tcl_jax.zeroshot.evaluator")
+  except ImportError as e:
+    return str(e)
+  return None
 
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.torch_ref and not os.path.isfile(os.path.join(args.torch_ref, "models", "tcl", "tcl.py")):
-    print(
-      f"error: --torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl "
-      f"(no models/tcl/tcl.py)",
-      file=sys.stderr,
+    return _usage_error(
+      f"--torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl (no models/tcl/tcl.py)"
     )
-    return 2
+  seg_file = os.path.join("segmentation", "evaluation", "tcl_seg.py")
+  if args.torch_ref and not os.path.isfile(os.path.join(args.torch_ref, seg_file)):
+    return _usage_error(
+      f"--torch-ref {args.torch_ref} is not a checkout of kakaobrain/tcl (no {seg_file})"
+    )
   if args.torch_ref and args.preset != "vitb16":
-    print(
-      "error: --torch-ref times the original at ViT-B/16; use it with --preset vitb16",
-      file=sys.stderr,
-    )
-    return 2
+    return _usage_error("--torch-ref times the original at ViT-B/16; use it with --preset vitb16")
+  if args.torch_python and not args.torch_ref:
+    return _usage_error("--torch-python is the interpreter for --torch-ref; give --torch-ref too")
+  if args.torch_python and not os.access(args.torch_python, os.X_OK):
+    return _usage_error(f"--torch-python {args.torch_python} is not an executable")
   if args.steps < 1 or (args.batch is not None and args.batch < 1):
-    print("error: --steps and --batch must be >= 1", file=sys.stderr)
-    return 2
+    return _usage_error("--steps and --batch must be >= 1")
+  if (args.eval_images or 0) < 0 or (args.eval_windows or 0) < 0 or args.eval_classes < 1:
+    return _usage_error("--eval-images and --eval-windows must be >= 0, --eval-classes >= 1")
+  try:
+    sizes = bench_torch_eval.parse_sizes(args.eval_sizes)
+  except ValueError as e:
+    return _usage_error(f"--eval-sizes: {e}")
   on_cpu = jax.default_backend() == "cpu"
   batch = args.batch or (2 if on_cpu else 8)
   _, res = preset(args.preset)
+  eval_images = args.eval_images if args.eval_images is not None else (2 if on_cpu else 32)
+  missing = _eval_engine_missing() if eval_images else None
+  if missing:
+    print(f"# eval per image skipped: the zero-shot engine needs what is missing here ({missing})")
+    eval_images = 0
 
   results = []
-  theirs = None
-  if args.torch_ref:  # first: JAX keeps the device memory it takes until exit
+  theirs = theirs_eval = None
+  # The original first, in subprocesses: JAX keeps the device memory it takes until exit.
+  if args.torch_ref and not args.no_train:
     try:
-      theirs = torch_reference(args.torch_ref, batch, args.steps, res)
+      theirs = torch_reference(args.torch_ref, batch, args.steps, res, args.torch_python)
     except RuntimeError as e:
       print(f"error: timing the original failed: {e}", file=sys.stderr)
       return 1
     results.append(theirs)
     print(json.dumps(theirs), flush=True)  # kept even if our step fails later
+  if args.torch_ref and eval_images:
+    try:
+      theirs_eval = torch_eval_reference(
+        args.torch_ref, eval_images, sizes, args.eval_classes, args.torch_python
+      )
+    except RuntimeError as e:
+      print(f"error: timing the original's evaluation failed: {e}", file=sys.stderr)
+      return 1
+    results.append(theirs_eval)
+    print(json.dumps(theirs_eval), flush=True)
 
   print(
     f"# {chips.device_label()}, backend {jax.default_backend()}, jax {jax.__version__}"
     + ("  (CPU: no MFU)" if on_cpu else "")
   )
+  if not args.no_train:
+    status = _train_and_report(args, batch, theirs, results, on_cpu)
+    if status:
+      return status
+
+  if eval_images:
+    ours = eval_image_bench(args.preset, eval_images, sizes, args.eval_classes)
+    results.append(ours)
+    shapes = ", ".join(
+      f"{h}x{w}->{rh}x{rw}" for (h, w), (rh, rw) in zip(ours["sizes"], ours["resized"])
+    )
+    print(
+      f"eval image  {ours['images']} images ({shapes}; {ours['windows']} windows of "
+      f"{ours['crop']}² / stride {ours['stride']}), {ours['classes']} classes, PAMR, KP "
+      f"{ours['kp_w']}: {ours['s_per_image']:.3f} s/image, {ours['images_per_s']:.3f} images/s, "
+      f"{ours['windows_per_s']:.3f} windows/s (warm-up {ours['warmup_s']:.1f} s)"
+    )
+    if theirs_eval:
+      ours["ratio_vs_original"] = ours["images_per_s"] / theirs_eval["images_per_s"]
+      threads = f", {theirs_eval['threads']} threads" if theirs_eval["threads"] else ""
+      print(
+        f"original    same images and device{threads}, one window per encode_decode: "
+        f"{theirs_eval['s_per_image']:.3f} s/image, {theirs_eval['images_per_s']:.3f} images/s, "
+        f"{theirs_eval['windows_per_s']:.3f} windows/s  ->  tcl_jax / original = "
+        f"{ours['ratio_vs_original']:.2f}x (same run)"
+      )
+  windows = args.eval_windows if args.eval_windows is not None else (1 if on_cpu else 8)
+  if windows:
+    for r in eval_bench(args.preset, windows, steps=max(1, args.steps // 2)):
+      results.append(r)
+      print(
+        f"eval        {r['windows']} windows of {r['resolution']}², {r['classes']} classes, "
+        f"PAMR {'on ' if r['pamr'] else 'off'}: {r['windows_per_s']:.2f} windows/s "
+        f"(first call {r['first_call_s']:.1f} s)"
+      )
+  for r in results:
+    if r is not theirs and r is not theirs_eval:  # (printed when measured)
+      print(json.dumps(r))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(results, f, indent=1)
+  return 0
+
+
+def _train_and_report(args, batch, theirs, results, on_cpu) -> int:
+  """The training step (at the largest batch with --max-batch), printed; a non-zero exit status
+  on a usage error or when nothing fits."""
   if args.max_batch:
     try:
       batch = max_batch(args.preset, args.dtype, args.remat)
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      return _usage_error(str(e))
     print(f"# largest per-device batch predicted to fit: {batch}")
     if not batch:
       print("error: not even a per-device batch of 8 fits in device memory", file=sys.stderr)
@@ -472,22 +690,6 @@ def main(argv=None) -> int:
       f"reference   {ORIGINAL_CPU_REFERENCE} (another machine and step: no ratio; "
       f"--torch-ref DIR measures the original here)"
     )
-
-  windows = args.eval_windows if args.eval_windows is not None else (1 if on_cpu else 8)
-  if windows:
-    for r in eval_bench(args.preset, windows, steps=max(1, args.steps // 2)):
-      results.append(r)
-      print(
-        f"eval        {r['windows']} windows of {r['resolution']}², {r['classes']} classes, "
-        f"PAMR {'on ' if r['pamr'] else 'off'}: {r['windows_per_s']:.2f} windows/s "
-        f"(first call {r['first_call_s']:.1f} s)"
-      )
-  for r in results:
-    if r is not theirs:  # (printed when measured)
-      print(json.dumps(r))
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(results, f, indent=1)
   return 0
 
 

@@ -54,6 +54,8 @@ def test_bench_runs_with_only_jax_flax_optax_numpy(tmp_path):
     timeout=900,
   )
   assert r.returncode == 0, r.stderr[-3000:]
+  # The zero-shot engine needs OpenCV: the eval-per-image part says so and steps aside.
+  assert "# eval per image skipped: the zero-shot engine needs what is missing here" in r.stdout
   (t,) = json.loads(out.read_text())
   assert t["what"] == "train_step" and t["device"].startswith("CPU (")
   assert "CPU: no MFU" in r.stdout and t["mfu"] is None
@@ -96,6 +98,86 @@ def test_eval_bench_reports_windows_per_second_with_and_without_pamr():
   assert [r["pamr"] for r in rows] == [False, True]
   for r in rows:
     assert r["windows_per_s"] > 0 and r["windows_per_s"] == pytest.approx(1 / r["batch_s"])
+
+
+def _small_protocol():
+  from tcl_jax.zeroshot import protocol  # pylint: disable=g-import-not-at-top
+
+  # The protocol at a fifth of its scale (short side 96, windows 96 / stride 48): the same
+  # window layout as VOC's at 448 / 224, for the tiny model.
+  return protocol.Protocol(img_scale=(410, 96), crop=96, stride=48)
+
+
+def test_eval_image_bench_runs_the_protocol_per_image():
+  sizes = ((75, 100), (100, 75), (60, 200))  # -> 96x128 (2 windows), 128x96 (2), 96x320 (6)
+  r = bench.eval_image_bench("tiny", 4, sizes, num_classes=3, protocol=_small_protocol())
+  assert r["what"] == "eval_image" and r["impl"] == "tcl_jax" and r["device"].startswith("CPU (")
+  assert r["resized"] == [[96, 128], [128, 96], [96, 320]]
+  assert r["windows"] == 2 + 2 + 6 + 2  # the 4th image is the 1st size again
+  assert r["classes"] == 4 and r["pamr"] is True and (r["kp_w"], r["bg_thresh"]) == (0.3, 0.4)
+  assert 0 < r["total_s"] < 60 and r["warmup_s"] > 0
+  assert r["images_per_s"] == pytest.approx(4 / r["total_s"])
+  assert r["s_per_image"] == pytest.approx(r["total_s"] / 4)
+  assert r["windows_per_s"] == pytest.approx(12 / r["total_s"])
+
+
+def test_the_originals_side_sees_the_engines_inputs():
+  """bench_torch_eval re-derives mmseg's resize, window count and normalisation without jax (it
+  runs in the torch environment): they must equal the engine's, or the two sides would time
+  different work."""
+  from tcl_jax import bench_torch_eval as bte  # pylint: disable=g-import-not-at-top
+  from tcl_jax.zeroshot import pipeline  # pylint: disable=g-import-not-at-top
+
+  for h, w in ((375, 500), (500, 375), (1024, 2048), (333, 500), (480, 640), (100, 4000)):
+    new_w, new_h = pipeline.mmcv_rescale_size(w, h)
+    assert bte.rescale_size(h, w) == (new_h, new_w), (h, w)
+    assert bte.num_windows(new_h, new_w) == len(pipeline.slide_windows(new_h, new_w)), (h, w)
+  assert bte.num_windows(448, 597) == 2 and bte.num_windows(448, 896) == 3
+  img = bte.synthetic_images(1, ((37, 53),), seed=3)[0]
+  x, meta = bte.mmseg_preprocess(img)
+  np.testing.assert_array_equal(x.transpose(1, 2, 0), pipeline.preprocess(img, pipeline.Protocol()))
+  assert meta == {"ori_shape": (37, 53, 3), "img_shape": (448, 642, 3)}
+  a, b = (
+    bte.synthetic_images(3, ((5, 7), (6, 4)), seed=1),
+    bte.synthetic_images(3, ((5, 7), (6, 4)), seed=1),
+  )
+  assert [i.shape for i in a] == [(5, 7, 3), (6, 4, 3), (5, 7, 3)] and all(
+    i.dtype == np.uint8 and (i == j).all() for i, j in zip(a, b)
+  )
+  t = bte.synthetic_text(5, 16)
+  assert t.shape == (5, 16) and np.allclose(np.linalg.norm(t, axis=-1), 1)
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--eval-sizes", "375"], "--eval-sizes: image size '375' is not HxW (e.g. 375x500)"),
+    (["--eval-sizes", "375x0"], "--eval-sizes: image size '375x0' is not HxW (e.g. 375x500)"),
+    (["--eval-images", "-1"], "--eval-images and --eval-windows must be >= 0, --eval-classes >= 1"),
+    (
+      ["--torch-python", sys.executable],
+      "--torch-python is the interpreter for --torch-ref; give --torch-ref too",
+    ),
+  ],
+)
+def test_eval_usage_errors(argv, message, capsys):
+  assert bench.main(["--preset", "tiny", *argv]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_bench_torch_eval_usage_errors(tmp_path, capsys):
+  from tcl_jax import bench_torch_eval  # pylint: disable=g-import-not-at-top
+
+  assert bench_torch_eval.main(["--ref-repo", str(tmp_path)]) == 2
+  (tmp_path / "segmentation" / "evaluation").mkdir(parents=True)
+  (tmp_path / "segmentation" / "evaluation" / "tcl_seg.py").write_text("")
+  assert bench_torch_eval.main(["--ref-repo", str(tmp_path), "--sizes", "3x"]) == 2
+  assert bench_torch_eval.main(["--ref-repo", str(tmp_path), "--images", "0"]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+    f"error: {tmp_path} is not a checkout of kakaobrain/tcl (no segmentation/evaluation/tcl_seg.py)",
+    "error: --sizes: image size '3x' is not HxW (e.g. 375x500)",
+    "error: --images and --classes must be >= 1, --threads >= 0",
+  ]
 
 
 def test_bench_optimizer_and_dims_are_the_recipe():
@@ -146,6 +228,8 @@ def test_torch_ref_that_is_not_a_checkout_is_a_usage_error(tmp_path):
 def test_timing_the_original_without_torch_says_so(tmp_path):
   (tmp_path / "models" / "tcl").mkdir(parents=True)
   (tmp_path / "models" / "tcl" / "tcl.py").write_text("")
+  (tmp_path / "segmentation" / "evaluation").mkdir(parents=True)
+  (tmp_path / "segmentation" / "evaluation" / "tcl_seg.py").write_text("")
   r = subprocess.run(
     [sys.executable, "-m", "tcl_jax.bench", "--torch-ref", str(tmp_path)],
     capture_output=True,
@@ -157,6 +241,23 @@ def test_timing_the_original_without_torch_says_so(tmp_path):
     r.stderr.strip()
     .splitlines()[-1]
     .startswith("error: timing the original failed: timing the original needs torch and einops")
+  )
+  # The original's evaluation, alone (--no-train): the same clean error.
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.bench", "--no-train", "--eval-windows", "0"]
+    + ["--eval-images", "1", "--torch-ref", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 1
+  assert (
+    r.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      "error: timing the original's evaluation failed: timing the original's evaluation needs "
+      "torch, einops and OpenCV"
+    )
   )
   # The original is ViT-B/16 only: no ratio against the tiny preset.
   r = subprocess.run(
