@@ -472,9 +472,12 @@ def tcl_loss(
   if uniform is None:
     uniform = gumbel_uniform(rng, simmap.shape)
   hard, soft = sim2mask(params["masker"]["sim2mask"], simmap, uniform=uniform, tau=cfg.gumbel_tau)
-  diag = jnp.arange(b)
-  pos_mask = hard[diag, diag]  # [B, H', W'] hard (straight-through) positive masks
-  soft_pos = soft[diag, diag]
+  # The diagonal taken along axis 1 only: with the batch sharded, entry (i, i) is on row i's
+  # device. (hard[diag, diag] made GSPMD all-reduce the global batch's [B, H', W'] masks and
+  # all-gather them back in the backward pass; tcl_jax.tools.scaling.) Same values, same bits.
+  diag = jnp.arange(b)[:, None, None, None]
+  pos_mask = jnp.take_along_axis(hard, diag, axis=1)[:, 0]  # [B, H', W'] hard (straight-through)
+  soft_pos = jnp.take_along_axis(soft, diag, axis=1)[:, 0]
   soft_neg = _off_diagonal(soft)
 
   aux = {}
