@@ -3,12 +3,15 @@ training and how zero-shot segmentation asks it for masks. The training loop, th
 demo and the app look a kind up here, by `config.model_kind` or by a checkpoint's model config.
 
 A new kind is one module defining `KIND = base.ModelKind(...)` plus its entry below (or a
-`register(KIND)` call, e.g. from a test or a notebook).
+`register(KIND)` call, e.g. from a test or a notebook). The training-free segmenters (MaskCLIP,
+SCLIP, ClearCLIP, NACLIP) run on any kind's CLIP: `zero_shot_method(name, cfg)`, names in METHODS.
 """
 
 from tcl_jax.kinds import base
 from tcl_jax.kinds import clip
 from tcl_jax.kinds import tcl
+from tcl_jax.kinds.methods import METHODS as METHODS
+from tcl_jax.kinds.methods import zero_shot_method as zero_shot_method
 
 KINDS: dict[str, base.ModelKind] = {k.name: k for k in (tcl.KIND, clip.KIND)}
 
@@ -29,9 +32,15 @@ def build_model(config) -> base.Model:
   return get(config.get("model_kind", "tcl")).build(config)
 
 
-def zero_shot_model(cfg) -> base.ZeroShotModel:
-  """The zero-shot view of a model config (e.g. a loaded checkpoint's TCLConfig); ValueError
-  when no kind of that config type can segment."""
+def zero_shot_model(cfg, method: str = "") -> base.ZeroShotModel:
+  """The zero-shot view of a model config (e.g. a loaded checkpoint's TCLConfig): with method ""
+  (or "own") the checkpoint's own model, "tcl" the same for a TCL checkpoint, else training-free
+  method `method` (METHODS) on its CLIP. ValueError (one line) when no kind of that config type
+  can segment, or the checkpoint lacks what the method needs."""
+  if method not in ("", "own", "tcl"):
+    return zero_shot_method(method, cfg)
+  if method == "tcl" and not isinstance(cfg, tcl.KIND.config_type):
+    raise ValueError("method tcl needs a TCL checkpoint; this one holds a CLIP only")
   for kind in KINDS.values():
     if isinstance(cfg, kind.config_type):
       if kind.zero_shot is None:

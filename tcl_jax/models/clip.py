@@ -60,6 +60,7 @@ class LayerNorm(nn.Module):
   """LayerNorm over the last axis in float32 (the original casts to fp32 too), eps 1e-5 as torch."""
 
   dtype: Dtype = jnp.float32
+  eps: float = 1e-5  # MaskCLIP's mmseg ViT uses 1e-6 (tcl_jax.models.training_free)
 
   @nn.compact
   def __call__(self, x):
@@ -69,7 +70,7 @@ class LayerNorm(nn.Module):
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
     return y.astype(self.dtype)
 
 
@@ -182,15 +183,16 @@ class ResidualAttentionBlock(nn.Module):
   heads: int
   dtype: Dtype = jnp.float32
   act: str = "quick_gelu"  # CLIPConfig.hidden_act
+  ln_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, causal: bool = False, self_only: bool = False):
     # Flags are positional so nn.remat can mark them static (argnums 2, 3; self is 0).
-    h = LayerNorm(self.dtype, name="ln_1")(x)
+    h = LayerNorm(self.dtype, self.ln_eps, name="ln_1")(x)
     x = x + MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
       h, causal=causal, self_only=self_only
     )
-    h = LayerNorm(self.dtype, name="ln_2")(x)
+    h = LayerNorm(self.dtype, self.ln_eps, name="ln_2")(x)
     h = nn.Dense(4 * self.width, dtype=self.dtype, name="c_fc")(h)
     h = nn.Dense(self.width, dtype=self.dtype, name="c_proj")(ACTIVATIONS[self.act](h))
     return x + h
@@ -220,6 +222,7 @@ class VisionTransformer(nn.Module):
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
+  ln_eps: float = 1e-5  # every LayerNorm's epsilon (MaskCLIP's own ViT: 1e-6)
 
   def setup(self):
     c = self.cfg
@@ -234,17 +237,19 @@ class VisionTransformer(nn.Module):
     self.positional_embedding = self.param(
       "positional_embedding", lambda k: scale * jax.random.normal(k, (c.grid_size**2 + 1, d))
     )
-    self.ln_pre = LayerNorm(self.dtype)
+    self.ln_pre = LayerNorm(self.dtype, self.ln_eps)
     block = (
       nn.remat(ResidualAttentionBlock, static_argnums=(2, 3))
       if self.remat
       else ResidualAttentionBlock
     )
     self.resblocks = [
-      block(d, c.vision_heads, self.dtype, act=c.hidden_act, name=f"resblocks_{i}")
+      block(
+        d, c.vision_heads, self.dtype, act=c.hidden_act, ln_eps=self.ln_eps, name=f"resblocks_{i}"
+      )
       for i in range(c.vision_layers)
     ]
-    self.ln_post = LayerNorm(self.dtype)
+    self.ln_post = LayerNorm(self.dtype, self.ln_eps)
     self.proj = self.param("proj", lambda k: scale * jax.random.normal(k, (d, c.embed_dim)))
 
   def tokens(self, images, *, num_blocks: Optional[int] = None, ignore_last_attn: bool = False):
