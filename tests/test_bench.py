@@ -118,6 +118,7 @@ def test_eval_image_bench_runs_the_protocol_per_image():
   assert 0 < r["total_s"] < 60 and r["warmup_s"] > 0
   assert r["images_per_s"] == pytest.approx(4 / r["total_s"])
   assert r["s_per_image"] == pytest.approx(r["total_s"] / 4)
+  assert len(r["per_image_s"]) == 4 and sum(r["per_image_s"]) == pytest.approx(r["total_s"])
   assert r["windows_per_s"] == pytest.approx(12 / r["total_s"])
 
 
