@@ -8,6 +8,7 @@ Parameters are one plain pytree:
 Images are NHWC, normalized with ImageNet mean/std (the original's choice); masks are [B, N, H, W].
 """
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Optional
@@ -144,6 +145,21 @@ def _add_bias(y, bias, dtype):
   return (y.astype(jnp.float32) + bias).astype(dtype)
 
 
+_forced_native_conv = False
+
+
+@contextlib.contextmanager
+def force_native_conv():
+  """Models traced inside use the native convolution on every backend, as GPU/TPU run it
+  (tcl_jax.tools.scaling compiles the accelerators' program on CPU devices)."""
+  global _forced_native_conv
+  previous, _forced_native_conv = _forced_native_conv, True
+  try:
+    yield
+  finally:
+    _forced_native_conv = previous
+
+
 class Conv2d(nn.Module):
   """Stride-1 'same' kxk conv, zero padding; parameters as nn.Conv (kernel [k,k,Cin,Cout], bias).
 
@@ -169,7 +185,7 @@ class Conv2d(nn.Module):
     bias = self.param("bias", init, (self.features,))
     x = x.astype(self.dtype)
     r = k // 2
-    if jax.default_backend() != "cpu":
+    if _forced_native_conv or jax.default_backend() != "cpu":
       if self.upsampled_input:
         x = resize.upsample_nearest_2x(x)
       y = jax.lax.conv_general_dilated(
@@ -426,6 +442,23 @@ def gumbel_uniform(rng, shape):
   return jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
 
 
+def _batch_sharded(x):
+  """x with its leading (batch) axis split over every axis of the mesh in context, as the batch
+  is (sharding.data_sharding); x itself without an auto-sharded mesh. Pins what GSPMD's
+  propagation otherwise may choose: with native convolutions it all-gathered the global batch's
+  image embeddings [B, H', W', C] for the similarity map (tcl_jax.tools.scaling). Values are
+  unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if (
+    mesh.empty
+    or mesh.size == 1
+    or x.shape[0] % mesh.size
+    or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  ):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 def _off_diagonal(x):
   """x [B, B, ...] -> [B, B-1, ...] without the diagonal entries (masked_select of the original)."""
   b = x.shape[0]
@@ -467,8 +500,8 @@ def tcl_loss(
 
   # Masker: image embedding, image-to-every-caption similarity, masks.
   image_emb = masker_image_emb(params["masker"], cfg, feat, hw, compute_dtype, remat)
-  image_emb = image_emb.astype(jnp.float32)
-  simmap = similarity_map(image_emb, text_emb)  # [B, B, H', W']
+  image_emb = _batch_sharded(image_emb.astype(jnp.float32))
+  simmap = _batch_sharded(similarity_map(image_emb, text_emb))  # [B, B, H', W']
   if uniform is None:
     uniform = gumbel_uniform(rng, simmap.shape)
   hard, soft = sim2mask(params["masker"]["sim2mask"], simmap, uniform=uniform, tau=cfg.gumbel_tau)
