@@ -1,6 +1,8 @@
 """The machine a benchmark runs on: a readable label and each accelerator's dense bf16 peak, for
-MFU (tcl_jax.bench)."""
+MFU (tcl_jax.bench); peaks and interconnect bandwidths for the scaling report's step-time model
+(`INTERCONNECTS`, tcl_jax.tools.scaling)."""
 
+import dataclasses
 import os
 import platform
 
@@ -55,3 +57,40 @@ def peak_flops_per_chip() -> float | None:
     if key.lower() in d.device_kind.lower():
       return flops
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Interconnect:
+  """A chip's peak and links as tcl_jax.tools.scaling's step-time model uses them.
+
+  `link_bytes_per_s`: what one chip moves per second, one direction, to the chips of its domain
+  (TPU: its whole slice over ICI; GPU: the GPUs of its node over NVLink). Groups larger than
+  `domain_size` cross nodes at `cross_node_bytes_per_s` per chip.
+  """
+
+  name: str
+  peak_bf16_flops: float
+  link_bytes_per_s: float
+  domain_size: int  # chips reached at link_bytes_per_s (a TPU slice: every chip)
+  cross_node_bytes_per_s: float | None = None
+
+
+# Sources (public datasheets, read 2026-12):
+#   TPU v4: 275 TFLOP/s bf16; "all-reduce bandwidth per Pod 1.1 PB/s" over 4096 chips
+#     = 269 GB/s per chip (cloud.google.com/tpu/docs/v4, key specifications).
+#   TPU v5e: 197 TFLOP/s bf16; bidirectional ICI 400 GB/s per chip -> 200 GB/s one way, which
+#     is also the pod's 51.2 TB/s all-reduce bandwidth over 256 chips (cloud.google.com/tpu/
+#     docs/v5e).
+#   TPU v5p: 459 TFLOP/s bf16; bidirectional ICI 1200 GB/s per chip -> 600 GB/s one way
+#     (cloud.google.com/tpu/docs/v5p).
+#   H100 SXM / H200 SXM: 989 TFLOP/s dense bf16; NVLink 4 900 GB/s total (bidirectional) per GPU
+#     -> 450 GB/s one way, 8 GPUs per HGX node (nvidia.com H100 and H200 datasheets); across
+#     nodes one 400 Gb/s NDR InfiniBand NIC per GPU = 50 GB/s (DGX H100 user guide: 8 x
+#     ConnectX-7 400 Gb/s compute ports).
+INTERCONNECTS = {
+  "tpu-v4": Interconnect("TPU v4", 275e12, 1.1e15 / 4096, 1 << 30),
+  "tpu-v5e": Interconnect("TPU v5e", 197e12, 400e9 / 2, 256),
+  "tpu-v5p": Interconnect("TPU v5p", 459e12, 1200e9 / 2, 1 << 30),
+  "h100": Interconnect("H100 SXM", 989e12, 900e9 / 2, 8, 400e9 / 8),
+  "h200": Interconnect("H200 SXM", 989e12, 900e9 / 2, 8, 400e9 / 8),
+}
