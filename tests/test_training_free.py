@@ -73,6 +73,12 @@ def test_the_fixtures_tell_each_oddity_apart(shared, monkeypatch):
     return rel_err(training_free.dense_features(vp, cfg, x, method), reference(method)["features"])
 
   with monkeypatch.context() as m:
+    m.setattr(training_free, "MASKCLIP_LN_EPS", 1e-5)
+    assert feats("maskclip") > 10 * RTOL
+  with monkeypatch.context() as m:
+    m.setattr(training_free, "MASKCLIP_ACT", "quick_gelu")
+    assert feats("maskclip") > 10 * RTOL
+  with monkeypatch.context() as m:
     m.setattr(training_free, "naclip_prior", lambda gh, gw: np.zeros((gh * gw + 1,) * 2))
     assert feats("naclip") > 100 * RTOL
   with monkeypatch.context() as m:

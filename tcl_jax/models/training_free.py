@@ -13,7 +13,8 @@ on random weights (tests/test_training_free.py, fixtures made by tools/reference
   weights in its own mmseg ViT, whose config (configs/_base_/models/maskclip_vit16.py:22-23) sets
   exact GELU instead of CLIP's QuickGELU and LayerNorm eps 1e-6 instead of 1e-5, in every block.
   Both oddities are reproduced here, so "maskclip" gives MaskCLIP's numbers while the "clip" kind
-  keeps TCL's (CLIP's own activation and eps; a 0.6% difference on the fixture).
+  keeps TCL's (CLIP's own activation and eps; 0.6% of the logits on the fixture, the eps alone
+  0.2% there, whose stem is made small to show it).
 - sclip (Wang et al., 2023; wangf3014/SCLIP @b56bd30): correlative self-attention in the last
   block, softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)), the two maps summed, not averaged
   (each row weighs 2: the attention output is doubled; clip/model.py:295-298), with the block's
