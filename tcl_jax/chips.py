@@ -49,14 +49,17 @@ def device_label() -> str:
   return f"{jax.device_count()} x {d.device_kind}"
 
 
-def peak_flops_per_chip() -> float | None:
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    return None
+def peak_flops(device_kind: str) -> float | None:
+  """The dense bf16 peak of a device kind (PEAK_BF16_FLOPS), None if unknown."""
   for key, flops in PEAK_BF16_FLOPS:
-    if key.lower() in d.device_kind.lower():
+    if key.lower() in device_kind.lower():
       return flops
   return None
+
+
+def peak_flops_per_chip() -> float | None:
+  d = jax.devices()[0]
+  return None if d.platform == "cpu" else peak_flops(d.device_kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +91,9 @@ class Interconnect:
 #     nodes one 400 Gb/s NDR InfiniBand NIC per GPU = 50 GB/s (DGX H100 user guide: 8 x
 #     ConnectX-7 400 Gb/s compute ports).
 INTERCONNECTS = {
-  "tpu-v4": Interconnect("TPU v4", 275e12, 1.1e15 / 4096, 1 << 30),
-  "tpu-v5e": Interconnect("TPU v5e", 197e12, 400e9 / 2, 256),
-  "tpu-v5p": Interconnect("TPU v5p", 459e12, 1200e9 / 2, 1 << 30),
-  "h100": Interconnect("H100 SXM", 989e12, 900e9 / 2, 8, 400e9 / 8),
-  "h200": Interconnect("H200 SXM", 989e12, 900e9 / 2, 8, 400e9 / 8),
+  "tpu-v4": Interconnect("TPU v4", peak_flops("TPU v4"), 1.1e15 / 4096, 1 << 30),
+  "tpu-v5e": Interconnect("TPU v5e", peak_flops("TPU v5e"), 400e9 / 2, 256),
+  "tpu-v5p": Interconnect("TPU v5p", peak_flops("TPU v5p"), 1200e9 / 2, 1 << 30),
+  "h100": Interconnect("H100 SXM", peak_flops("H100"), 900e9 / 2, 8, 400e9 / 8),
+  "h200": Interconnect("H200 SXM", peak_flops("H200"), 900e9 / 2, 8, 400e9 / 8),
 }
