@@ -39,6 +39,16 @@ def _readable_or_message(decode):
   return preprocess
 
 
+def method_choices(segmenter) -> list:
+  """The app's method menu: the checkpoint's own model, TCL's masks when it is a TCL, and every
+  training-free method (tcl_jax.kinds.METHODS)."""
+  from tcl_jax import kinds
+  from tcl_jax.models import tcl as tcl_lib
+
+  own = ["own"] + (["tcl"] if isinstance(segmenter.cfg, tcl_lib.TCLConfig) else [])
+  return own + list(kinds.METHODS)
+
+
 def build_app(segmenter):
   """The gr.Blocks page around a demo.Segmenter."""
   import gradio as gr
@@ -46,7 +56,7 @@ def build_app(segmenter):
 
   from tcl_jax import demo
 
-  def run(image, classes_text, bg_thresh, pamr):
+  def run(image, classes_text, bg_thresh, pamr, method="own"):
     if image is None:
       raise gr.Error("Upload an image first (or pick an example below).", print_exception=False)
     classes = demo.parse_classes(classes_text)
@@ -60,7 +70,9 @@ def build_app(segmenter):
       gr.Warning(note)
     start = time.perf_counter()
     try:
-      seg = segmenter(image, classes, pamr=bool(pamr), bg_thresh=float(bg_thresh))
+      seg = segmenter(
+        image, classes, pamr=bool(pamr), bg_thresh=float(bg_thresh), method=str(method)
+      )
     except ValueError as e:
       raise gr.Error(str(e), print_exception=False) from None
     took = time.perf_counter() - start
@@ -93,6 +105,12 @@ def build_app(segmenter):
           0.0, 1.0, value=0.4, step=0.01, label="Background threshold", elem_id="bg_thresh"
         )
         pamr = gr.Checkbox(value=True, label="PAMR refinement", elem_id="pamr")
+        method = gr.Dropdown(
+          choices=method_choices(segmenter),
+          value="own",
+          label="Method (own: the checkpoint's model; the others: training-free, on its CLIP)",
+          elem_id="method",
+        )
         button = gr.Button("Segment", variant="primary", elem_id="run")
         gr.Examples(
           [[demo.SAMPLE_IMAGE, demo.SAMPLE_CLASSES]], inputs=[image, classes], cache_examples=False
@@ -104,7 +122,7 @@ def build_app(segmenter):
         )
         table = gr.Dataframe(headers=["class", "% of pixels"], interactive=False, elem_id="shares")
         masks = gr.Gallery(label="Per-class masks", columns=3, format="png", elem_id="masks")
-    button.click(run, [image, classes, bg, pamr], [overlay, masks, table, status])
+    button.click(run, [image, classes, bg, pamr, method], [overlay, masks, table, status])
   return app
 
 

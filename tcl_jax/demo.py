@@ -118,21 +118,35 @@ class Segmentation:
 
 
 class Segmenter:
-  """A model plus the zero-shot protocol; call it on RGB uint8 images. Text embeddings are cached
-  per class list."""
+  """A model plus the zero-shot protocol; call it on RGB uint8 images. `method` picks the
+  checkpoint's own model ("" or "own") or a training-free method on its CLIP
+  (tcl_jax.kinds.METHODS); a call may pick another. Models and text embeddings are cached per
+  method and class list."""
 
-  def __init__(self, params, cfg, *, protocol: zeroshot.Protocol = zeroshot.Protocol()):
+  def __init__(
+    self, params, cfg, *, protocol: zeroshot.Protocol = zeroshot.Protocol(), method: str = ""
+  ):
     prompts.get_templates(protocol.template)
     self.params, self.cfg, self.protocol = params, cfg, protocol
-    self.model = kinds.zero_shot_model(cfg)
+    self.method = "" if method == "own" else method
+    self._models = {}
+    self.model = self.model_for(self.method)
     self._text = {}
 
-  def text_embedding(self, classes: Sequence[str]):
-    key = tuple(classes)
+  def model_for(self, method: str):
+    """The zero-shot model of `method` (ValueError, one line, for one this checkpoint lacks)."""
+    method = "" if method == "own" else method
+    if method not in self._models:
+      self._models[method] = kinds.zero_shot_model(self.cfg, method)
+    return self._models[method]
+
+  def text_embedding(self, classes: Sequence[str], method: Optional[str] = None):
+    method = self.method if method is None else ("" if method == "own" else method)
+    key = (method, tuple(classes))
     if key not in self._text:
-      padded = key + key[:1] * (class_bucket(len(key)) - len(key))
+      padded = key[1] + key[1][:1] * (class_bucket(len(key[1])) - len(key[1]))
       self._text[key] = prompts.class_text_embedding(
-        self.model, self.params, padded, self.protocol.template
+        self.model_for(method), self.params, padded, self.protocol.template
       )
     return self._text[key]
 
@@ -144,6 +158,7 @@ class Segmenter:
     pamr: bool = zeroshot.Protocol.pamr,
     kp_w: float = zeroshot.Protocol.kp_w,
     bg_thresh: float = zeroshot.Protocol.bg_thresh,
+    method: Optional[str] = None,
   ) -> Segmentation:
     image_rgb = np.asarray(image_rgb)
     if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3 or image_rgb.dtype != np.uint8:
@@ -157,12 +172,13 @@ class Segmenter:
     protocol = dataclasses.replace(
       self.protocol, pamr=bool(pamr), kp_w=float(kp_w), bg_thresh=float(bg_thresh)
     )
-    if min(pipeline.mmcv_rescale_size(w0, h0, protocol.img_scale)) < self.model.min_size:
+    model = self.model_for(self.method if method is None else method)
+    if min(pipeline.mmcv_rescale_size(w0, h0, protocol.img_scale)) < model.min_size:
       raise ValueError(f"image {w0}x{h0} is too elongated for the pipeline's resize")
     with jax.default_matmul_precision("highest"):  # as evaluation: float32 matmuls everywhere
-      text_emb = self.text_embedding(classes)
+      text_emb = self.text_embedding(classes, method)
       n = text_emb.shape[0]  # padded class count
-      window_fn = zeroshot.make_window_fn(self.model, self.params, text_emb, protocol, simmaps=True)
+      window_fn = zeroshot.make_window_fn(model, self.params, text_emb, protocol, simmaps=True)
       # The evaluation's pipeline: BGR uint8 -> resize -> normalise -> windows -> labels from
       # the n (padded) mask channels; window-averaged maps of the masks and similarity maps.
       pred = zeroshot.predict(
@@ -389,6 +405,12 @@ def main(argv=None):
     f"{defaults.bg_thresh}; lower it to see weak masks)",
   )
   ap.add_argument("--max_side", type=int, default=2048, help="downscale larger images to this")
+  ap.add_argument(
+    "--method",
+    default="own",
+    choices=("own", "tcl") + tuple(kinds.METHODS),
+    help="the checkpoint's own model (default), or a training-free method on its CLIP",
+  )
   args = ap.parse_args(argv)
   classes = parse_classes(args.classes)
   if not classes:
@@ -404,6 +426,7 @@ def main(argv=None):
     full, _ = load_image(args.image, None)
     image, note = fit_image(full, args.max_side)
     cfg, params = load_model(args.checkpoint, args.clip)
+    segmenter = Segmenter(params, cfg, method=args.method)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -411,9 +434,7 @@ def main(argv=None):
     print(note)
   start = time.perf_counter()
   try:
-    seg = Segmenter(params, cfg)(
-      image, classes, pamr=not args.no_pamr, kp_w=args.kp_w, bg_thresh=args.bg_thresh
-    )
+    seg = segmenter(image, classes, pamr=not args.no_pamr, kp_w=args.kp_w, bg_thresh=args.bg_thresh)
   except ValueError as e:  # e.g. an image too elongated for the pipeline's resize
     h, w = full.shape[:2]
     print(f"error: --image {args.image} ({w}x{h}): {e}", file=sys.stderr)

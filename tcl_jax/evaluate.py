@@ -25,7 +25,6 @@ from tcl_jax import convert
 from tcl_jax import kinds
 from tcl_jax import sharding
 from tcl_jax import zeroshot
-from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import report
 
@@ -104,7 +103,7 @@ def main(argv):
     config_files.usage_error(str(e))
   try:
     cfg, params = convert.load_any(FLAGS.checkpoint)
-    models = {m: zero_shot_model(cfg, m) for m in methods}
+    models = {m: kinds.zero_shot_model(cfg, m) for m in methods}
   except (ValueError, OSError) as e:
     config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
   # This host's devices (several local devices: its windows split over them).
@@ -139,7 +138,7 @@ def grid_axes(config) -> tuple:
   ValueError (one line) for an unknown name. Method "" is the checkpoint's own model."""
   methods = [m.strip() for m in str(config.get("method", "") or "").split(",")]
   methods = [("" if m == "own" else m) for m in methods if m or len(methods) == 1]
-  known = ("tcl",) + tuple(getattr(kinds, "METHODS", ()))
+  known = ("tcl",) + tuple(kinds.METHODS)
   for m in methods:
     if m and m not in known:
       raise ValueError(f"unknown --config.method {m!r}; known: own, {', '.join(known)}")
@@ -149,16 +148,6 @@ def grid_axes(config) -> tuple:
     if p not in zeroshot.PROTOCOLS:
       raise ValueError(f"unknown --config.protocol {p!r}; known: {', '.join(zeroshot.PROTOCOLS)}")
   return list(dict.fromkeys(methods)) or [""], list(dict.fromkeys(protocols)) or ["tcl"]
-
-
-def zero_shot_model(cfg, method: str):
-  """The zero-shot model of a checkpoint for a grid method: its own ("", or "tcl" for a TCL
-  checkpoint) or a training-free method on its CLIP."""
-  if method == "tcl" and not isinstance(cfg, tcl_lib.TCLConfig):
-    raise ValueError("method tcl needs a TCL checkpoint; this one holds a CLIP only")
-  if method in ("", "tcl"):
-    return kinds.zero_shot_model(cfg)
-  return kinds.zero_shot_method(method, cfg)
 
 
 def run():

@@ -223,3 +223,39 @@ def test_load_model_completes_a_minimal_release_file_with_clip(tmp_path):
   _, got = demo.load_model(str(minimal), os.path.join(FIXTURE, "clip_openai_jit.pt"))
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_training_free_method_segments_as_evaluation_does(model):
+  cfg, params = model
+  img, classes = _image(50, 70, seed=1), ["dog", "sky", "tree"]
+  segmenter = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
+  seg = segmenter(img, classes, bg_thresh=0.0, method="naclip")
+  own = segmenter(img, classes, bg_thresh=0.0)
+  # The evaluator's path with the method's zero-shot model.
+  method = kinds.zero_shot_model(cfg, "naclip")
+  protocol = zeroshot.Protocol(**SMALL, bg_thresh=0.0)
+  emb = zeroshot.class_text_embedding(method, params, classes)
+  window_fn = zeroshot.make_window_fn(method, params, emb, protocol)
+  ref = zeroshot.predict(img[..., ::-1].copy(), window_fn, 3, protocol, background=True).labels
+  np.testing.assert_array_equal(seg.labels, ref)
+  assert np.mean(seg.labels != own.labels) > 0.05  # the method was used, not the TCL masks
+  with pytest.raises(ValueError, match="unknown training-free method 'segformer'"):
+    segmenter(img, classes, method="segformer")
+
+
+def test_app_method_menu_reaches_the_segmenter(model):
+  from tcl_jax import app as app_lib
+
+  cfg, params = model
+  segmenter = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
+  blocks = app_lib.build_app(segmenter)
+  menu = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "method")
+  assert [c[0] for c in menu.choices] == ["own", "tcl", *kinds.METHODS]
+  # The Segment button's function, with the menu among its inputs, as the page calls it.
+  (fn,) = [f for f in blocks.fns.values() if any(i is menu for i in f.inputs)]
+  img, classes = _image(60, 80, seed=2), ["dog", "sky"]
+  for name in ("own", "clearclip"):
+    overlay, _, table, _ = fn.fn(img, ", ".join(classes), 0.1, False, name)
+    want = segmenter(img, classes, pamr=False, bg_thresh=0.1, method=name)
+    np.testing.assert_array_equal(overlay, demo.overlay_with_legend(img, want))
+    assert [round(v, 2) for v in want.shares().values()] == [v for _, v in table]
