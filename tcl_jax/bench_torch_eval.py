@@ -261,6 +261,7 @@ def run(
     "load_avg_1m": os.getloadavg()[0],  # other jobs on a shared host skew the figure
     "s_per_image": total_s / images,
     "per_image_s": times,
+    "median_s_per_image": float(np.median(times)),
     "images_per_s": images / total_s,
     "windows_per_s": windows / total_s,
     "torch": torch.__version__,

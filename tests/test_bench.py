@@ -119,6 +119,7 @@ def test_eval_image_bench_runs_the_protocol_per_image():
   assert r["images_per_s"] == pytest.approx(4 / r["total_s"])
   assert r["s_per_image"] == pytest.approx(r["total_s"] / 4)
   assert len(r["per_image_s"]) == 4 and sum(r["per_image_s"]) == pytest.approx(r["total_s"])
+  assert min(r["per_image_s"]) <= r["median_s_per_image"] <= max(r["per_image_s"])
   assert r["windows_per_s"] == pytest.approx(12 / r["total_s"])
 
 
