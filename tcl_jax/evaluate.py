@@ -101,21 +101,28 @@ def main(argv):
     tasks = zeroshot.open_datasets(config.tasks, config.data_root, config.max_images)
   except (datasets.DataError, ValueError) as e:
     config_files.usage_error(str(e))
+  # The training-free methods of the grid run as one model with a head each: the CLIP forward
+  # they share is computed once per window (kinds.zero_shot_methods).
+  free = [m for m in methods if m in kinds.METHODS]
   try:
     cfg, params = convert.load_any(FLAGS.checkpoint)
-    models = {m: kinds.zero_shot_model(cfg, m) for m in methods}
+    models = {m: kinds.zero_shot_model(cfg, m) for m in methods if m not in free}
+    if len(free) > 1:
+      models[tuple(free)] = kinds.zero_shot_methods(free, cfg)
+    elif free:
+      models[free[0]] = kinds.zero_shot_model(cfg, free[0])
   except (ValueError, OSError) as e:
     config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
   # This host's devices (several local devices: its windows split over them).
   mesh = sharding.local_mesh()
   grid = []
-  for m in methods:
-    for p in protocols:
-      protocol = zeroshot.Protocol.from_config(config, p, given)
-      results = zeroshot.evaluate_tasks(
-        models[m], params, tasks, protocol, mesh=mesh, progress=True
-      )
-      grid.append({"method": m or "own", "protocol": p, "results": results})
+  for p in protocols:
+    protocol = zeroshot.Protocol.from_config(config, p, given)
+    done = {}
+    for key, model in models.items():
+      results = zeroshot.evaluate_tasks(model, params, tasks, protocol, mesh=mesh, progress=True)
+      done.update(zip(key, results) if isinstance(key, tuple) else [(key, results)])
+    grid += [{"method": m or "own", "protocol": p, "results": done[m]} for m in methods]
   if jax.process_index() != 0:
     return
   if len(grid) == 1:  # one model, one protocol: the per-class tables and the flat results.json

@@ -156,25 +156,59 @@ def test_evaluate_cli_protocol_grid(tmp_path):
   ]  # fmt: skip
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   r = subprocess.run(
-    common + ["--config.protocol=tcl,sclip", f"--workdir={tmp_path / 'out'}"],
+    common
+    + ["--config.method=own,naclip,clearclip", "--config.protocol=tcl,sclip"]
+    + [f"--workdir={tmp_path / 'out'}"],
     cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
   )  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   grid = json.load(open(tmp_path / "out" / "results.json"))["grid"]
-  assert [(g["method"], g["protocol"]) for g in grid] == [("own", "tcl"), ("own", "sclip")]
-  assert "own     tcl" in r.stdout and "own     sclip" in r.stdout, r.stdout
+  assert [(g["method"], g["protocol"]) for g in grid] == [
+    (m, p) for p in ("tcl", "sclip") for m in ("own", "naclip", "clearclip")
+  ]
+  assert "naclip     sclip" in r.stdout and "own        tcl" in r.stdout, r.stdout
   # Each entry is what the engine gives under that protocol (the command line's sizes given).
   tasks = evaluator.open_datasets("voc", data)
-  model = kinds.zero_shot_model(cfg)
   given = set(small) | {"pamr"}
-  for g in grid:
+  for g in grid[:1] + grid[3:5]:  # own x tcl, own x sclip, naclip x sclip
+    model = kinds.zero_shot_model(cfg, g["method"])
     p = protocol_lib.Protocol.from_config(dict(small, pamr=False), g["protocol"], given)
     want = evaluator.evaluate_tasks(model, params, tasks, p, progress=False)["voc"]
     assert g["results"]["voc"]["union"] == want["union"], g["protocol"]
     assert g["results"]["voc"]["intersect"] == want["intersect"], g["protocol"]
-  assert grid[0]["results"]["voc"]["union"] != grid[1]["results"]["voc"]["union"]
+  assert grid[0]["results"]["voc"]["union"] != grid[3]["results"]["voc"]["union"]
+  assert grid[3]["results"]["voc"]["union"] != grid[4]["results"]["voc"]["union"]
   bad = subprocess.run(
     common + ["--config.protocol=tcl,mmseg"], cwd=REPO, env=env, capture_output=True, text=True
   )
   lines = bad.stderr.strip().splitlines()
   assert bad.returncode == 2 and len(lines) == 1 and "unknown --config.protocol 'mmseg'" in lines[0]
+
+
+def test_methods_sharing_one_forward_give_each_methods_results(tmp_path):
+  # One model with a head per method (the tower up to its last block run once) against each
+  # method evaluated alone, under both protocols.
+  data = str(tmp_path / "data")
+  synthetic_segmentation.write_synthetic_segmentation(data, "voc", num_images=2, seed=5)
+  tasks = evaluator.open_datasets("voc", data)
+  cfg = tcl_lib.tiny_config()
+  params = tcl_lib.init_params(cfg, jax.random.key(1))
+  names = ("sclip", "maskclip", "naclip", "clearclip")
+  shared = kinds.zero_shot_methods(names, cfg)
+  assert shared.heads == 4
+  for name in ("tcl", "sclip"):
+    p = protocol_lib.Protocol.from_config(
+      dict(img_scale=(160, 64), crop=48, stride=32, batch=2, bg_thresh=0.1, pamr=False),
+      name,
+      given={"img_scale", "crop", "stride", "bg_thresh", "pamr"},
+    )
+    together = evaluator.evaluate_tasks(shared, params, tasks, p, progress=False)
+    alone = [
+      evaluator.evaluate_tasks(kinds.zero_shot_model(cfg, m), params, tasks, p, progress=False)
+      for m in names
+    ]
+    for m, a, b in zip(names, together, alone):
+      assert a["voc"]["union"] == b["voc"]["union"], (name, m)
+      assert a["voc"]["intersect"] == b["voc"]["intersect"], (name, m)
+    # The methods' results differ here, so a head read from the wrong channels shows.
+    assert len({tuple(r["voc"]["intersect"] + r["voc"]["union"]) for r in alone}) >= 3, name

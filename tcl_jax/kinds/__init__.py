@@ -12,6 +12,7 @@ from tcl_jax.kinds import clip
 from tcl_jax.kinds import tcl
 from tcl_jax.kinds.methods import METHODS as METHODS
 from tcl_jax.kinds.methods import zero_shot_method as zero_shot_method
+from tcl_jax.kinds.methods import zero_shot_methods as zero_shot_methods
 
 KINDS: dict[str, base.ModelKind] = {k.name: k for k in (tcl.KIND, clip.KIND)}
 

@@ -22,6 +22,9 @@ class ZeroShotModel:
   text_embedding: Callable[..., jax.Array]
   window_masks: Callable[..., jax.Array]
   min_size: int  # the smallest image side the model takes (one patch)
+  # > 1: several models scored in one call (training-free methods sharing one CLIP forward):
+  # window_masks returns [k, heads x N, h, w], head m in channels [m N, (m + 1) N); no simmaps.
+  heads: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,3 +37,30 @@ def zero_shot_method(name: str, cfg) -> base.ZeroShotModel:
     window_masks=functools.partial(_window_masks, cfg=clip_cfg, method=name),
     min_size=clip_cfg.vision_patch_size,
   )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "pamr", "kp_w", "simmaps"))
+def _window_masks_many(params, text_emb, windows, *, cfg, methods, pamr, kp_w, simmaps):
+  del pamr, kp_w
+  if simmaps:
+    raise ValueError("several methods in one model give no similarity maps")
+  scores = training_free.dense_scores_many(params["clip"], cfg, windows, text_emb, methods)
+  return jax.numpy.concatenate(scores, axis=1)
+
+
+def zero_shot_methods(names, cfg) -> base.ZeroShotModel:
+  """Several training-free methods as one zero-shot model with one head per method (in `names`'
+  order): the CLIP tower up to its last block runs once for the methods that share it
+  (training_free.dense_features_many), so a grid of methods costs little more than one. The
+  evaluator returns one result per head (zeroshot.evaluate_tasks)."""
+  names = tuple(names)
+  one = zero_shot_method(names[0], cfg)
+  for n in names[1:]:
+    training_free.check_method(n)
+  return base.ZeroShotModel(
+    cfg=one.cfg,
+    text_embedding=one.text_embedding,
+    window_masks=functools.partial(_window_masks_many, cfg=one.cfg, methods=names),
+    min_size=one.min_size,
+    heads=len(names),
+  )

@@ -149,20 +149,30 @@ def _last_block(block_params, cfg: clip_lib.CLIPConfig, x, grid, method: str):
   return x + hn @ block_params["c_proj"]["kernel"] + block_params["c_proj"]["bias"]
 
 
-def dense_features(visual_params, cfg: clip_lib.CLIPConfig, images, method: str):
-  """images [k, H, W, 3] normalized, H and W multiples of the patch -> [k, gh, gw, E] projected
-  patch features (not normalized) of the training-free `method` (one of METHODS)."""
+def _trunk_key(method: str) -> str:
+  """Methods with the same key share everything up to the last block: SCLIP, ClearCLIP and NACLIP
+  (DINO-style positional embedding, CLIP's eps and activation); MaskCLIP has its own."""
+  return "maskclip" if method == "maskclip" else "dino"
+
+
+def _tower(cfg: clip_lib.CLIPConfig, method: str):
+  """(the method's tower config, its VisionTransformer, its LayerNorm eps)."""
+  eps = 1e-5
+  if method == "maskclip":
+    cfg = dataclasses.replace(cfg, hidden_act=MASKCLIP_ACT)
+    eps = MASKCLIP_LN_EPS
+  return cfg, clip_lib.VisionTransformer(cfg, ln_eps=eps), eps
+
+
+def _trunk(visual_params, cfg: clip_lib.CLIPConfig, images, method: str):
+  """The stem (with the method's positional embedding) and all blocks but the last:
+  (tokens [k, 1 + gh*gw, D], (gh, gw))."""
   check_method(method)
   p = cfg.vision_patch_size
   k, hh, ww, _ = images.shape
   if hh % p or ww % p:
     raise ValueError(f"images {hh}x{ww} are not multiples of the {p}-pixel patch; pad them first")
-  eps = 1e-5
-  if method == "maskclip":
-    cfg = dataclasses.replace(cfg, hidden_act=MASKCLIP_ACT)
-    eps = MASKCLIP_LN_EPS
-  tower = clip_lib.VisionTransformer(cfg, ln_eps=eps)
-  vp = {"params": visual_params}
+  cfg, tower, eps = _tower(cfg, method)
   # The stem as VisionTransformer.tokens, with each method's positional embedding.
   x = jax.lax.conv_general_dilated(
     images.astype(jnp.float32),
@@ -178,23 +188,58 @@ def dense_features(visual_params, cfg: clip_lib.CLIPConfig, images, method: str)
     visual_params["positional_embedding"], gh, gw, method
   )
   x = clip_lib.LayerNorm(eps=eps).apply({"params": visual_params["ln_pre"]}, x)
+  x = tower.apply({"params": visual_params}, x, 0, cfg.vision_layers - 1, method="run_blocks")
+  return x, (gh, gw)
+
+
+def _head(visual_params, cfg: clip_lib.CLIPConfig, x, grid, method: str):
+  """The method's last block, then ln_post + proj on the patch tokens -> [k, gh, gw, E]."""
+  cfg, tower, _ = _tower(cfg, method)
+  vp = {"params": visual_params}
   n = cfg.vision_layers
   if method == "maskclip":
-    x = tower.apply(vp, x, 0, n, True, method="run_blocks")
+    x = tower.apply(vp, x, n - 1, n, True, method="run_blocks")
   else:
-    x = tower.apply(vp, x, 0, n - 1, method="run_blocks")
-    x = _last_block(visual_params[f"resblocks_{n - 1}"], cfg, x, (gh, gw), method)
-  return tower.apply(vp, x[:, 1:], method="project").reshape(k, gh, gw, -1)
+    x = _last_block(visual_params[f"resblocks_{n - 1}"], cfg, x, grid, method)
+  return tower.apply(vp, x[:, 1:], method="project").reshape(x.shape[0], *grid, -1)
+
+
+def dense_features(visual_params, cfg: clip_lib.CLIPConfig, images, method: str):
+  """images [k, H, W, 3] normalized, H and W multiples of the patch -> [k, gh, gw, E] projected
+  patch features (not normalized) of the training-free `method` (one of METHODS)."""
+  x, grid = _trunk(visual_params, cfg, images, method)
+  return _head(visual_params, cfg, x, grid, method)
+
+
+def dense_features_many(visual_params, cfg: clip_lib.CLIPConfig, images, methods) -> list:
+  """dense_features of several methods, the tower up to its last block run once per group of
+  methods that share it (`_trunk_key`): SCLIP, ClearCLIP and NACLIP together cost one forward
+  plus three last blocks. The same values as one call per method."""
+  trunks = {}
+  out = []
+  for m in methods:
+    key = _trunk_key(m)
+    if key not in trunks:
+      trunks[key] = _trunk(visual_params, cfg, images, m)
+    out.append(_head(visual_params, cfg, *trunks[key], m))
+  return out
 
 
 def dense_scores(clip_params, cfg: clip_lib.CLIPConfig, windows, text_emb, method: str):
   """windows [k, h, w, 3] normalized -> [k, N, h, w] cosine similarities of `method`'s
   L2-normalized patch features with text_emb [N, E], bilinearly resized to the window (zero
   padding to patch multiples first, cropped after), as `clip_contrastive.dense_scores`."""
+  return dense_scores_many(clip_params, cfg, windows, text_emb, (method,))[0]
+
+
+def dense_scores_many(clip_params, cfg: clip_lib.CLIPConfig, windows, text_emb, methods) -> list:
+  """dense_scores of several methods (the shared part of the tower run once, dense_features_many)."""
   _, h, w, _ = windows.shape
   l, r, t, b = clip_lib.compute_padsize(h, w, cfg.vision_patch_size)
   x = jnp.pad(windows, ((0, 0), (t, b), (l, r), (0, 0)))
-  dense = dense_features(clip_params["visual"], cfg, x, method)
-  sim = jnp.einsum("khwc,nc->knhw", losses.l2_normalize(dense), text_emb)
-  sim = resize.resize_hw(sim, x.shape[1:3], "bilinear", layout="NCHW")
-  return sim[:, :, t : t + h, l : l + w]
+  out = []
+  for dense in dense_features_many(clip_params["visual"], cfg, x, methods):
+    sim = jnp.einsum("khwc,nc->knhw", losses.l2_normalize(dense), text_emb)
+    sim = resize.resize_hw(sim, x.shape[1:3], "bilinear", layout="NCHW")
+    out.append(sim[:, :, t : t + h, l : l + w])
+  return out

@@ -122,7 +122,8 @@ def evaluate_dataset(
   progress: bool = True,
   workers: int = 2,
   query_class: Optional[tuple] = None,
-) -> dict:
+  heads: int = 1,
+):
   """Run the pipeline over a dataset; returns {"miou", "per_class_iou", "num_images",
   "num_skipped", "intersect", "union"} (percent; miou rounded to 2 decimals as mmseg reports
   it; intersect/union: the per-class pixel counts summed over the dataset).
@@ -130,14 +131,18 @@ def evaluate_dataset(
   window_fn(windows) -> [n, >= len(spec.text_classes), h, w] masks of the text classes; datasets
   with background get the constant bg_thresh channel in front. With query_class (SCLIP's names,
   see task_queries), window_fn scores len(query_class) names and the protocol's logit_scale
-  readout makes the labels.
+  readout makes the labels. With heads > 1 (a ZeroShotModel scoring several models in one
+  call), a list of such results, one per head.
 
   With several processes, process p reads and predicts images p, p + P, p + 2P, ... (its own
   share, on its own devices through window_fn), and the counts of all processes are summed: every
   process returns the same result, identical to one process evaluating every image.
   """
   spec = ds.spec
-  acc = metrics.IoUAccumulator(spec.num_classes, datasets.IGNORE_INDEX, spec.reduce_zero_label)
+  accs = [
+    metrics.IoUAccumulator(spec.num_classes, datasets.IGNORE_INDEX, spec.reduce_zero_label)
+    for _ in range(heads)
+  ]
   ds.num_skipped, ds.skipped = 0, []
   mine = list(range(jax.process_index(), len(ds), jax.process_count()))
   bar = (
@@ -148,8 +153,9 @@ def evaluate_dataset(
   pending = None  # (device prediction, label) of the previous image: overlaps host and device
 
   def finish(item):
-    pred, label = item
-    acc.update(np.asarray(pred)[: label.shape[0], : label.shape[1]], label)
+    preds, label = item
+    for acc, pred in zip(accs, preds):
+      acc.update(np.asarray(pred)[: label.shape[0], : label.shape[1]], label)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     futures = {}
@@ -166,7 +172,7 @@ def evaluate_dataset(
         logging.warning("%s: skipping %s", spec.name, err)
       else:
         x, ori_hw, label = prepared
-        pred, _ = pipeline.predict_normalized(
+        out = pipeline.predict_normalized(
           x,
           ori_hw,
           window_fn,
@@ -174,10 +180,12 @@ def evaluate_dataset(
           protocol,
           background=spec.with_bg and query_class is None,
           query_class=query_class,
+          heads=heads,
         )
+        preds = [p for p, _ in out] if heads > 1 else [out[0]]
         if pending is not None:
           finish(pending)
-        pending = (pred, label)
+        pending = (preds, label)
       if bar is not None:
         bar.update(1)
     if pending is not None:
@@ -185,8 +193,14 @@ def evaluate_dataset(
   if bar is not None:
     bar.close()
 
+  results = [_merged_result(spec, acc, ds.num_skipped) for acc in accs]
+  return results[0] if heads == 1 else results
+
+
+def _merged_result(spec, acc, num_skipped: int) -> dict:
+  """One model's result on a dataset, its counts summed over every process."""
   intersect, union = acc.intersect, acc.union
-  num_images, num_skipped = acc.count, ds.num_skipped
+  num_images = acc.count
   if jax.process_count() > 1:
     intersect, union = _sum_over_processes(intersect), _sum_over_processes(union)
     num_images, num_skipped = (
@@ -218,14 +232,17 @@ def evaluate_tasks(
   *,
   mesh: Optional[jax.sharding.Mesh] = None,
   progress: bool = True,
-) -> dict:
+):
   """Evaluate a model on `tasks` ({name: SegDataset}, see open_datasets).
 
   Returns {task: {"miou", "per_class_iou", "num_images", "num_skipped"}, "average": float}, in
-  percent; "average" is the mean of the task mIoUs (as the original's val/avg_miou).
+  percent; "average" is the mean of the task mIoUs (as the original's val/avg_miou). For a model
+  with heads > 1 (kinds.zero_shot_methods: several methods in one forward), a list of such
+  results, one per head.
   """
   prompts.get_templates(protocol.template)
-  results = {}
+  heads = int(getattr(model, "heads", 1))
+  per_head = [{} for _ in range(heads)]
   text_cache = {}  # voc/voc20 and context/context59 share their text classes
   # Parity with the original's float32 matmuls (no TF32/bf16 passes on accelerators).
   with jax.default_matmul_precision("highest"):
@@ -238,17 +255,22 @@ def evaluate_tasks(
           model, params, prompts.pad_classes(names, p.class_pad), p.template, p.ensemble
         )
       window_fn = make_window_fn(model, params, text_cache[key], p, mesh=mesh)
-      results[t] = evaluate_dataset(ds, window_fn, p, progress=progress, query_class=query_class)
-      logging.info(
-        "[%s] mIoU of %d images: %s%% (%d skipped)",
-        t,
-        results[t]["num_images"],
-        results[t]["miou"],
-        results[t]["num_skipped"],
+      out = evaluate_dataset(
+        ds, window_fn, p, progress=progress, query_class=query_class, heads=heads
       )
-  mious = [r["miou"] for r in results.values() if r["miou"] is not None]
-  results["average"] = float(np.mean(mious)) if mious else None
-  return results
+      for results, r in zip(per_head, out if heads > 1 else [out]):
+        results[t] = r
+        logging.info(
+          "[%s] mIoU of %d images: %s%% (%d skipped)",
+          t,
+          r["num_images"],
+          r["miou"],
+          r["num_skipped"],
+        )
+  for results in per_head:
+    mious = [r["miou"] for r in results.values() if r["miou"] is not None]
+    results["average"] = float(np.mean(mious)) if mious else None
+  return per_head[0] if heads == 1 else per_head
 
 
 def evaluate_config(

@@ -280,6 +280,7 @@ def predict_normalized(
   background: bool,
   num_maps: int = 0,
   query_class: Optional[tuple] = None,
+  heads: int = 1,
 ):
   """Steps 3-4 on a normalized, resized image x [h, w, 3]: sliding windows, averaging, resize to
   ori_hw, softmax, argmax, in one jitted call whose shapes are bucketed (the same numbers as the
@@ -293,15 +294,42 @@ def predict_normalized(
   function scores len(query_class) names (or num_classes, one per class), class c the max over
   the names q with query_class[q] == c; there is no constant background channel.
 
+  With heads > 1, window_fn scores several models at once (e.g. training-free methods sharing
+  one CLIP forward): [k, heads x C', h, w], head m in channels [m C', (m + 1) C'), each read out
+  as above; the windows are cut and run once.
+
   Returns (labels, maps): jax arrays padded to SIZE_BUCKET multiples (slice [:H0, :W0]); maps is
-  None without num_maps.
+  None without num_maps. With heads > 1, a list of them, one per head.
   """
-  h, w = x.shape[:2]
-  h0, w0 = int(ori_hw[0]), int(ori_hw[1])
   num_scores = num_classes if query_class is None else len(query_class)
   win = run_windows(
-    x, window_fn, max(num_scores, num_maps), protocol.crop, protocol.stride, protocol.batch
+    x, window_fn, heads * max(num_scores, num_maps), protocol.crop, protocol.stride, protocol.batch
   )
+  if heads == 1:
+    return _labels_of_windows(
+      win, x.shape[:2], ori_hw, num_classes, protocol, background, num_maps, query_class
+    )
+  c = win.outs[0].shape[1] // heads
+  return [
+    _labels_of_windows(
+      dataclasses.replace(win, outs=tuple(o[:, m * c : (m + 1) * c] for o in win.outs)),
+      x.shape[:2],
+      ori_hw,
+      num_classes,
+      protocol,
+      background,
+      num_maps,
+      query_class,
+    )
+    for m in range(heads)
+  ]
+
+
+def _labels_of_windows(win, hw, ori_hw, num_classes, protocol, background, num_maps, query_class):
+  """predict_normalized's step 4 on one model's window outputs."""
+  h, w = hw
+  h0, w0 = int(ori_hw[0]), int(ori_hw[1])
+  num_scores = num_classes if query_class is None else len(query_class)
   hb, wb = round_up(h, SIZE_BUCKET), round_up(w, SIZE_BUCKET)
   rows = resize.padded_bilinear_taps(h, h0, round_up(h0, SIZE_BUCKET))
   cols = resize.padded_bilinear_taps(w, w0, round_up(w0, SIZE_BUCKET))
