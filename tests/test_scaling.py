@@ -32,7 +32,7 @@ def report(tmp_path_factory):
   cmd += ["--preset", "tiny", "--batch", str(PER_CHIP), "--eval-windows", "0", "--json", str(out)]
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
-  return {res["devices"]: res["train"] for res in json.loads(out.read_text())["results"]}
+  return {res["devices"]: res["train"] for res in json.loads(out.read_text())["result"]["measured"]}
 
 
 def _trainable_bytes_by_hand(cfg: tcl_lib.TCLConfig) -> int:
@@ -118,3 +118,29 @@ def test_bad_devices_is_one_error_line():
   )
   assert r.returncode == 2
   assert r.stderr.strip().startswith("error: --devices") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_readme_scaling_table_is_the_committed_report():
+  with open(os.path.join(REPO, "docs", "results", "scaling.json")) as f:
+    result = json.load(f)["result"]
+  with open(os.path.join(REPO, "README.md")) as f:
+    lines = f.read().splitlines()
+  start = lines.index(next(l for l in lines if l.startswith("| chips | global batch |")))
+  table = []
+  for line in lines[start + 2 :]:  # past the header and its --- line
+    if not line.startswith("|"):
+      break
+    table.append(line)
+  expected = []
+  for r in sorted(result["measured"], key=lambda r: r["devices"]):
+    t, c, n = r["train"], r["train"]["collectives"], r["devices"]
+    cells = [str(n), str(t["global_batch"]), f"{t['flops_per_chip'] / 1e12:.2f}"]
+    cells += [f"{c[k]['bytes'] / 2**20:.1f} MiB" for k in ("all-gather", "all-reduce")]
+    for chip in ("tpu-v4", "tpu-v5e", "tpu-v5p", "h100"):
+      row = next(x for x in result["prediction"][chip]["rows"] if x["devices"] == n)
+      cells.append(
+        f"{row['step_s'] * 1e3:.0f} ms, {100 * row['efficiency']:.0f}% "
+        f"({100 * row['comm_efficiency']:.0f}%)"
+      )
+    expected.append("| " + " | ".join(cells) + " |")
+  assert table == expected

@@ -391,12 +391,11 @@ def main(argv=None) -> int:
       "what": "tcl_jax.tools.scaling: per-chip FLOPs and collective bytes of the compiled "
       "training and evaluation steps on fake CPU devices, and predicted step times",
       "command": "python -m tcl_jax.tools.scaling " + " ".join(argv or sys.argv[1:]),
-      "machine": f"{chips._cpu_model()}, {os.cpu_count()} cores, {platform.platform()}",  # pylint: disable=protected-access
+      "machine": f"{os.cpu_count()}-core {chips._cpu_model()}, CPU only, {platform.platform()}",  # pylint: disable=protected-access
       "date": time.strftime("%Y-%m-%d", time.gmtime()),
       "commit": commit or None,
       "assumptions": {"mfu": args.mfu, "overlap": args.overlap},
-      "results": results,
-      "prediction": prediction,
+      "result": {"measured": results, "prediction": prediction},
     }
     with open(args.json_out, "w") as f:
       json.dump(report, f, indent=1)
