@@ -114,11 +114,11 @@ for r in rows:
     print(f"| tcl_jax bf16{', remat' if r['remat'] else ''} | {r['per_device_batch']} | "
           f"{r['images_per_s']:.1f} | {r['step_s']:.3f} | {pct(r['mfu'])} | "
           f"{gib(r['peak_memory_gib'])} | {r['compile_s']:.0f} |")
-  elif r.get("impl") == "pytorch original":
+  elif r.get("impl") == "pytorch original" and r.get("what") != "eval_image":
     print(f"| original, {r['precision']} | {r['batch']} | {r['images_per_s']:.1f} | "
           f"{r['step_s']:.3f} | - | {gib(r['peak_memory_gib'])} | - |")
 for r in rows:
-  if "ratio_vs_original" in r:
+  if "ratio_vs_original" in r and r.get("what") == "train_step":
     print(f"tcl_jax / original images/s at {r['per_device_batch']}/GPU: "
           f"{r['ratio_vs_original']:.2f}x (both measured in this run)")
   if r.get("what") == "eval_windows":

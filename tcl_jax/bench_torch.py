@@ -9,7 +9,8 @@ OpenAI's weights, builds a random-weight CLIP of ViT-B/16 dims instead. The step
 main.py's: zero_grad, forward under fp16 autocast on CUDA (float32 on CPU), loss sum, scaled
 backward, unscale, clip_grad_norm_(5), AdamW step (decay split as utils/optimizer.py), scaler
 update. The masker backbone trains (after UST), as in tcl_jax.bench. Prints one JSON line.
-This module imports torch; nothing else in tcl_jax does.
+This module imports torch; in tcl_jax only it and bench_torch_eval (the original's evaluation,
+which builds this model) do.
 """
 
 import argparse
