@@ -161,14 +161,10 @@ def measure(preset: str, per_chip_batch: int, mesh_axes, fsdp: int, eval_windows
   n = jax.device_count()
   if mesh_axes == ("data",):
     mesh_config = bench.MESH
-  else:  # configs/common.py:mesh_config(fsdp)
-    mesh_config = bench.Fields(
-      shape=(-1, fsdp),
-      axes=("data", "fsdp"),
-      axis_types="auto",
-      param_rules=((".*", "fsdp"),),
-      fsdp_min_size=2**16,
-    )
+  else:  # the recipe's data x fsdp mesh and rules (configs/tcl.py:fsdp=K)
+    from tcl_jax.configs import common  # pylint: disable=g-import-not-at-top
+
+    mesh_config = common.mesh_config(fsdp)
   cfg, res = bench.preset(preset)
   out = {"devices": n, "mesh": dict(zip(mesh_axes, (n // fsdp, fsdp) if fsdp > 1 else (n,)))}
   # The accelerators' program: XLA attention (bench's FLOP count) and native convolutions (on CPU
