@@ -4,6 +4,7 @@ test_parity.py."""
 
 import os
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,3 +188,27 @@ def test_subpixel_conv_equals_conv_of_nearest_upsample(k, hw):
   np.testing.assert_allclose(
     np.asarray(plain.apply(p, resize.upsample_nearest_2x(x))), np.asarray(want), atol=1e-5
   )
+
+
+def test_patch_embed_is_flax_conv_with_matmul_gradients():
+  # The ViT stem (clip.PatchEmbed): the same parameter, initialisation and forward as nn.Conv,
+  # bit for bit; its gradients (matmuls over the patches) equal the conv's to float32 rounding,
+  # with the pixels the stride floors away getting 0.
+  x = jax.random.normal(jax.random.key(1), (2, 100, 70, 3))  # 6 x 4 patches, 4 and 6 px floored
+  conv = nn.Conv(32, (16, 16), strides=(16, 16), padding="VALID", use_bias=False)
+  ours = clip_lib.PatchEmbed(32, 16)
+  p_conv, p_ours = conv.init(jax.random.key(0), x), ours.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(p_conv["params"]["kernel"], p_ours["params"]["kernel"])
+  np.testing.assert_array_equal(conv.apply(p_conv, x), ours.apply(p_ours, x))
+  w = jax.random.normal(jax.random.key(2), (2, 6, 4, 32))  # a cotangent with no symmetry
+
+  def loss(m, p, x):
+    return jnp.sum(m.apply(p, x) * w)
+
+  g_conv = jax.grad(loss, argnums=(1, 2))(conv, p_conv, x)
+  g_ours = jax.grad(loss, argnums=(1, 2))(ours, p_ours, x)
+  for a, b in zip(jax.tree.leaves(g_conv), jax.tree.leaves(g_ours)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
+  dx = g_ours[1]
+  assert float(jnp.abs(dx[:, 96:]).max()) == 0 and float(jnp.abs(dx[:, :, 64:]).max()) == 0
+  assert float(jnp.abs(dx[:, :96, :64]).min()) > 0

@@ -212,6 +212,60 @@ def interpolate_pos_emb(pos_emb, h: int, w: int):
   return jnp.concatenate([cls_pe, grid_pe.reshape(h * w, -1)], axis=0)
 
 
+@jax.custom_vjp
+def patch_embed(images, kernel):
+  """The ViT stem's conv (kernel [p, p, C, D], stride p, VALID: floors like torch's conv), as
+  flax's nn.Conv computes it. Its gradients are plain matmuls over the patches: XLA's CPU
+  backend runs the input gradient of this strided conv (the transposed conv, which TCL_i needs
+  through the frozen tower) as a naive loop, ~5% of the ViT-B/16 step on 2 cores."""
+  p = kernel.shape[0]
+  return jax.lax.conv_general_dilated(
+    images, kernel, (p, p), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def _patch_embed_fwd(images, kernel):
+  return patch_embed(images, kernel), (images, kernel)
+
+
+def _patch_embed_bwd(res, g):
+  images, kernel = res
+  p, _, c, d = kernel.shape
+  b, h, w, _ = images.shape
+  gh, gw = g.shape[1:3]
+  k2 = kernel.reshape(p * p * c, d)
+  dx = (g.reshape(-1, d) @ k2.T).reshape(b, gh, gw, p, p, c)
+  dx = dx.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * p, gw * p, c)
+  dx = jnp.pad(dx, ((0, 0), (0, h - gh * p), (0, w - gw * p), (0, 0)))  # floored pixels: 0
+  patches = images[:, : gh * p, : gw * p].reshape(b, gh, p, gw, p, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * c)
+  dk = (patches.T @ g.reshape(-1, d)).reshape(kernel.shape)
+  return dx.astype(images.dtype), dk.astype(kernel.dtype)
+
+
+patch_embed.defvjp(_patch_embed_fwd, _patch_embed_bwd)
+
+
+class PatchEmbed(nn.Module):
+  """nn.Conv(features, (p, p), strides=(p, p), padding="VALID", use_bias=False) with the same
+  parameter ("kernel") and initialisation, through `patch_embed`."""
+
+  features: int
+  patch: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param(
+      "kernel",
+      nn.initializers.lecun_normal(),
+      (self.patch, self.patch, x.shape[-1], self.features),
+      jnp.float32,
+    )
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return patch_embed(x, kernel)
+
+
 class VisionTransformer(nn.Module):
   """CLIP ViT. `tokens` runs the stem and (some of) the blocks; `project` is ln_post + proj.
 
@@ -227,9 +281,7 @@ class VisionTransformer(nn.Module):
   def setup(self):
     c = self.cfg
     p, d = c.vision_patch_size, c.vision_width
-    self.conv1 = nn.Conv(
-      d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype, name="conv1"
-    )
+    self.conv1 = PatchEmbed(d, p, self.dtype, name="conv1")
     scale = d**-0.5
     self.class_embedding = self.param(
       "class_embedding", lambda k: scale * jax.random.normal(k, (d,))
