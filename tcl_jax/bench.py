@@ -385,7 +385,6 @@ def eval_image_bench(
       predict(img)
     warm_s = time.perf_counter() - t0
     shapes, times = bench_torch_eval.time_images(lambda img: predict(img).labels, imgs)
-    total_s = sum(times)
   if shapes != [tuple(img.shape[:2]) for img in imgs]:
     raise RuntimeError(f"label maps of sizes {shapes} for images {[i.shape for i in imgs]}")
   windows = sum(
@@ -411,14 +410,7 @@ def eval_image_bench(
     "pamr": protocol.pamr,
     "kp_w": protocol.kp_w,
     "bg_thresh": protocol.bg_thresh,
-    "warmup_s": warm_s,
-    "total_s": total_s,
-    "load_avg_1m": os.getloadavg()[0],  # other jobs on a shared host skew the figure
-    "s_per_image": total_s / images,
-    "per_image_s": times,
-    "median_s_per_image": float(np.median(times)),
-    "images_per_s": images / total_s,
-    "windows_per_s": windows / total_s,
+    **bench_torch_eval.timing_fields(warm_s, times, windows),
   }
 
 

@@ -93,6 +93,21 @@ def time_images(predict, images) -> tuple:
   return shapes, times
 
 
+def timing_fields(warm_s: float, times: list, windows: int) -> dict:
+  """The timing fields both sides' eval_image records share (tcl_jax.bench reports them too)."""
+  total_s, images = sum(times), len(times)
+  return {
+    "warmup_s": warm_s,
+    "total_s": total_s,
+    "load_avg_1m": os.getloadavg()[0],  # other jobs on a shared host skew the figure
+    "s_per_image": total_s / images,
+    "per_image_s": times,
+    "median_s_per_image": float(np.median(times)),
+    "images_per_s": images / total_s,
+    "windows_per_s": windows / total_s,
+  }
+
+
 def num_windows(h: int, w: int, crop: int = 448, stride: int = 224) -> int:
   """How many windows mmseg's slide_inference visits on an h x w (resized) image."""
   rows = max(h - crop + stride - 1, 0) // stride + 1
@@ -240,7 +255,6 @@ def run(
     predict(img)
   warm_s = time.perf_counter() - t0
   shapes, times = time_images(predict, imgs)
-  total_s = sum(times)
   if shapes != [img.shape[:2] for img in imgs]:
     raise RuntimeError(f"the original's label maps have sizes {shapes}")
   windows = sum(num_windows(*rescale_size(*img.shape[:2])) for img in imgs)
@@ -256,14 +270,7 @@ def run(
     "windows": windows,
     "classes": num_classes + 1,
     "window_batch": 1,
-    "warmup_s": warm_s,
-    "total_s": total_s,
-    "load_avg_1m": os.getloadavg()[0],  # other jobs on a shared host skew the figure
-    "s_per_image": total_s / images,
-    "per_image_s": times,
-    "median_s_per_image": float(np.median(times)),
-    "images_per_s": images / total_s,
-    "windows_per_s": windows / total_s,
+    **timing_fields(warm_s, times, windows),
     "torch": torch.__version__,
   }
 

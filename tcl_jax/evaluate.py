@@ -26,6 +26,7 @@ from tcl_jax import kinds
 from tcl_jax import sharding
 from tcl_jax import zeroshot
 from tcl_jax.zeroshot import datasets
+from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import report
 
 
@@ -101,6 +102,13 @@ def main(argv):
     tasks = zeroshot.open_datasets(config.tasks, config.data_root, config.max_images)
   except (datasets.DataError, ValueError) as e:
     config_files.usage_error(str(e))
+  for p in protocols:  # each protocol's class names for each task (SCLIP's: the 8 benchmarks)
+    protocol = zeroshot.Protocol.from_config(config, p, given)
+    try:
+      for t, ds in tasks.items():
+        evaluator.task_queries(ds.spec, protocol.for_task(t))
+    except ValueError as e:
+      config_files.usage_error(f"--config.protocol={p}: {e}")
   # The training-free methods of the grid run as one model with a head each: the CLIP forward
   # they share is computed once per window (kinds.zero_shot_methods).
   free = [m for m in methods if m in kinds.METHODS]

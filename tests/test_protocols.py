@@ -183,6 +183,15 @@ def test_evaluate_cli_protocol_grid(tmp_path):
   )
   lines = bad.stderr.strip().splitlines()
   assert bad.returncode == 2 and len(lines) == 1 and "unknown --config.protocol 'mmseg'" in lines[0]
+  # A task SCLIP gives no names for (the training split's voc20): one line before any model.
+  synthetic_segmentation.write_synthetic_segmentation(data, "t_voc20", num_images=1, seed=3)
+  bad = subprocess.run(
+    [*common, "--config.tasks=t_voc20", "--config.protocol=tcl,sclip"],
+    cwd=REPO, env=env, capture_output=True, text=True,
+  )  # fmt: skip
+  lines = bad.stderr.strip().splitlines()
+  assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
+  assert "--config.protocol=sclip: SCLIP's class names cover voc, " in lines[0], lines[0]
 
 
 def test_methods_sharing_one_forward_give_each_methods_results(tmp_path):

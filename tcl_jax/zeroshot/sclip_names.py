@@ -31,29 +31,6 @@ NAMES = {
     ('train',),
     ('television monitor', 'tv monitor', 'monitor', 'television', 'screen'),
   ),
-  # configs/cls_voc20.txt (20 classes)
-  'voc20': (
-    ('aeroplane',),
-    ('bicycle',),
-    ('bird',),
-    ('ship',),
-    ('bottle',),
-    ('bus',),
-    ('car',),
-    ('cat',),
-    ('chair',),
-    ('cow',),
-    ('table',),
-    ('dog',),
-    ('horse',),
-    ('motorbike',),
-    ('person', 'person in shirt', 'person in jeans', 'person in dress', 'person in sweater', 'person in skirt', 'person in jacket'),
-    ('pottedplant',),
-    ('sheep',),
-    ('sofa',),
-    ('train',),
-    ('television monitor', 'tv monitor', 'monitor', 'television', 'screen'),
-  ),
   # configs/cls_context60.txt (60 classes)
   'context': (
     ('background',),
@@ -614,3 +591,5 @@ NAMES = {
   ),
 }
 # fmt: on
+# configs/cls_voc20.txt is cls_voc21.txt without its background line, name for name.
+NAMES["voc20"] = NAMES["voc"][1:]
