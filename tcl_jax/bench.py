@@ -7,7 +7,7 @@
   python -m tcl_jax.bench --no-train --eval-images 4 --torch-ref DIR --torch-python VENV/bin/python
   python -m tcl_jax.bench --json out.json
 
-Training: the jitted `tcl_jax.train.train_step` (forward, backward, clipping, AdamW update) on a
+Training: the jitted `tcl_jax.train.step.train_step` (forward, backward, clipping, AdamW update) on a
 data-parallel mesh over all local devices, random weights and in-memory random batches, the
 masker backbone trainable (after UST). Compute is bfloat16 on accelerators and float32 on CPU
 (`--dtype` overrides), parameters float32. Reported: step time (mean over `--steps` steps after
@@ -33,8 +33,8 @@ engine's imports (Pillow, tqdm, tokenizers); where they are missing this part is
 a `# eval per image skipped` line.
 
 `--torch-ref DIR` times the original first, in subprocesses, on the same device: its training
-step at the same per-device batch (tcl_jax.bench_torch), and, for the per-image evaluation, its
-own path on the same images (tcl_jax.bench_torch_eval: mmseg's test pipeline, then
+step at the same per-device batch (tcl_jax.perf.bench_torch), and, for the per-image evaluation, its
+own path on the same images (tcl_jax.perf.bench_torch_eval: mmseg's test pipeline, then
 slide_inference feeding one window at a time to TCLSegInference.encode_decode, float32, with as
 many CPU threads as there are cores). It prints our images/s over the original's for each
 (`ratio_vs_original` in our records). `--torch-python` names the interpreter for those
@@ -59,14 +59,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcl_jax import bench_torch_eval
-from tcl_jax import chips
 from tcl_jax import kinds
 from tcl_jax import sharding
-from tcl_jax import train_step as step_lib
 from tcl_jax.kinds import base
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.perf import bench_torch_eval
+from tcl_jax.perf import chips
+from tcl_jax.train import step as step_lib
 
 # The original's forward+backward on CPU (shared/reference/time_reference.py), for context only.
 ORIGINAL_CPU_REFERENCE = (
@@ -435,11 +435,11 @@ def _run_module(module: str, args: list, python: str | None = None) -> dict:
 def torch_eval_reference(
   ref_repo: str, images: int, sizes, num_classes: int, python: str | None = None
 ) -> dict:
-  """The original's evaluation per image (tcl_jax.bench_torch_eval) in a subprocess, with as
+  """The original's evaluation per image (tcl_jax.perf.bench_torch_eval) in a subprocess, with as
   many CPU threads as XLA's CPU client uses (all cores)."""
   args = ["--ref-repo", ref_repo, "--images", str(images), "--classes", str(num_classes)]
   args += ["--sizes", ",".join(f"{h}x{w}" for h, w in sizes), "--threads", str(os.cpu_count())]
-  return _run_module("tcl_jax.bench_torch_eval", args, python)
+  return _run_module("tcl_jax.perf.bench_torch_eval", args, python)
 
 
 def torch_reference(
@@ -447,7 +447,7 @@ def torch_reference(
 ) -> dict:
   """The original's training step in a subprocess (before JAX claims the device's memory)."""
   args = ["--ref-repo", ref_repo, "--batch", str(per_device_batch), "--steps", str(steps)]
-  return _run_module("tcl_jax.bench_torch", args + ["--resolution", str(res)], python)
+  return _run_module("tcl_jax.perf.bench_torch", args + ["--resolution", str(res)], python)
 
 
 def _fmt(v, spec):

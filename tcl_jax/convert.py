@@ -10,7 +10,7 @@ only). Detects (a) the official TCL layout (`{"model": state_dict}` with `masker
 file, `clip_text_encoder.*`, `clip_image_encoder.*`, `tcl[if]_loss.logit_scale`; the original's
 training checkpoints `checkpoint.pth` / `ckpt_*.pth` hold it under "model" too), (b) OpenAI CLIP
 (a TorchScript archive like `ViT-B-16.pt`, or a plain state_dict), (c) transformers' CLIPModel
-(tcl_jax/hf_clip.py). The released `tcl.pth` holds only the learned weights: `--clip` supplies the
+(tcl_jax/weights/hf_clip.py). The released `tcl.pth` holds only the learned weights: `--clip` supplies the
 frozen CLIP towers and the model dims, and every key the TCL file holds overrides them and is
 checked. The model dims are read off tensor shapes as the original's `build_model` does; attention
 heads are not in the shapes: a transformers config states them, else they are width // 64 unless
@@ -32,12 +32,12 @@ import huggingface_hub
 import jax
 import numpy as np
 
-from tcl_jax import checkpointing
-from tcl_jax import convert_maps
-from tcl_jax import model_files
-from tcl_jax import torch_pickle
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.train import checkpointing
+from tcl_jax.weights import key_maps as convert_maps
+from tcl_jax.weights import model_files
+from tcl_jax.weights import torch_pickle
 
 # Buffers without learned state that the official checkpoint carries.
 SKIPPED_PREFIXES = ("pamr.",)
@@ -272,8 +272,8 @@ def resolve(path) -> str:
 
 
 def _hf_clip_module():
-  # tcl_jax.hf_clip imports transformers (~1.5 s); only transformers sources pay for it.
-  from tcl_jax import hf_clip  # pylint: disable=g-import-not-at-top
+  # tcl_jax.weights.hf_clip imports transformers (~1.5 s); only transformers sources pay for it.
+  from tcl_jax.weights import hf_clip  # pylint: disable=g-import-not-at-top
 
   return hf_clip
 

@@ -18,13 +18,13 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from tcl_jax import checkpointing
-from tcl_jax import config_checks
-from tcl_jax import config_files
 from tcl_jax import convert
 from tcl_jax import kinds
 from tcl_jax import sharding
 from tcl_jax import zeroshot
+from tcl_jax.cli import config_checks
+from tcl_jax.cli import config_files
+from tcl_jax.train import checkpointing
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import report

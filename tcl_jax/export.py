@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from tcl_jax import convert
-from tcl_jax import model_files
+from tcl_jax.weights import model_files
 
 
 def main(argv=None):

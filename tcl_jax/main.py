@@ -6,7 +6,7 @@ r"""Trains TCL.
 Restarting with the same --workdir resumes from its latest checkpoint. On multi-host systems run
 the same command on every host with --config.distributed.initialize=True (launch/).
 Mistakes end in one `error: ...` line: exit status 2 for the command line, 1 for a failed run
-(tcl_jax/config_files.py).
+(tcl_jax/cli/config_files.py).
 """
 
 import os
@@ -16,9 +16,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from tcl_jax import config_checks
-from tcl_jax import config_files
-from tcl_jax import miniature_record
+from tcl_jax.cli import config_checks
+from tcl_jax.cli import config_files
+from tcl_jax.miniature import record as miniature_record
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json.")
@@ -71,8 +71,8 @@ def main(argv):
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import preemption  # pylint: disable=g-import-not-at-top
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import preemption  # pylint: disable=g-import-not-at-top
 
   logging.info(
     "JAX %s, process %d/%d, devices: %s",
@@ -83,7 +83,7 @@ def main(argv):
   )
   try:
     if config.get("miniature"):  # configs/synthetic.py: baseline, TCL, report
-      from tcl_jax import miniature  # pylint: disable=g-import-not-at-top
+      from tcl_jax.miniature import experiment as miniature  # pylint: disable=g-import-not-at-top
 
       miniature.run(config, workdir)
     else:

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config_module(name: str):
   """configs/<name>.py as a module (configs/ is not a package)."""
-  from tcl_jax import config_files  # pylint: disable=g-import-not-at-top
+  from tcl_jax.cli import config_files  # pylint: disable=g-import-not-at-top
 
   return config_files.load_module(os.path.join(REPO, "configs", name + ".py"))
 

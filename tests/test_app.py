@@ -21,8 +21,8 @@ from PIL import Image
 import pytest
 
 from tcl_jax import demo
-from tcl_jax import model_files
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import model_files
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Only the browser tests need them; the command line's usage errors are tested everywhere.

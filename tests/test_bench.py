@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tcl_jax import bench
-from tcl_jax import chips
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.perf import chips
 
 _BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "cv2", "torch")
 _RUN_BLOCKED = f"""
@@ -127,7 +127,7 @@ def test_the_originals_side_sees_the_engines_inputs():
   """bench_torch_eval re-derives mmseg's resize, window count and normalisation without jax (it
   runs in the torch environment): they must equal the engine's, or the two sides would time
   different work."""
-  from tcl_jax import bench_torch_eval as bte  # pylint: disable=g-import-not-at-top
+  from tcl_jax.perf import bench_torch_eval as bte  # pylint: disable=g-import-not-at-top
   from tcl_jax.zeroshot import pipeline  # pylint: disable=g-import-not-at-top
 
   for h, w in ((375, 500), (500, 375), (1024, 2048), (333, 500), (480, 640), (100, 4000)):
@@ -168,7 +168,7 @@ def test_eval_usage_errors(argv, message, capsys):
 
 
 def test_bench_torch_eval_usage_errors(tmp_path, capsys):
-  from tcl_jax import bench_torch_eval  # pylint: disable=g-import-not-at-top
+  from tcl_jax.perf import bench_torch_eval  # pylint: disable=g-import-not-at-top
 
   assert bench_torch_eval.main(["--ref-repo", str(tmp_path)]) == 2
   (tmp_path / "segmentation" / "evaluation").mkdir(parents=True)

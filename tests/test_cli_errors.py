@@ -1,5 +1,5 @@
 """Every command-line mistake ends in one `error: ...` line on stderr and exit status 2 (usage) or
-1 (a run that failed), never a traceback (tcl_jax/config_files.py has the convention).
+1 (a run that failed), never a traceback (tcl_jax/cli/config_files.py has the convention).
 
 Usage errors are found before TensorFlow or JAX is imported: those runs put a `tensorflow` and a
 `jax` on the path that fail on import, so any import of them would show up as a traceback.
@@ -387,8 +387,8 @@ def test_app_start_up_names_its_url_without_gradios_hints(tmp_path):
   # Was: Gradio's "To create a public link, set `share=True` in `launch()`."
   import jax  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import model_files  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.weights import model_files  # pylint: disable=g-import-not-at-top
 
   cfg = tcl_lib.tiny_config()
   model_files.save_checkpoint(tmp_path / "ckpt", cfg, tcl_lib.init_params(cfg, jax.random.key(0)))

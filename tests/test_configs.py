@@ -10,8 +10,8 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from tcl_jax import train_inputs
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.train import inputs as train_inputs
 
 
 def _all_configs():
@@ -152,7 +152,7 @@ def test_main_reports_a_bad_config_value_in_one_line(tmp_path):
     text=True,
     cwd=REPO,
   )
-  assert r.returncode == 1  # found once the run started (tcl_jax/config_files.py)
+  assert r.returncode == 1  # found once the run started (tcl_jax/cli/config_files.py)
   assert "Traceback" not in r.stderr
   assert (
     r.stderr.strip().splitlines()[-1] == "error: ie_freeze must be in [1, 4] (vision layers), got 9"

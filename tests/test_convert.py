@@ -14,10 +14,10 @@ import pytest
 import torch_files
 
 from tcl_jax import convert
-from tcl_jax import convert_maps
-from tcl_jax import model_files
-from tcl_jax import torch_pickle
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import key_maps as convert_maps
+from tcl_jax.weights import model_files
+from tcl_jax.weights import torch_pickle
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "tcl_tiny"

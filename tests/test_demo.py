@@ -13,9 +13,9 @@ import pytest
 
 from tcl_jax import demo
 from tcl_jax import kinds
-from tcl_jax import model_files
 from tcl_jax import zeroshot
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import model_files
 
 SMALL = dict(img_scale=(256, 64), crop=64, stride=32)
 FIXTURE = os.path.join(
@@ -212,7 +212,7 @@ def test_cli(model, tmp_path):
 def test_load_model_completes_a_minimal_release_file_with_clip(tmp_path):
   import torch_files  # tests/torch_files.py: writes PyTorch zip checkpoints without torch
 
-  from tcl_jax import torch_pickle
+  from tcl_jax.weights import torch_pickle
 
   full = os.path.join(FIXTURE, "tcl_reference.pth")
   sd = {k: v for k, v in torch_pickle.load_state_dict(full).items() if not k.startswith("clip_")}

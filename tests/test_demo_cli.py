@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from tcl_jax import model_files
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import model_files
 
 
 @pytest.fixture(scope="module")

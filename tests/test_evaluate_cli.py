@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tcl_jax import kinds
-from tcl_jax import model_files
 from tcl_jax.data import synthetic_segmentation
+from tcl_jax.weights import model_files
 from tcl_jax.zeroshot import datasets as sd
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import metrics
@@ -35,8 +35,8 @@ def _run_cli(*args, timeout=420):
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-  from tcl_jax import model_files
   from tcl_jax.models import tcl
+  from tcl_jax.weights import model_files
 
   base = tmp_path_factory.mktemp("e2e")
   data = str(base / "data")
@@ -151,7 +151,7 @@ def test_cli_missing_data_is_one_line_error(tmp_path):
     "--config.tasks=voc20",
     timeout=120,
   )
-  assert proc.returncode == 2  # a usage error: found before any work (tcl_jax/config_files.py)
+  assert proc.returncode == 2  # a usage error: found before any work (tcl_jax/cli/config_files.py)
   err = proc.stderr.strip().splitlines()[-1]
   assert err == (
     f"error: voc20: data root {tmp_path / 'nodata'}/VOCdevkit/VOC2012 does not "
@@ -169,7 +169,7 @@ def test_cli_on_a_training_workdir_reproduces_the_training_time_eval(tmp_path):
   evals (tasks, data root, the small synthetic scales, PAMR off) and its latest parameters."""
   from conftest import load_config_module  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
 
   tcl_config = load_config_module("tcl")
   workdir = tmp_path / "run"

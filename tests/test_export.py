@@ -17,8 +17,8 @@ import safetensors.numpy
 
 import tcl_jax
 from tcl_jax import convert
-from tcl_jax import model_files
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import model_files
 
 HF_DIR = (
   Path(__file__).resolve().parents[1].parent

@@ -1,4 +1,4 @@
-"""CLIP checkpoints in transformers' format (tcl_jax/hf_clip.py through tcl_jax.convert).
+"""CLIP checkpoints in transformers' format (tcl_jax/weights/hf_clip.py through tcl_jax.convert).
 
 `../shared/fixtures/hf_clip_tiny` was written by transformers itself (`CLIPModel.save_pretrained`)
 with its own outputs on fixed inputs; `../shared/fixtures/tcl_tiny` holds an OpenAI-layout CLIP
@@ -21,10 +21,10 @@ import safetensors.numpy
 import torch_files
 
 from tcl_jax import convert
-from tcl_jax import hf_clip  # sets up transformers quietly (no torch)
-from tcl_jax import model_files
-from tcl_jax import torch_pickle
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.weights import hf_clip  # sets up transformers quietly (no torch)
+from tcl_jax.weights import model_files
+from tcl_jax.weights import torch_pickle
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 HF = SHARED / "hf_clip_tiny"

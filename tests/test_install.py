@@ -1,5 +1,5 @@
 """A plain (non-editable) `pip install .` carries what the README's commands read: the configs and
-the assets, found through importlib.resources (tcl_jax/config_files.py), not through a checkout.
+the assets, found through importlib.resources (tcl_jax/cli/config_files.py), not through a checkout.
 
 The wheel is built from a copy of the package and pyproject.toml (nothing is written into the
 checkout). The slow test installs it into a fresh venv, with the dependencies taken from the

@@ -127,7 +127,7 @@ def test_clip_kind_loss_is_symmetric_info_nce():
 
 
 def test_clip_kind_trains_every_parameter_through_the_loop(tmp_path):
-  from tcl_jax import train
+  from tcl_jax.train import loop as train
 
   config = load_config_module("miniature_clip").get_config("steps=2")
   config.batch_size = 8
@@ -147,8 +147,8 @@ def test_clip_kind_trains_every_parameter_through_the_loop(tmp_path):
 
 
 def test_clip_file_round_trip_keeps_every_world_token(tmp_path):
-  from tcl_jax import miniature
   from tcl_jax import tokenizer
+  from tcl_jax.miniature import experiment as miniature
   from tcl_jax.models import clip as clip_lib
   from tcl_jax.models import tcl
 
@@ -171,7 +171,7 @@ def test_clip_file_round_trip_keeps_every_world_token(tmp_path):
 
 
 def test_shipped_clip_matches_the_config():
-  from tcl_jax import miniature
+  from tcl_jax.miniature import experiment as miniature
   from tcl_jax.models import tcl
 
   cfg = load_config_module("synthetic").get_config()
@@ -275,7 +275,7 @@ def test_shipped_clip_knows_colour_and_shape():
   """The shipped stage-1 CLIP recognises both halves of a class name zero-shot: TCL can only
   ground what the frozen CLIP tells apart (measured: colour 1.00, shape 0.82; the first shipped
   CLIP had shape 0.34, chance 0.33)."""
-  from tcl_jax import miniature
+  from tcl_jax.miniature import experiment as miniature
   from tcl_jax.models import clip as clip_lib
 
   cfg = load_config_module("synthetic").get_config()

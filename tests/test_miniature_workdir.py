@@ -1,4 +1,4 @@
-"""A miniature workdir records what it was made with (tcl_jax/miniature_record.py): a command with
+"""A miniature workdir records what it was made with (tcl_jax/miniature/record.py): a command with
 other settings is refused in one line instead of reporting another run's figures under its own
 label, and a finished run's re-run prints the stored figures and wall time. Also what the run
 writes: figures rounded as the README's table, the masks picture's headers and legend, and no
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from tcl_jax import miniature
 from tcl_jax.data import synthetic
+from tcl_jax.miniature import experiment as miniature
 
 TINY = (
   "--config.synthetic.num_train_examples=64",

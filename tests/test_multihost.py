@@ -122,7 +122,7 @@ def worker(workdir, process_id, port, total_steps, out, sigterm_at=-1):
   from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
 
   from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
 
   config = make_config(total_steps)
   config.distributed.update(
@@ -225,9 +225,9 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
   from test_train import assert_same_updates  # pylint: disable=g-import-not-at-top
   from test_train import flat  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from tcl_jax import optim  # pylint: disable=g-import-not-at-top
-  from tcl_jax import train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import optim  # pylint: disable=g-import-not-at-top
 
   multi_dir = tmp_path / "multi"
   # ---- 2 processes; process 1 alone gets SIGTERM during step SIGTERM_AT_BATCH + 1.

@@ -16,11 +16,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tcl_jax import checkpointing
-from tcl_jax import convert_maps
 from tcl_jax import kinds
-from tcl_jax import optim
-from tcl_jax import train_step as step_lib
+from tcl_jax.train import checkpointing
+from tcl_jax.train import optim
+from tcl_jax.train import step as step_lib
+from tcl_jax.weights import key_maps as convert_maps
 
 tcl_config = load_config_module("tcl")
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from tcl_jax import kinds
-from tcl_jax import model_files
 from tcl_jax import tokenizer
 from tcl_jax.data import synthetic_segmentation
 from tcl_jax.kinds import base
 from tcl_jax.models import resize
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import model_files
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import pipeline

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from tcl_jax import chips
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.perf import chips
 from tcl_jax.tools import scaling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for tcl_jax.torch_pickle, the torch-free restricted checkpoint reader."""
+"""Tests for tcl_jax.weights.torch_pickle, the torch-free restricted checkpoint reader."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import omegaconf
 import pytest
 import torch_files
 
-from tcl_jax.torch_pickle import Placeholder
-from tcl_jax.torch_pickle import TorchScriptObject
-from tcl_jax.torch_pickle import UnsafeCheckpointError
-from tcl_jax.torch_pickle import load_pickle
-from tcl_jax.torch_pickle import load_state_dict
+from tcl_jax.weights.torch_pickle import Placeholder
+from tcl_jax.weights.torch_pickle import TorchScriptObject
+from tcl_jax.weights.torch_pickle import UnsafeCheckpointError
+from tcl_jax.weights.torch_pickle import load_pickle
+from tcl_jax.weights.torch_pickle import load_state_dict
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIX = SHARED / "fixtures" / "tcl_tiny"

@@ -18,15 +18,15 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tcl_jax import checkpointing
 from tcl_jax import kinds
-from tcl_jax import optim
 from tcl_jax import sharding
-from tcl_jax import summaries
-from tcl_jax import train
-from tcl_jax import train_step as step_lib
 from tcl_jax.kinds import base
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.train import checkpointing
+from tcl_jax.train import loop as train
+from tcl_jax.train import optim
+from tcl_jax.train import step as step_lib
+from tcl_jax.train import summaries
 
 tcl_config = load_config_module("tcl")
 

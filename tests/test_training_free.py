@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcl_jax import convert_maps
 from tcl_jax import kinds
-from tcl_jax import model_files
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import clip_contrastive
 from tcl_jax.models import resize
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.models import training_free
+from tcl_jax.weights import key_maps as convert_maps
+from tcl_jax.weights import model_files
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import pipeline
 

@@ -8,7 +8,7 @@ Without PAMR the original README uses bg_thresh 0.5.
 
 import ml_collections
 
-from tcl_jax import config_files
+from tcl_jax.cli import config_files
 from tcl_jax.zeroshot.protocol import Protocol
 
 common = config_files.sibling(__file__, "common")

@@ -17,7 +17,7 @@ at lr 1e-3 shipped before had shape at 34%.
 
 import ml_collections
 
-from tcl_jax import config_files
+from tcl_jax.cli import config_files
 
 common = config_files.sibling(__file__, "common")
 
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.compute_dtype = "auto"
   config.remat = False
 
-  # The shapes world, written into <workdir>/data on first start (tcl_jax.train).
+  # The shapes world, written into <workdir>/data on first start (tcl_jax.train.loop).
   config.synthetic = ml_collections.ConfigDict(
     dict(num_train_examples=16384, image_size=96, num_shards=8, seed=arg.seed, num_eval_images=0)
   )

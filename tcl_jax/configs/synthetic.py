@@ -1,4 +1,4 @@
-r"""The README's default run, TCL in miniature (tcl_jax/miniature.py): needs no downloads.
+r"""The README's default run, TCL in miniature (tcl_jax/miniature/experiment.py): needs no downloads.
 
   python -m tcl_jax.main --config=configs/synthetic.py --workdir=/tmp/tcl_synth
 
@@ -16,7 +16,7 @@ masker from its last block, UST, the recipe's losses), evaluates again and write
 
 import ml_collections
 
-from tcl_jax import config_files
+from tcl_jax.cli import config_files
 
 common = config_files.sibling(__file__, "common")
 eval_configs = config_files.sibling(__file__, "eval")
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 16  # global
   config.log_every_steps = 25
   config.checkpoint_every_steps = 200
-  # The miniature evaluates before and after training itself (tcl_jax/miniature.py).
+  # The miniature evaluates before and after training itself (tcl_jax/miniature/experiment.py).
   config.eval_every_steps = 0
   config.eval_at_end = False
   config.image_log_every_steps = 100
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )  # evaluation images in miniature_masks.png
 
-  # The shapes world, written by the loop on first start (tcl_jax.train.prepare_synthetic_data).
+  # The shapes world, written by the loop on first start (tcl_jax.train.inputs.prepare_synthetic_data).
   config.synthetic = ml_collections.ConfigDict(
     dict(num_train_examples=4096, image_size=96, num_shards=4, seed=arg.seed, num_eval_images=100)
   )

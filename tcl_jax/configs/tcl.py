@@ -15,7 +15,7 @@ linearly, lr = base_lr * global_batch / 4096 (7.5e-5 here) and likewise min_lr (
 
 import ml_collections
 
-from tcl_jax import config_files
+from tcl_jax.cli import config_files
 
 common = config_files.sibling(__file__, "common")
 eval_configs = config_files.sibling(__file__, "eval")

@@ -41,8 +41,8 @@ import os
 import re
 import sys
 
-from tcl_jax import config_checks
-from tcl_jax import config_files
+from tcl_jax.cli import config_checks
+from tcl_jax.cli import config_files
 from tcl_jax.data import schema
 from tcl_jax.data import sources
 

@@ -11,7 +11,7 @@ import os
 import sys
 import tarfile
 
-from tcl_jax import config_files
+from tcl_jax.cli import config_files
 
 
 class UsageError(SystemExit):

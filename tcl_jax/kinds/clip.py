@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcl_jax import losses
 from tcl_jax.kinds import base
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import clip_contrastive
+from tcl_jax.models import losses
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -1,6 +1,6 @@
 """A CLIP trained from scratch with CLIP's own objective: the loop's second model kind.
 
-`config.model_kind = "clip"` (configs/miniature_clip.py) makes `tcl_jax.train.build_model` return
+`config.model_kind = "clip"` (configs/miniature_clip.py) makes `tcl_jax.kinds.build_model` return
 this model: parameters {"clip": {"visual", "text"}, "logit_scale"}, loss = symmetric InfoNCE
 between the pooled image and text embeddings of the global batch, temperature learned from
 1/0.07 (CLIP's initialisation; clamped at 100 as TCL's own scales). Zero-shot segmentation of such
@@ -10,8 +10,8 @@ a CLIP uses MaskCLIP's dense features (`dense_scores`).
 import jax
 import jax.numpy as jnp
 
-from tcl_jax import losses
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import losses
 from tcl_jax.models import resize
 
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcl_jax import losses
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import losses
 from tcl_jax.models import resize
 from tcl_jax.models.clip import CLIPConfig
 

@@ -93,10 +93,10 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   bf16 = dtype == "bfloat16"
   dt = jnp.dtype(dtype)
   emb = "rel" if bf16 else "max_abs"  # bf16: relative, as the embeddings' scales differ
-  from tcl_jax import convert_maps
   from tcl_jax.models import clip as clip_lib
   from tcl_jax.models import tcl as tcl_lib
   from tcl_jax.models import tcl_inference
+  from tcl_jax.weights import key_maps as convert_maps
 
   meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
   ref = dict(np.load(os.path.join(fixture_dir, "fixture.npz")))

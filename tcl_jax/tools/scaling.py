@@ -153,9 +153,9 @@ def measure(preset: str, per_chip_batch: int, mesh_axes, fsdp: int, eval_windows
   import jax  # pylint: disable=g-import-not-at-top
 
   from tcl_jax import bench  # pylint: disable=g-import-not-at-top
-  from tcl_jax import optim  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import optim  # pylint: disable=g-import-not-at-top
   from tcl_jax.zeroshot import protocol as protocol_lib  # pylint: disable=g-import-not-at-top
 
   n = jax.device_count()
@@ -258,7 +258,7 @@ def _measure_eval(cfg, mesh, abstract_params, per_chip: int, protocol) -> dict:
 def predict(results, mfu: float, overlap: float) -> dict:
   """{chip: [{devices, compute_s, comm_s, step_s, efficiency, comm_efficiency}]} for every chip
   of chips.INTERCONNECTS, efficiency relative to the smallest N measured."""
-  from tcl_jax import chips  # pylint: disable=g-import-not-at-top
+  from tcl_jax.perf import chips  # pylint: disable=g-import-not-at-top
 
   out = {}
   for key, chip in chips.INTERCONNECTS.items():
@@ -343,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  from tcl_jax.config_files import usage_error  # pylint: disable=g-import-not-at-top
+  from tcl_jax.cli.config_files import usage_error  # pylint: disable=g-import-not-at-top
 
   args = _parser().parse_args(argv)
   try:
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
   if args.json_out:
     import platform  # pylint: disable=g-import-not-at-top
 
-    from tcl_jax import chips  # pylint: disable=g-import-not-at-top
+    from tcl_jax.perf import chips  # pylint: disable=g-import-not-at-top
 
     commit = subprocess.run(
       ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False

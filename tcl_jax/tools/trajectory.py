@@ -5,9 +5,9 @@ shared/fixtures/tcl_tiny/README.md) records K steps of the original's own loop: 
 batch and Gumbel uniform noise, and what the step produced (lr, loss terms, pre-clip global
 gradient norm), plus every trained tensor before step 0 and after step K-1.
 
-The replay is not a re-implementation: the optimizer comes from `tcl_jax.optim.make_optimizer`
+The replay is not a re-implementation: the optimizer comes from `tcl_jax.train.optim.make_optimizer`
 (built from a config whose `optim` fields take the fixture's `train` values), the step is
-`tcl_jax.train_step.make_jit_train_step` with the training state, shardings and donation, and the
+`tcl_jax.train.step.make_jit_train_step` with the training state, shardings and donation, and the
 model is `tcl_jax.kinds.build_model`. The one replay-only input is the batch's optional
 "gumbel_uniform" entry, which hands the step the recorded noise instead of drawing it.
 """
@@ -18,8 +18,8 @@ import os
 import numpy as np
 
 from tcl_jax import kinds
-from tcl_jax import train_step as step_lib
 from tcl_jax.tools import fixture
+from tcl_jax.train import step as step_lib
 
 # The fixture README's tolerances for a faithful float32 port. bfloat16 compute is held to bounds
 # of ~3x the CPU's measured errors on shared/fixtures/tcl_tiny (in parentheses;
@@ -47,7 +47,7 @@ def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "
   scaling is switched off (`lr_scale_reference_batch=0`) and `base_lr`/`min_lr` are those rates."""
   import ml_collections
 
-  from tcl_jax import config_files
+  from tcl_jax.cli import config_files
 
   configs_dir = config_files.packaged("configs")
   common = config_files.load_module(os.path.join(configs_dir, "common.py"))
@@ -108,9 +108,9 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
 
   import jax
 
-  from tcl_jax import convert_maps
-  from tcl_jax import optim
   from tcl_jax import sharding
+  from tcl_jax.train import optim
+  from tcl_jax.weights import key_maps as convert_maps
 
   fixture_meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
   traj_meta = json.load(open(os.path.join(fixture_dir, "trajectory.json")))

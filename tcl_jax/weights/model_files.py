@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 import safetensors
 import safetensors.numpy
 
-from tcl_jax import checkpointing
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.train import checkpointing
 
 
 class ConversionError(ValueError):

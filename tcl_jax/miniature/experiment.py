@@ -7,14 +7,14 @@ The paper's two stages in the shapes world (tcl_jax/data/synthetic.py), with the
      package ships its weights (tcl_jax/assets/miniature_clip.npz); with
      `--config.miniature.clip_weights=` the run trains it first, in <workdir>/clip.
   2. TCL from that CLIP as the paper trains it: CLIP frozen, masker initialised from its last
-     block(s), decoder gates closed, UST, the recipe's losses (tcl_jax.train, configs/synthetic.py).
+     block(s), decoder gates closed, UST, the recipe's losses (tcl_jax.train.loop, configs/synthetic.py).
 Zero-shot mIoU on the world's segmentation set (task "shapes", tcl_jax.evaluate) is measured for
 the frozen-CLIP baseline, i.e. TCL inference at step 0 (masker = CLIP copy, gates closed: dense
 MaskCLIP features), and after TCL training. Results: <workdir>/miniature.json
 {"baseline_miou", "tcl_miou", "seed", "wall_s"} (percent, 2 decimals), the masks of a few
 evaluation images in <workdir>/miniature_masks.png (labelled columns, a legend of the classes'
 colours) and TensorBoard (`miniature/masks`). The workdir records what it was made with
-(tcl_jax/miniature_record.py): another seed, step count or setting is refused, and the same
+(tcl_jax/miniature/record.py): another seed, step count or setting is refused, and the same
 command on a finished run prints its stored figures.
 
 Rebuild the shipped CLIP weights (the exact command that made them):
@@ -28,7 +28,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from clu import metric_writers
@@ -40,18 +39,18 @@ from PIL import ImageDraw
 from PIL import ImageFont
 import tensorflow as tf
 
-from tcl_jax import checkpointing
-from tcl_jax import config_files
 from tcl_jax import kinds
-from tcl_jax import miniature_record
 from tcl_jax import tokenizer
-from tcl_jax import train
-from tcl_jax import train_inputs
 from tcl_jax import zeroshot
+from tcl_jax.cli import config_files
 from tcl_jax.data import synthetic
 from tcl_jax.kinds import base
+from tcl_jax.miniature import record as miniature_record
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.train import checkpointing
+from tcl_jax.train import inputs as train_inputs
+from tcl_jax.train import loop as train
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import pipeline
@@ -422,12 +421,3 @@ def main(argv):
     f"class {acc['class']:.1%} (chance 25%, 33%, 8.3%)"
   )
   sys.stdout.flush()
-
-
-if __name__ == "__main__":
-  flags.DEFINE_bool(
-    "rebuild_clip", False, "Train stage 1 (configs/miniature_clip.py) and write its weights file."
-  )
-  flags.DEFINE_string("workdir", None, "Stage 1 workdir (checkpoints, logs, data).")
-  flags.DEFINE_string("output", ASSET, "Where to write the weights file.")
-  app.run(main)

@@ -8,13 +8,13 @@ from jax.experimental import multihost_utils
 import ml_collections
 import tensorflow as tf
 
-from tcl_jax import checkpointing
 from tcl_jax.data import augment as augment_lib
 from tcl_jax.data import in_memory
 from tcl_jax.data import input_pipeline
 from tcl_jax.data import records
 from tcl_jax.data import synthetic
 from tcl_jax.data import synthetic_segmentation
+from tcl_jax.train import checkpointing
 
 
 def prepare_synthetic_data(config, workdir: str) -> None:

@@ -3,9 +3,9 @@
 Setup follows big_vision's order: logging -> mesh -> input pipeline (started early) -> model and
 optimizer shapes (`jax.eval_shape`) -> shardings -> resume / init-from-checkpoint / random init
 (`jax.jit(..., out_shardings=...)`, so full parameters are never built on one host) -> the jitted
-`train_step` (tcl_jax.train_step) -> the loop with periodic log / image / eval / checkpoint
-actions. Models come from the registry (tcl_jax.kinds), inputs from tcl_jax.train_inputs, stop
-requests from tcl_jax.preemption, reports from tcl_jax.summaries.
+`train_step` (tcl_jax.train.step) -> the loop with periodic log / image / eval / checkpoint
+actions. Models come from the registry (tcl_jax.kinds), inputs from tcl_jax.train.inputs, stop
+requests from tcl_jax.train.preemption, reports from tcl_jax.train.summaries.
 """
 
 import contextlib
@@ -21,16 +21,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from tcl_jax import checkpointing
 from tcl_jax import kinds
-from tcl_jax import optim
-from tcl_jax import preemption as preemption_lib
 from tcl_jax import sharding
-from tcl_jax import summaries
-from tcl_jax import train_inputs
-from tcl_jax import train_step as step_lib
 from tcl_jax.kinds import base
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.train import checkpointing
+from tcl_jax.train import inputs as train_inputs
+from tcl_jax.train import optim
+from tcl_jax.train import preemption as preemption_lib
+from tcl_jax.train import step as step_lib
+from tcl_jax.train import summaries
 from tcl_jax.zeroshot import evaluator
 
 

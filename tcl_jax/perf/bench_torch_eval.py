@@ -1,11 +1,11 @@
 """Times the original PyTorch TCL's zero-shot evaluation per image on this machine (for
 `tcl_jax.bench`).
 
-  python -m tcl_jax.bench_torch_eval --ref-repo DIR [--images 4] [--sizes 375x500,500x375]
+  python -m tcl_jax.perf.bench_torch_eval --ref-repo DIR [--images 4] [--sizes 375x500,500x375]
       [--classes 20] [--threads N]
 
 DIR is a plain checkout of github.com/kakaobrain/tcl (never part of this repo). The model is
-tcl_jax.bench_torch's: the original TCL with a random-weight ViT-B/16 CLIP. Each image goes the
+tcl_jax.perf.bench_torch's: the original TCL with a random-weight ViT-B/16 CLIP. Each image goes the
 original's own test path, one window at a time:
   1. mmseg's test pipeline on the BGR uint8 image, as mmcv 1.6 runs it: keep-ratio resize to
      img_scale (2048, 448) (cv2 INTER_LINEAR), BGR->RGB, mean/std normalisation, to a tensor;
@@ -228,7 +228,7 @@ def run(
   """Warm-up over one image of each size, then `images` images timed end to end."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import bench_torch  # pylint: disable=g-import-not-at-top
+  from tcl_jax.perf import bench_torch  # pylint: disable=g-import-not-at-top
 
   if threads:
     torch.set_num_threads(threads)
@@ -277,7 +277,7 @@ def run(
 
 def main(argv=None):
   ap = argparse.ArgumentParser(
-    prog="python -m tcl_jax.bench_torch_eval", description=__doc__.split("\n")[0]
+    prog="python -m tcl_jax.perf.bench_torch_eval", description=__doc__.split("\n")[0]
   )
   ap.add_argument("--ref-repo", required=True)
   ap.add_argument("--images", type=int, default=4)

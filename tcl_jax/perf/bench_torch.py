@@ -1,6 +1,6 @@
 """Times the original PyTorch TCL's full training step on this machine (for `tcl_jax.bench`).
 
-  python -m tcl_jax.bench_torch --ref-repo DIR [--batch 8] [--steps 10] [--resolution 224]
+  python -m tcl_jax.perf.bench_torch --ref-repo DIR [--batch 8] [--steps 10] [--resolution 224]
 
 DIR is a plain checkout of github.com/kakaobrain/tcl (fetched by you; never part of this repo).
 Only torch and einops are needed: the original's imports of mmcv (its registry), omegaconf and its
@@ -176,7 +176,7 @@ def run(ref_repo: str, batch: int, steps: int, resolution: int = 224, seed: int 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(
-    prog="python -m tcl_jax.bench_torch", description=__doc__.split("\n")[0]
+    prog="python -m tcl_jax.perf.bench_torch", description=__doc__.split("\n")[0]
   )
   ap.add_argument("--ref-repo", required=True)
   ap.add_argument("--batch", type=int, default=8)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from typing import NoReturn
 
-from tcl_jax import config_checks
+from tcl_jax.cli import config_checks
 
 # Relative paths that name the package's own files: configs/X.py -> tcl_jax/configs/X.py.
 _PACKAGE_PREFIXES = {"configs/": "configs/", "tcl_jax/": ""}

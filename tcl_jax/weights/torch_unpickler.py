@@ -1,4 +1,4 @@
-"""The restricted unpickler behind tcl_jax.torch_pickle: the globals a PyTorch checkpoint may
+"""The restricted unpickler behind tcl_jax.weights.torch_pickle: the globals a PyTorch checkpoint may
 name and what each resolves to (tensor rebuilders, plain values, inert placeholders for any
 other library's objects); everything else is refused. Nothing a pickle names is imported or
 called."""

@@ -14,9 +14,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from tcl_jax import optim
 from tcl_jax import sharding
 from tcl_jax.kinds import base
+from tcl_jax.train import optim
 
 BATCH_KEYS = ("image", "text_tokens")  # what train_step reads from a batch
 

@@ -29,10 +29,10 @@ import zlib
 
 import numpy as np
 
-from tcl_jax import torch_unpickler
-from tcl_jax.torch_unpickler import Placeholder
-from tcl_jax.torch_unpickler import TorchScriptObject
-from tcl_jax.torch_unpickler import UnsafeCheckpointError
+from tcl_jax.weights import torch_unpickler
+from tcl_jax.weights.torch_unpickler import Placeholder
+from tcl_jax.weights.torch_unpickler import TorchScriptObject
+from tcl_jax.weights.torch_unpickler import UnsafeCheckpointError
 
 __all__ = [
   "load_state_dict",

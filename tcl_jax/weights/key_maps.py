@@ -8,9 +8,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from tcl_jax.model_files import ConversionError
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights.model_files import ConversionError
 
 # Layout changes torch -> flax, and their inverses (flax -> torch, e.g. to name gradients).
 _T, _CONV, _ID = "linear", "conv", "identity"

@@ -22,7 +22,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import safetensors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from transformers import CLIPConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tcl_jax import torch_pickle  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tcl_jax.weights import (
+  torch_pickle,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
