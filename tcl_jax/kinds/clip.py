@@ -18,7 +18,7 @@ def _encode_text(params, tokens, *, cfg):
   return clip_lib.encode_text(params["clip"], cfg, tokens)
 
 
-def _text_embedding(params, tokens, *, cfg):
+def text_embedding(params, tokens, *, cfg):
   # The prompt ensemble as TCL's (tcl_inference.build_text_embedding): mean of the raw
   # embeddings over templates, then L2-normalized.
   n, t, l = np.shape(tokens)
@@ -36,7 +36,7 @@ def _window_masks(params, text_emb, windows, *, cfg, pamr, kp_w, simmaps):
 def zero_shot(cfg: clip_lib.CLIPConfig) -> base.ZeroShotModel:
   return base.ZeroShotModel(
     cfg=cfg,
-    text_embedding=functools.partial(_text_embedding, cfg=cfg),
+    text_embedding=functools.partial(text_embedding, cfg=cfg),
     window_masks=functools.partial(_window_masks, cfg=cfg),
     min_size=cfg.vision_patch_size,
   )

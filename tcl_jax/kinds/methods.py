@@ -33,7 +33,7 @@ def zero_shot_method(name: str, cfg) -> base.ZeroShotModel:
     )
   return base.ZeroShotModel(
     cfg=clip_cfg,
-    text_embedding=functools.partial(clip_kind._text_embedding, cfg=clip_cfg),
+    text_embedding=functools.partial(clip_kind.text_embedding, cfg=clip_cfg),
     window_masks=functools.partial(_window_masks, cfg=clip_cfg, method=name),
     min_size=clip_cfg.vision_patch_size,
   )

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _cubic_weights(t, a=-0.75):
+def cubic_weights(t, a=-0.75):
   """Torch's cubic convolution weights for taps at offsets -1, 0, 1, 2 (A = -0.75)."""
 
   def near(x):  # |x| <= 1
@@ -58,7 +58,7 @@ def interp_matrix(in_size: int, out_size: int, mode: str, align_corners: bool = 
   if mode == "bicubic":
     # No clamping of the source coordinate; taps outside the input are clamped to the border.
     i0 = np.floor(src).astype(np.int64)
-    w = _cubic_weights(src - i0)
+    w = cubic_weights(src - i0)
     for k in range(4):
       idx = np.clip(i0 - 1 + k, 0, in_size - 1)
       np.add.at(m, (rows, idx), w[:, k])

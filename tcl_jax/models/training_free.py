@@ -77,7 +77,7 @@ def _dino_matrix(in_size: int, out_size: int) -> np.ndarray:
   scale = (out_size + 0.1) / in_size
   src = (np.arange(out_size, dtype=np.float64) + 0.5) / scale - 0.5
   i0 = np.floor(src).astype(np.int64)
-  w = resize._cubic_weights(src - i0)
+  w = resize.cubic_weights(src - i0)
   m = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
   for k in range(4):
