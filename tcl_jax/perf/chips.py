@@ -42,10 +42,30 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_description() -> str:
+  """CPU model, family/model numbers and vector width, e.g. "AMD EPYC (family 25 model 17),
+  AVX-512": float results differ between AVX2 and AVX-512 machines (XLA picks other kernels and
+  summation orders), so every measured figure names the width it came from."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  flags = set(info.get("flags", "").split())
+  width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+  ident = ""
+  if "cpu family" in info and "model" in info:
+    ident = f" (family {info['cpu family']} model {info['model']})"
+  return f"{_cpu_model()}{ident}, {width}" if flags else _cpu_model()
+
+
 def device_label() -> str:
   d = jax.devices()[0]
   if d.platform == "cpu":
-    return f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
+    return f"CPU ({cpu_description()}, {os.cpu_count()} cores)"
   return f"{jax.device_count()} x {d.device_kind}"
 
 
