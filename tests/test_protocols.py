@@ -88,15 +88,17 @@ def test_sclip_readout_matches_its_postprocess():
 # keep-ratio, SegDataPreProcessor mean/std, slide_crop 224, slide_stride 112), literal here.
 SCLIP_READOUT = {"voc": (65.0, 0.1, 0.1), "context": (50.0, 0.1, 0.0)}
 SCLIP_MEAN, SCLIP_STD = (122.771, 116.746, 104.094), (68.501, 66.632, 70.323)
-_W = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+_W = np.random.default_rng(7).standard_normal((2, 3, 64)).astype(np.float32)
 
 
 def _name_logits(windows, n):
   """A model's logits of n names on windows [k, h, w, 3]: linear in the pixel, so that a
-  region's colour picks its names and its brightness how sure they are; the spreads are such
-  that the logit scale decides which pixels pass the probability threshold."""
+  region's colour picks its names and its brightness how sure they are (the spreads are such
+  that the logit scale decides which pixels pass the probability threshold), plus a term of the
+  window's mean colour, so that where the windows lie matters."""
   x = np.asarray(windows, np.float32)
-  return np.moveaxis(0.01 * (x @ _W[:, :n]), -1, 1).astype(np.float32)
+  context = x.mean(axis=(1, 2), keepdims=True) @ _W[1, :, :n]  # [k, 1, 1, n]
+  return np.moveaxis(0.01 * (x @ _W[0, :, :n]) + 0.004 * context, -1, 1).astype(np.float32)
 
 
 def _bilinear(x, h0, w0):
