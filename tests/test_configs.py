@@ -66,6 +66,46 @@ def test_paper_recipe_values():
   assert c.mesh.axis_types == "auto"
 
 
+# The original's training augmentation (kakaobrain/tcl@bc2b551): configs/default.yml:24-33
+# (img_aug: deit_aug, img_size 224, color_jitter 0.4, auto_augment rand-m9-mstd0.5-inc1 = 2 ops,
+# magnitude 9, std 0.5, each op at timm's p=0.5; re_prob 0.25) through datasets/builder.py:125-133
+# (timm 0.6.7 create_transform, whose RandomResizedCrop keeps its defaults scale (0.08, 1.0) =
+# default.yml:27 img_scale, ratio (3/4, 4/3); horizontal flip 0.5).
+ORIGINAL_AUGMENT = dict(
+  image_size=224,
+  deit_aug=True,
+  scale=(0.08, 1.0),
+  ratio=(3 / 4, 4 / 3),
+  hflip=True,
+  color_jitter=0.4,
+  color_jitter_with_aa=False,
+  randaugment=True,
+  ra_num_layers=2,
+  ra_magnitude=9.0,
+  ra_magnitude_std=0.5,
+  ra_prob=0.5,
+  re_prob=0.25,
+)
+
+
+def test_recipe_augmentation_is_the_originals(tmp_path, monkeypatch):
+  # What the training loop hands the input pipeline for configs/tcl.py (its train_files pointed
+  # at a file that exists), and the AugmentConfig defaults (augment=True elsewhere).
+  from tcl_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "train-0.tfrecord").write_bytes(b"")
+  c = load_config_module("tcl").get_config()
+  c.input.train_files = (str(tmp_path / "train-*.tfrecord"),)
+  seen = {}
+  monkeypatch.setattr(
+    train_inputs.input_pipeline, "make_train_iterator", lambda *a, **kw: seen.update(kw)
+  )
+  train_inputs.make_train_iterator(c, str(tmp_path))
+  for aug in (seen["augment"], augment_lib.AugmentConfig()):
+    got = {k: getattr(aug, k) for k in ORIGINAL_AUGMENT}
+    assert got == ORIGINAL_AUGMENT
+
+
 def test_smoke_is_the_recipe_on_in_memory_batches(tmp_path):
   """configs/tcl.py:smoke: the recipe's model, image size and per-device batch, with batches made
   in memory (no data files or weights read; nothing written)."""

@@ -58,6 +58,22 @@ def test_random_resized_crop_window_in_bounds_and_seeded():
   assert again == wins[3]
 
 
+def test_random_resized_crop_window_defaults_are_the_originals():
+  # The original's crop is timm 0.6.7's RandomResizedCropAndInterpolation at
+  # transforms_imagenet_train's defaults, scale (0.08, 1.0) and ratio (3/4, 4/3)
+  # (kakaobrain/tcl@bc2b551 datasets/builder.py:125-133 passes neither; configs/default.yml:27
+  # img_scale [0.08, 1.0] for the non-DeiT branch, builder.py:117). Uniform draws at the ends
+  # of each range give windows whose area and aspect show the default bounds.
+  def window(u_scale, u_ratio):
+    u = tf.constant([u_scale] * 10 + [u_ratio] * 10 + [0.0, 0.0], tf.float32)
+    return tuple(int(v) for v in A.random_resized_crop_window(None, 1000, 1000, u=u))
+
+  # area 0.08 x 1e6 at aspect 3/4: w = round(sqrt(8e4 * 3/4)), h = round(sqrt(8e4 * 4/3))
+  assert window(0.0, 0.0) == (0, 0, 327, 245)
+  assert window(0.0, 1.0) == (0, 0, 245, 327)  # aspect 4/3
+  assert window(1.0, 0.5) == (0, 0, 1000, 1000)  # the whole image at aspect 1
+
+
 def _projective_reference(img, transform):
   """The previous implementation: TF's generic image warp."""
   fill = tf.constant(R.FILL, tf.float32)

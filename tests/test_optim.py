@@ -253,6 +253,48 @@ def test_clipping_scales_exactly_when_the_trainable_norm_exceeds_the_threshold(m
   assert reference.clipped == [False] * len(warm) + [scale > 1] * 3
 
 
+@pytest.mark.parametrize("clip_grad", [None, 2.5])
+def test_the_configured_clip_threshold_is_the_one_applied(clip_grad):
+  """The recipe's optimizer (configs/tcl.py; clip_grad 5.0 = the original's configs/tcl.yml:43)
+  and one of threshold 2.5, on two steps: the first clipped (norm 4x the threshold), the second
+  not (0.6x). Adam is blind to one scale over all steps, not to their ratio, so a threshold other
+  than the configured one moves the second update. UST and frozen gradients, huge here, are not
+  in the norm (the original has none for them)."""
+  config = tcl_config.get_config()
+  if clip_grad is not None:
+    config.optim.clip_grad = clip_grad
+  o = config.optim
+  thr = o.clip_grad
+  assert clip_grad is not None or thr == 5.0
+  params = {
+    "masker": {"decoder": {"kernel": jnp.zeros((4, 3))}, "backbone": {"w": jnp.zeros(5)}},
+    "clip": {"w": jnp.zeros(5)},
+  }
+  tx, schedule = optim.make_optimizer(
+    o, params, total_steps=config.total_steps, global_batch_size=config.batch_size
+  )
+  rng = np.random.default_rng(0)
+  state, p = tx.init(params), np.zeros((4, 3))
+  m, v = np.zeros((4, 3)), np.zeros((4, 3))
+  for t, ratio in enumerate((4.0, 0.6)):
+    g = rng.standard_normal((4, 3))
+    g *= ratio * thr / np.linalg.norm(g)  # the only gradient in the norm
+    grads = {
+      "masker": {"decoder": {"kernel": jnp.asarray(g)}, "backbone": {"w": jnp.full(5, 1e3)}},
+      "clip": {"w": jnp.full(5, 1e3)},
+    }
+    updates, state = tx.update(grads, state, params)
+    # torch: clip_grad_norm_ (coef max / (norm + 1e-6), at most 1), then AdamW.
+    g = g * min(1.0, thr / (np.linalg.norm(g) + 1e-6))
+    m, v = o.b1 * m + (1 - o.b1) * g, o.b2 * v + (1 - o.b2) * g * g
+    adam = m / (1 - o.b1 ** (t + 1)) / (np.sqrt(v / (1 - o.b2 ** (t + 1))) + o.eps)
+    want = -float(schedule(t)) * (adam + o.weight_decay * p)
+    np.testing.assert_allclose(updates["masker"]["decoder"]["kernel"], want, rtol=1e-4)
+    p = p + want
+    params = jax.tree.map(lambda a, u: a + u, params, updates)
+    assert not np.any(updates["clip"]["w"]) and not np.any(updates["masker"]["backbone"]["w"])
+
+
 def test_resume_in_the_middle_of_ust_continues_exactly(model, tmp_path):
   """Save params + optimizer state at step 2 (UST until 5) through the orbax checkpoint manager,
   restore into a fresh tree, continue to step 8: identical to the uninterrupted run."""

@@ -21,6 +21,7 @@ from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.weights import model_files
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import evaluator
+from tcl_jax.zeroshot import metrics
 from tcl_jax.zeroshot import pipeline
 from tcl_jax.zeroshot import prompts
 from tcl_jax.zeroshot import protocol as protocol_lib
@@ -32,6 +33,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _sclip_postprocess(logits, logit_scale, query_idx, prob_thd, area_thd):
   """SCLIP's CLIPForSegmentation.postprocess_result (clip_segmentor.py) in numpy, float64, on the
   window-averaged logits at the original size [Q, H, W]."""
+  return _sclip_readout(logits, logit_scale, query_idx, prob_thd, area_thd)[0]
+
+
+def _sclip_readout(logits, logit_scale, query_idx, prob_thd, area_thd):
+  """(labels, the class probabilities they were read from [C, H, W])."""
   z = logit_scale * logits.astype(np.float64)
   prob = np.exp(z - z.max(0))
   prob /= prob.sum(0)
@@ -45,7 +51,7 @@ def _sclip_postprocess(logits, logit_scale, query_idx, prob_thd, area_thd):
     prob[1:] *= (area > area_thd * area.sum())[:, None, None]
   pred = prob.argmax(0)
   pred[prob.max(0) < prob_thd] = 0
-  return pred
+  return pred, prob
 
 
 def test_sclip_readout_matches_its_postprocess():
@@ -75,6 +81,109 @@ def test_sclip_readout_matches_its_postprocess():
   assert (plain[:25] == 3).sum() == 9 and (ours(0.0, 0.1)[:25] == 3).sum() == 0
   assert (plain[:25] == 5).sum() == 450 and (ours(0.0, 0.1)[:25] == 5).sum() == 450
   assert np.mean(ours(0.1, 0.0)[25:] == 0) == 1 and np.mean(plain[25:] == 0) < 0.5
+
+
+# SCLIP's per-benchmark readout (wangf3014/SCLIP@b56bd30 configs/cfg_voc21.py: logit_scale=65,
+# prob_thd=0.1, area_thd=0.1; cfg_context60.py: 50, 0.1), its test pipeline (Resize to (2048, 336)
+# keep-ratio, SegDataPreProcessor mean/std, slide_crop 224, slide_stride 112), literal here.
+SCLIP_READOUT = {"voc": (65.0, 0.1, 0.1), "context": (50.0, 0.1, 0.0)}
+SCLIP_MEAN, SCLIP_STD = (122.771, 116.746, 104.094), (68.501, 66.632, 70.323)
+_W = np.random.default_rng(7).standard_normal((2, 3, 64)).astype(np.float32)
+
+
+def _name_logits(windows, n):
+  """A model's logits of n names on windows [k, h, w, 3]: linear in the pixel, so that a
+  region's colour picks its names and its brightness how sure they are (the spreads are such
+  that the logit scale decides which pixels pass the probability threshold), plus a term of the
+  window's mean colour, so that where the windows lie matters."""
+  x = np.asarray(windows, np.float32)
+  context = x.mean(axis=(1, 2), keepdims=True) @ _W[1, :, :n]  # [k, 1, 1, n]
+  return np.moveaxis(0.01 * (x @ _W[0, :, :n]) + 0.004 * context, -1, 1).astype(np.float32)
+
+
+def _bilinear(x, h0, w0):
+  """torch F.interpolate(mode="bilinear", align_corners=False) of [C, h, w] to [C, h0, w0]."""
+
+  def taps(n_in, n_out):
+    src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, src - i0
+
+  r0, r1, a = taps(x.shape[1], h0)
+  c0, c1, b = taps(x.shape[2], w0)
+  rows = x[:, r0] * (1 - a)[:, None] + x[:, r1] * a[:, None]
+  return rows[:, :, c0] * (1 - b) + rows[:, :, c1] * b
+
+
+def _render_sclip(image_bgr, task):
+  """SCLIP's labels of one image under _name_logits, in numpy from the literals above; also a
+  mask of the pixels a float32 rounding may flip (a near tie, or a probability at prob_thd)."""
+  scale, prob_thd, area_thd = SCLIP_READOUT[task]
+  per_class = sclip_names.NAMES[task]
+  query_idx = [c for c, names in enumerate(per_class) for _ in names]
+  x = pipeline.normalize_image(
+    pipeline.resize_keep_ratio(image_bgr, (2048, 336)), SCLIP_MEAN, SCLIP_STD
+  )
+  h, w = x.shape[:2]
+  preds = np.zeros((len(query_idx), h, w))
+  count = np.zeros((h, w))
+  for i in range(max(h - 224 + 111, 0) // 112 + 1):  # mmseg's slide_inference
+    for j in range(max(w - 224 + 111, 0) // 112 + 1):
+      y2, x2 = min(i * 112 + 224, h), min(j * 112 + 224, w)
+      y1, x1 = max(y2 - 224, 0), max(x2 - 224, 0)
+      preds[:, y1:y2, x1:x2] += _name_logits(x[None, y1:y2, x1:x2], len(query_idx))[0]
+      count[y1:y2, x1:x2] += 1
+  logits = _bilinear(preds / count, *image_bgr.shape[:2])
+  labels, prob = _sclip_readout(logits, scale, query_idx, prob_thd, area_thd)
+  top = np.sort(prob, axis=0)[::-1]
+  unsure = (top[0] - top[1] < 1e-5) | (np.abs(top[0] - prob_thd) < 1e-5)
+  return labels, unsure, logits, query_idx
+
+
+def test_sclip_protocol_to_labels_end_to_end(tmp_path, monkeypatch):
+  # SCLIP's protocol as the evaluator runs it (its per-benchmark settings, names and readout)
+  # on a model whose logits are known, against the labels rendered above in numpy.
+  data = str(tmp_path / "data")
+  for task in SCLIP_READOUT:
+    synthetic_segmentation.write_synthetic_segmentation(data, task, num_images=2, seed=3)
+  tasks = evaluator.open_datasets(",".join(SCLIP_READOUT), data)
+
+  def text_embedding(params, tokens):
+    del params
+    return jnp.ones((tokens.shape[0], 2)) / np.sqrt(2.0)
+
+  def window_masks(params, text_emb, windows, **kw):
+    del params, kw
+    return _name_logits(windows, text_emb.shape[0])
+
+  model = base.ZeroShotModel(
+    cfg=None, text_embedding=text_embedding, window_masks=window_masks, min_size=1
+  )
+  seen = []  # every prediction the metric is given, in order, with its label
+  update = metrics.IoUAccumulator.update
+  monkeypatch.setattr(
+    metrics.IoUAccumulator,
+    "update",
+    lambda acc, pred, label: seen.append((np.array(pred), label)) or update(acc, pred, label),
+  )
+  evaluator.evaluate_tasks(model, {}, tasks, protocol_lib.SCLIP, progress=False)
+  assert len(seen) == 4
+  moved = {}
+  for k, (task, ds) in enumerate((t, ds) for t, ds in tasks.items() for _ in range(2)):
+    sample = ds.load(k % 2)
+    got, label = seen[k]
+    np.testing.assert_array_equal(label, sample.label)
+    want, unsure, logits, query_idx = _render_sclip(sample.image, task)
+    assert unsure.mean() < 0.005, (task, unsure.mean())
+    np.testing.assert_array_equal(got[~unsure], want[~unsure], err_msg=task)
+    # The logit scale decides many pixels here: another benchmark's, SCLIP's default or 100.
+    _, prob_thd, area_thd = SCLIP_READOUT[task]
+    for other in (40.0, 50.0, 65.0, 100.0):
+      if other != SCLIP_READOUT[task][0]:
+        o = _sclip_postprocess(logits, other, query_idx, prob_thd, area_thd)
+        moved[task, other] = moved.get((task, other), 0) + (o != want).mean() / 2
+  assert min(moved.values()) > 0.03, moved
 
 
 def test_protocol_settings_from_a_config():

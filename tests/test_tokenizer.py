@@ -161,6 +161,29 @@ def test_special_token_strings():
   assert list(row) == [49406] + [49407] * 76
 
 
+def test_special_token_strings_truncate_with_eot():
+  # Texts with special strings take the slow path; a long one keeps its first 76 tokens and ends
+  # in EOT as clip.tokenize(truncate=True) does (rows checked against kakaobrain/tcl@bc2b551's
+  # sclip/simple_tokenizer.py + clip.py:tokenize). "dog" is 1929, "a" 320.
+  dog = lambda n: [1929] * n
+  rows = tokenize(
+    [
+      "a <|endoftext|> " + "dog " * 100,
+      "<|startoftext|> " + "dog " * 80,
+      "<|endoftext|> " + "dog " * 75,  # 78 tokens: one over
+      "<|endoftext|> " + "dog " * 74,  # 77: fits as it is
+      "<|endoftext|> " + "dog " * 73,
+    ]
+  )
+  assert list(rows[0]) == [49406, 320, 49407] + dog(73) + [49407]
+  assert list(rows[1]) == [49406, 49406] + dog(74) + [49407]
+  assert list(rows[2]) == [49406, 49407] + dog(74) + [49407]
+  assert list(rows[3]) == [49406, 49407] + dog(74) + [49407]
+  assert list(rows[4]) == [49406, 49407] + dog(73) + [49407, 0]
+  short = tokenize("a <|endoftext|> " + "dog " * 100, context_length=10)[0]
+  assert list(short) == [49406, 320, 49407] + dog(6) + [49407]
+
+
 def test_regex_case_folding_quirks():
   # IGNORECASE: "'" + LONG S matches the "'s" alternative as one piece
   np.testing.assert_array_equal(tokenize("it'\u017f")[0], _row([49406, 585, 6, 129, 379, 49407]))

@@ -57,6 +57,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.image_std = (0.229, 0.224, 0.225)
   # True: random in-memory batches of the same shapes instead of files (tcl_jax.data.in_memory).
   config.input.in_memory = False
+  # The original's augmentation (tcl_jax.data.augment.AugmentConfig fields; default.yml img_aug:
+  # timm's create_transform with rand-m9-mstd0.5-inc1, crop scale/ratio at timm's defaults).
+  config.input.augment = ml_collections.ConfigDict(
+    dict(
+      deit_aug=True,
+      scale=(0.08, 1.0),
+      ratio=(3 / 4, 4 / 3),
+      hflip=True,
+      color_jitter=0.4,  # not applied: timm drops it under RandAugment
+      ra_num_layers=2,
+      ra_magnitude=9.0,
+      ra_magnitude_std=0.5,
+      ra_prob=0.5,
+      re_prob=0.25,
+    )
+  )
   # Extra keyword arguments for tcl_jax.data.input_pipeline.make_train_iterator.
   config.input.options = ml_collections.ConfigDict()
 
