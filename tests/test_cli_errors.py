@@ -433,6 +433,18 @@ def test_app_busy_port_and_foreign_host():
   )
 
 
+def test_app_without_gradio_names_the_extra(tmp_path):
+  # Was: a ModuleNotFoundError traceback after a plain `pip install .` (Gradio is in [demo]).
+  (tmp_path / "gradio").mkdir()
+  (tmp_path / "gradio" / "__init__.py").write_text(
+    "raise ModuleNotFoundError(\"No module named 'gradio'\", name='gradio')\n"
+  )
+  line = _usage_error(_run("tcl_jax.app", "--checkpoint=unused", pythonpath=str(tmp_path)))
+  assert line == (
+    'error: the web app needs Gradio, which the demo extra installs: pip install "tcl_jax[demo]"'
+  )
+
+
 def test_app_start_up_names_its_url_without_gradios_hints(tmp_path):
   # Was: Gradio's "To create a public link, set `share=True` in `launch()`."
   import jax  # pylint: disable=g-import-not-at-top
