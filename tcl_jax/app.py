@@ -65,6 +65,9 @@ def build_app(segmenter):
         "Type at least one class name, comma-separated (e.g. dog, grass, sky).",
         print_exception=False,
       )
+    again = demo.repeated_classes(classes_text)
+    if again:
+      gr.Warning(f"Each class is kept once: dropped the repeat {', '.join(again)}.")
     image, note = demo.fit_image(np.asarray(image, np.uint8), MAX_SIDE)
     if note:
       gr.Warning(note)
@@ -157,6 +160,19 @@ def address_problem(host: str, port: int) -> str | None:
   return None
 
 
+def gradio_missing() -> str | None:
+  """Why Gradio cannot be imported (None: it can): it comes with the [demo] extra only."""
+  fix = 'pip install "tcl_jax[demo]"'
+  try:
+    import gradio  # noqa: F401  pylint: disable=unused-import
+  except ImportError as e:
+    if getattr(e, "name", None) == "gradio":
+      return f"the web app needs Gradio, which the demo extra installs: {fix}"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"Gradio is installed but cannot be imported ({first}); reinstall it: {fix}"
+  return None
+
+
 def main(argv=None):
   from tcl_jax import demo
 
@@ -170,7 +186,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if not 0 < args.port < 65536:
     ap.error(f"--port must be in 1..65535, got {args.port}")
-  problem = address_problem(args.host, args.port)  # before the model loads
+  problem = gradio_missing() or address_problem(args.host, args.port)  # before the model loads
   if problem:
     print(f"error: {problem}", file=sys.stderr)
     return 2

@@ -556,6 +556,12 @@ def main(argv=None) -> int:
     return _usage_error(f"--eval-sizes: {e}")
   on_cpu = jax.default_backend() == "cpu"
   batch = args.batch or (2 if on_cpu else 8)
+  if not args.no_train and not args.max_batch and batch * jax.device_count() < 2:
+    # Checked here, not after a 40 s compile: each image's negatives are the batch's others.
+    return _usage_error(
+      f"--batch {batch} on {jax.device_count()} device: TCL's contrastive loss needs a global "
+      "batch of at least 2; give --batch 2 or more"
+    )
   _, res = preset(args.preset)
   eval_images = args.eval_images if args.eval_images is not None else (2 if on_cpu else 32)
   missing = _eval_engine_missing() if eval_images else None

@@ -25,8 +25,20 @@ transformers CLIP directory, or a Hub id of a repository holding any of the last
 import argparse
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 from typing import Optional
+
+
+def _interrupted_at_start(*_):
+  print("error: interrupted (Ctrl-C) before any work; nothing written", file=sys.stderr)
+  os._exit(130)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load: one line, not a traceback
+  signal.signal(signal.SIGINT, _interrupted_at_start)
 
 import huggingface_hub
 import jax
@@ -362,6 +374,22 @@ def load_any(path, **overrides):
   return load_torch(local, **overrides)
 
 
+def directory_problem(path) -> Optional[str]:
+  """Why the local directory `path` holds none of the checkpoints `load_any` takes, judged from
+  its file names alone (nothing is read; a damaged checkpoint is found when it loads); None when
+  it may hold one, or is not a directory."""
+  if not os.path.isdir(path) or any(
+    os.path.exists(os.path.join(path, name))
+    for name in (checkpointing.CHECKPOINTS, "config.json", SAFETENSORS_NAME)
+  ):
+    return None
+  return (
+    f"{path} is a folder without a checkpoint (no config.json, checkpoints/ or "
+    f"{SAFETENSORS_NAME}); give a converted directory (python -m tcl_jax.convert), a training "
+    "workdir, a .safetensors export, a PyTorch file or a Hugging Face Hub id"
+  )
+
+
 def from_pretrained(path_or_hub_id, **overrides):
   """(TCLConfig, params) of a one-file export, a converted directory or a Hub repository holding
   `model.safetensors` (a tcl_jax export, or a transformers CLIP converted on the fly); any other
@@ -397,6 +425,44 @@ def heads_summary(cfg: tcl_lib.TCLConfig, heads_from: dict) -> str:
   ):
     parts.append(f"{tower} {n} ({why[heads_from[key]].format(key)})")
   return "heads: " + ", ".join(parts)
+
+
+def _save_whole(out, cfg, params) -> bool:
+  """Writes the checkpoint into a staging folder inside `out`, then swaps it in for what `out` held
+  (--overwrite): an interrupted or failed write leaves `out` as it was, with no orbax temp folder.
+  Ctrl-C is held back meanwhile (orbax's threads would go on writing into a folder being removed);
+  after one, the new checkpoint is dropped and False returned."""
+  created = not os.path.exists(out)
+  os.makedirs(out, exist_ok=True)
+  staging = os.path.join(out, f".convert-{os.getpid()}.tmp")
+  interrupted = []
+  held = threading.current_thread() is threading.main_thread()  # where signals can be handled
+  previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if held else None
+  try:
+    try:
+      model_files.save_checkpoint(staging, cfg, params)
+    except BaseException:
+      shutil.rmtree(staging, ignore_errors=True)
+      if created:
+        shutil.rmtree(out, ignore_errors=True)
+      raise
+    if interrupted:
+      shutil.rmtree(staging, ignore_errors=True)
+      if created:
+        shutil.rmtree(out, ignore_errors=True)
+      return False
+    old = os.path.join(staging, "old")
+    os.makedirs(old)
+    for name in ("params", "config.json"):
+      if os.path.lexists(os.path.join(out, name)):
+        os.replace(os.path.join(out, name), os.path.join(old, name))
+    for name in ("params", "config.json"):
+      os.replace(os.path.join(staging, name), os.path.join(out, name))
+    shutil.rmtree(staging)
+  finally:
+    if held:
+      signal.signal(signal.SIGINT, previous)
+  return True
 
 
 def main(argv=None):
@@ -438,6 +504,8 @@ def main(argv=None):
   ap.add_argument(
     "--overwrite", action="store_true", help="replace a converted checkpoint already at --output"
   )
+  if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # from here: KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   args = ap.parse_args(argv)
   for flag in ("vision_heads", "text_heads"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -467,6 +535,14 @@ def main(argv=None):
     seed=args.seed,
   )
   try:
+    return _convert(args, out, overrides)
+  except KeyboardInterrupt:  # while reading the source: nothing was written yet
+    print(f"error: interrupted (Ctrl-C); nothing written to {out}", file=sys.stderr)
+    return 130
+
+
+def _convert(args, out, overrides) -> int:
+  try:
     local = resolve(args.src)
     if os.path.isfile(local) and local.endswith(".safetensors") and args.clip is None:
       cfg, params = model_files.load_safetensors(local)  # a one-file export back into a directory
@@ -477,7 +553,9 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:
-    model_files.save_checkpoint(out, cfg, params)
+    if not _save_whole(out, cfg, params):
+      print(f"error: interrupted (Ctrl-C); {out} is left as it was", file=sys.stderr)
+      return 130
   except (ValueError, OSError) as e:
     print(f"error: cannot write {out}: {e}", file=sys.stderr)
     return 1

@@ -23,6 +23,7 @@ import dataclasses
 import importlib.resources
 import io
 import os
+import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -168,6 +169,13 @@ class Segmenter:
     classes = [str(c) for c in classes]
     if not classes:
       raise ValueError("give at least one class name")
+    keys = [_class_key(c) for c in classes]
+    if len(set(keys)) < len(keys):
+      again = [c for i, c in enumerate(classes) if keys[i] in keys[:i]]
+      raise ValueError(
+        f"class names repeat ({', '.join(map(repr, again))}); give each once (parse_classes "
+        "drops repeats): a repeat ties with its first and splits its pixels"
+      )
     h0, w0 = image_rgb.shape[:2]
     protocol = dataclasses.replace(
       self.protocol, pamr=bool(pamr), kp_w=float(kp_w), bg_thresh=float(bg_thresh)
@@ -199,9 +207,34 @@ class Segmenter:
     )
 
 
+def _split_classes(text: str) -> list:
+  # ';' too: "sky; grass" is two classes, never one named "sky; grass".
+  return [c.strip() for c in re.split(r"[,;]", str(text or "")) if c.strip()]
+
+
+def _class_key(name: str) -> str:
+  # What the text tower sees: CLIP's tokenizer lower-cases and collapses whitespace.
+  return " ".join(name.lower().split())
+
+
 def parse_classes(text: str) -> list:
-  """'dog, grass,,sky ' -> ['dog', 'grass', 'sky']."""
-  return [c.strip() for c in str(text or "").split(",") if c.strip()]
+  """'dog, grass,,sky; Dog ' -> ['dog', 'grass', 'sky']: split on ',' or ';', each class once
+  (a repeat, which the tokenizer cannot tell apart, would split the class's pixels with it)."""
+  out = {}
+  for c in _split_classes(text):
+    out.setdefault(_class_key(c), c)
+  return list(out.values())
+
+
+def repeated_classes(text: str) -> list:
+  """The names `parse_classes` drops as repeats of an earlier one."""
+  seen, out = set(), []
+  for c in _split_classes(text):
+    key = _class_key(c)
+    if key in seen:
+      out.append(c)
+    seen.add(key)
+  return out
 
 
 def load_model(checkpoint: str, clip: Optional[str] = None):
@@ -228,6 +261,15 @@ def fit_image(image_rgb: np.ndarray, max_side: Optional[int]):
   return small, f"downscaled the image from {w}x{h} to {nw}x{nh} (long side at most {max_side})"
 
 
+def _rgb(im) -> np.ndarray:
+  """RGB uint8 of a PIL image; 16-bit grayscale (modes I;16*, I) scaled from 0..65535, where
+  PIL's convert("RGB") clips every value above 255 to white."""
+  if im.mode.startswith("I;16") or im.mode == "I":
+    grey = np.asarray(im).astype(np.float64).clip(0, 65535) / 257.0
+    return np.repeat(grey.round().astype(np.uint8)[..., None], 3, axis=-1)
+  return np.asarray(im.convert("RGB"))
+
+
 def read_image(data, max_side: Optional[int] = None):
   """An image file (path, bytes or file object) -> (RGB uint8 [H, W, 3], note or None), with EXIF
   orientation applied. Raises ValueError with one line for anything PIL cannot decode."""
@@ -235,7 +277,7 @@ def read_image(data, max_side: Optional[int] = None):
     data = io.BytesIO(data)
   try:
     with Image.open(data) as im:
-      rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+      rgb = _rgb(ImageOps.exif_transpose(im))
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     name = data if isinstance(data, str) else "the file"
     raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from None
@@ -384,7 +426,9 @@ def main(argv=None):
   )
   ap.add_argument("--clip", default=None, help="OpenAI ViT-B-16.pt, for a minimal release tcl.pth")
   ap.add_argument("--image", required=True, help="path, http(s) URL, or 'sample'")
-  ap.add_argument("--classes", required=True, help="comma-separated class names")
+  ap.add_argument(
+    "--classes", required=True, help="class names separated by ',' (or ';'), each once"
+  )
   ap.add_argument("--output", default="segmentation.png", help="overlay with legend (PNG)")
   ap.add_argument(
     "--no_pamr",
@@ -415,6 +459,13 @@ def main(argv=None):
   classes = parse_classes(args.classes)
   if not classes:
     ap.error("--classes holds no class name")
+  again = repeated_classes(args.classes)
+  if again:
+    print(
+      f"note: --classes repeats {', '.join(map(repr, again))}: each class is kept once, where "
+      "it first appears",
+      file=sys.stderr,
+    )
   if not 0.0 <= args.bg_thresh <= 1.0:
     ap.error(f"--bg_thresh must be in [0, 1], got {args.bg_thresh}")
   out_dir = os.path.dirname(os.path.abspath(args.output))

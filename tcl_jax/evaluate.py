@@ -73,6 +73,7 @@ def config_for_checkpoint(config, checkpoint: str, given: set):
 def main(argv):
   # Usage errors are answered before any data or model is read (tests/test_cli_errors.py).
   FLAGS = flags.FLAGS
+  config_files.quiet_startup()  # no INFO lines about backends that are not here (TPU, proxy)
   if len(argv) > 1:
     config_files.usage_error(f"unexpected arguments {argv[1:]}")
   if not FLAGS.checkpoint:
@@ -82,8 +83,13 @@ def main(argv):
     )
   if not os.path.exists(FLAGS.checkpoint) and convert.hub_repo_id(FLAGS.checkpoint) is None:
     config_files.usage_error(f"--checkpoint={FLAGS.checkpoint} does not exist")
-  if FLAGS.workdir and os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
-    config_files.usage_error(f"--workdir={FLAGS.workdir} is a file; give a directory")
+  problem = convert.directory_problem(FLAGS.checkpoint)  # before the data: it is named first
+  if problem:
+    config_files.usage_error(f"--checkpoint={problem}")
+  # Before any work: results.json is written only at the end (was: a traceback after it all).
+  problem = FLAGS.workdir and config_checks.workdir_problem(FLAGS.workdir)
+  if problem:
+    config_files.usage_error(problem)
   config_files.quiet_orbax_info()
   given = {f.split(".")[0] for f in config_files.overrides(sys.argv)}
   config = config_for_checkpoint(FLAGS.config, FLAGS.checkpoint, given)
@@ -128,7 +134,13 @@ def main(argv):
     protocol = zeroshot.Protocol.from_config(config, p, given)
     done = {}
     for key, model in models.items():
-      results = zeroshot.evaluate_tasks(model, params, tasks, protocol, mesh=mesh, progress=True)
+      labels = None
+      if len(methods) > 1 or len(protocols) > 1:  # a grid: its lines name their cell
+        heads = key if isinstance(key, tuple) else (key,)
+        labels = [f"method {m or 'own'}, protocol {p}" for m in heads]
+      results = zeroshot.evaluate_tasks(
+        model, params, tasks, protocol, mesh=mesh, progress=True, labels=labels
+      )
       done.update(zip(key, results) if isinstance(key, tuple) else [(key, results)])
     grid += [{"method": m or "own", "protocol": p, "results": done[m]} for m in methods]
   if jax.process_index() != 0:
@@ -144,7 +156,11 @@ def main(argv):
     results = {"grid": grid}
     print(report.format_grid(grid))
   if FLAGS.workdir:
-    print(f"wrote {report.write_results(results, FLAGS.workdir)}")
+    try:
+      print(f"wrote {report.write_results(results, FLAGS.workdir)}")
+    except OSError as e:  # the workdir changed since the check; the results are printed above
+      print(f"error: cannot write results.json in {FLAGS.workdir}: {e}", file=sys.stderr)
+      sys.exit(1)
   sys.stdout.flush()
 
 

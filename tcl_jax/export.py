@@ -72,6 +72,11 @@ def main(argv=None):
     return 2
   try:
     model_files.save_safetensors(out, cfg, params)
+    # safetensors creates the file 0600; a file to publish or share gets the umask's mode, as
+    # any other file written here.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
   except (ValueError, OSError) as e:
     print(f"error: cannot write {out}: {e}", file=sys.stderr)
     return 1

@@ -214,7 +214,7 @@ def test_tpu_pod_dry_run_prints_the_commands(tpu, accel):
   import ml_collections
 
   parse = (
-    "import json, sys; from tcl_jax import config_files, main; "
+    "import json, sys; from tcl_jax import main; from tcl_jax.cli import config_files; "
     "config_files.parse_flags(sys.argv); "
     "print(json.dumps(main.FLAGS.config.mesh.to_dict()))"
   )

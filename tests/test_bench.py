@@ -280,3 +280,20 @@ def test_max_batch_on_cpu_is_a_usage_error(capsys):
   assert capsys.readouterr().err.strip().splitlines() == [
     "error: --max-batch needs a device that reports its memory limit (GPU, TPU)"
   ]
+
+
+def test_a_global_batch_of_one_is_a_usage_error_before_any_work():
+  # Was: a 25-line traceback from the loss after a 40 s compile. One device: batch 1 is global 1.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.bench", "--preset", "tiny", "--batch", "1"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(env, JAX_PLATFORMS="cpu"),
+  )
+  assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [
+    "error: --batch 1 on 1 device: TCL's contrastive loss needs a global batch of at least 2; "
+    "give --batch 2 or more"
+  ]

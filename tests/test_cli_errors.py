@@ -341,17 +341,67 @@ def test_evaluate_usage_errors(tmp_path):
   )
 
 
-def test_evaluate_value_out_of_range(tmp_path):
-  line = _usage_error(_run("tcl_jax.evaluate", f"--checkpoint={tmp_path}", "--config.bg_thresh=2"))
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A converted random-weights tiny TCL (what `python -m tcl_jax.convert` writes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.weights import model_files  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.mktemp("tiny") / "ckpt"
+  cfg = tcl_lib.tiny_config()
+  model_files.save_checkpoint(path, cfg, tcl_lib.init_params(cfg, jax.random.key(0)))
+  return path
+
+
+def test_evaluate_value_out_of_range(tiny_checkpoint):
+  line = _usage_error(
+    _run("tcl_jax.evaluate", f"--checkpoint={tiny_checkpoint}", "--config.bg_thresh=2")
+  )
   assert line == "error: config.bg_thresh must be a number in [0.0, 1.0], got 2.0"
 
 
-def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tmp_path):
+def test_evaluate_a_data_folder_as_checkpoint_is_named_before_the_data(tmp_path):
+  # Was: "voc20: data root ... does not exist", about the data, for a wrong --checkpoint.
+  synthetic_segmentation.write_synthetic_segmentation(str(tmp_path / "data"), "voc", num_images=1)
+  line = _usage_error(
+    _run(
+      "tcl_jax.evaluate",
+      f"--checkpoint={tmp_path / 'data'}",
+      "--config.tasks=voc20",
+      f"--config.data_root={tmp_path / 'nodata'}",
+    )
+  )
+  assert line == (
+    f"error: --checkpoint={tmp_path / 'data'} is a folder without a checkpoint (no config.json, "
+    "checkpoints/ or model.safetensors); give a converted directory (python -m tcl_jax.convert), "
+    "a training workdir, a .safetensors export, a PyTorch file or a Hugging Face Hub id"
+  )
+
+
+def test_evaluate_read_only_workdir_before_any_work(tiny_checkpoint, read_only_dir, tmp_path):
+  # Was: every benchmark evaluated, then a 63-line traceback and no results.json.
+  synthetic_segmentation.write_synthetic_segmentation(str(tmp_path / "data"), "voc", num_images=1)
+  for workdir in (read_only_dir, read_only_dir / "out"):
+    proc = _run(
+      "tcl_jax.evaluate",
+      f"--checkpoint={tiny_checkpoint}",
+      f"--workdir={workdir}",
+      "--config.tasks=voc",
+      f"--config.data_root={tmp_path / 'data'}",
+    )
+    line = _usage_error(proc)
+    assert line.startswith(f"error: --workdir={workdir} is not writable ("), line
+    assert line.endswith("); give a directory you can write to")
+
+
+def test_evaluate_from_another_directory_uses_the_checkouts_eval_config(tiny_checkpoint, tmp_path):
   # The default --config (configs/eval.py) is found from any directory: the run gets as far as
   # looking for the data, which is missing (a usage error too: it is named by --config.data_root).
   proc = _run(
     "tcl_jax.evaluate",
-    f"--checkpoint={tmp_path}",
+    f"--checkpoint={tiny_checkpoint}",
     "--config.tasks=voc20",
     "--config.data_root=nodata",
     cwd=tmp_path,
@@ -380,6 +430,18 @@ def test_app_busy_port_and_foreign_host():
     "error: --host 192.0.2.1: not an address of this machine (Cannot assign "
     "requested address); use 127.0.0.1, 0.0.0.0 or one of this machine's own "
     "addresses"
+  )
+
+
+def test_app_without_gradio_names_the_extra(tmp_path):
+  # Was: a ModuleNotFoundError traceback after a plain `pip install .` (Gradio is in [demo]).
+  (tmp_path / "gradio").mkdir()
+  (tmp_path / "gradio" / "__init__.py").write_text(
+    "raise ModuleNotFoundError(\"No module named 'gradio'\", name='gradio')\n"
+  )
+  line = _usage_error(_run("tcl_jax.app", "--checkpoint=unused", pythonpath=str(tmp_path)))
+  assert line == (
+    'error: the web app needs Gradio, which the demo extra installs: pip install "tcl_jax[demo]"'
   )
 
 

@@ -365,3 +365,68 @@ def test_cli_workers_print_no_start_up_noise(tmp_path):
   assert r.returncode == 0, r.stderr
   assert r.stderr.strip().splitlines() == [f"2 shards in {out} (0 already done)"], r.stderr
   assert json.loads(r.stdout)["written"] == 4
+
+
+def _pairs_csv(tmp_path, n=4, name="pairs.csv"):
+  (tmp_path / "imgs").mkdir(exist_ok=True)
+  rows = ["filepath,caption"]
+  for i in range(n):
+    (tmp_path / "imgs" / f"{i}.png").write_bytes(_img("PNG", i * 40))
+    rows.append(f"imgs/{i}.png,picture {i}")
+  (tmp_path / name).write_text("\n".join(rows) + "\n")
+  return tmp_path / name
+
+
+def _listing(path):
+  return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_cli_output_holding_another_conversion_is_refused(tmp_path, capsys):
+  # Was: the 2-shard run wrote beside the 3 old shards; train-*.tfrecord saw every pair twice.
+  csv_path = _pairs_csv(tmp_path)
+  out = tmp_path / "out"
+  argv = ["csv", str(csv_path), "--output", str(out), "--workers", "1"]
+  assert _run(capsys, [*argv, "--num-shards", "3"])["written"] == 4
+  before = _listing(out)
+  line = _one_error_line(_cli(*argv, "--num-shards", "2"))
+  assert line == (
+    f"error: --output={out} already holds 3 shards of another conversion (num_shards=3); "
+    "readers would see both: give an empty directory, or delete what is there"
+  )
+  assert _listing(out) == before  # nothing written, nothing lost
+  # The same conversion again still resumes (here: nothing left to do).
+  assert _run(capsys, [*argv, "--num-shards", "3"])["written"] == 4
+  assert _listing(out) == before
+  # A folder of other files (no record of a conversion) is refused too.
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  line = _one_error_line(_cli(*argv[:2], "--output", str(other)))
+  assert line == (
+    f"error: --output={other} already holds 1 file, e.g. notes.txt, of a conversion it has no "
+    "record of; readers would see both: give an empty directory, or delete what is there"
+  )
+  assert _listing(other) == {"notes.txt": b"mine"}
+
+
+def test_cli_csv_with_a_header_only_is_a_usage_error(tmp_path):
+  # Was: exit 0 and one empty shard.
+  (tmp_path / "pairs.csv").write_text("filepath,caption\n")
+  out = tmp_path / "out"
+  line = _one_error_line(_cli("csv", str(tmp_path / "pairs.csv"), "--output", str(out)))
+  assert line == f"error: {tmp_path / 'pairs.csv'} has a header but no rows: nothing to convert"
+  assert not out.exists()
+
+
+def test_cli_csv_not_in_utf8_names_the_file_and_line(tmp_path):
+  # Was: a 20-line UnicodeDecodeError traceback.
+  csv_path = _pairs_csv(tmp_path)
+  lines = csv_path.read_bytes().splitlines(keepends=True)
+  lines[2] = b"imgs/1.png,caf\xe9 au lait\n"  # Latin-1
+  csv_path.write_bytes(b"".join(lines))
+  out = tmp_path / "out"
+  line = _one_error_line(_cli("csv", str(csv_path), "--output", str(out)))
+  assert line == (
+    f"error: {csv_path} line 3, column 15: byte 0xe9 is not UTF-8; save the file as UTF-8"
+  )
+  assert not out.exists()

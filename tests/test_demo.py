@@ -127,6 +127,20 @@ def test_bad_inputs(model):
   assert demo.parse_classes(" dog, ,grass ,") == ["dog", "grass"]
 
 
+def test_class_lists_split_on_commas_and_semicolons_each_class_once(model):
+  # Was: "sky; grass; house" one class; "sky, grass, sky" shares summing to 52%, two legend rows.
+  assert demo.parse_classes("sky; grass;house") == ["sky", "grass", "house"]
+  assert demo.parse_classes("sky, grass, Sky ,sky; grass  ") == ["sky", "grass"]
+  assert demo.repeated_classes("sky, grass, Sky ,sky; grass  ") == ["Sky", "sky", "grass"]
+  assert demo.repeated_classes("sky, grass") == []
+  # The tokenizer lower-cases and collapses spaces: these are one class to the model too.
+  assert demo.parse_classes("blue  sky, Blue sky") == ["blue  sky"]
+  cfg, params = model
+  s = demo.Segmenter(params, cfg, protocol=zeroshot.Protocol(**SMALL))
+  with pytest.raises(ValueError, match=r"class names repeat \('Sky'\); give each once"):
+    s(_image(20, 20), ["sky", "grass", "Sky"])
+
+
 def test_overlay_and_legend():
   img = np.full((2, 3, 3), 100, np.uint8)
   labels = np.array([[0, 1, 2], [0, 0, 21]])
@@ -159,6 +173,21 @@ def test_read_image(tmp_path):
   assert same.shape == (375, 500, 3) and note is None
   with pytest.raises(ValueError, match="no image file"):
     demo.load_image(str(tmp_path / "missing.png"))
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+  # Was: every value above 255 clipped by PIL's convert("RGB"): all white.
+  import cv2  # pylint: disable=g-import-not-at-top
+
+  ramp = np.linspace(0, 65535, 6 * 40).round().astype(np.uint16).reshape(6, 40)
+  Image.fromarray(ramp).save(tmp_path / "pil16.png")
+  cv2.imwrite(str(tmp_path / "cv16.png"), ramp)
+  want = np.repeat((ramp / 257.0).round().astype(np.uint8)[..., None], 3, axis=-1)
+  for name in ("pil16.png", "cv16.png"):
+    assert Image.open(tmp_path / name).mode.startswith("I")  # really 16-bit on disk
+    rgb, _ = demo.read_image(str(tmp_path / name))
+    assert rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb, want)
 
 
 def _run(*args):

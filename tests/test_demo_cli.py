@@ -79,3 +79,33 @@ def test_help_describes_every_option():
     ("--bg_thresh", "background"),
   ]:
     assert option in text and words in text, (option, text)
+
+
+def test_repeated_classes_are_kept_once_with_a_note(ckpt, tmp_path):
+  # Was: shares summing to 52% and the class twice in the legend.
+  from tcl_jax import demo  # pylint: disable=g-import-not-at-top
+
+  image = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+  Image.fromarray(image).save(tmp_path / "img.png")
+  out = tmp_path / "seg.png"
+  r = _run(
+    f"--checkpoint={ckpt}",
+    f"--image={tmp_path / 'img.png'}",
+    "--classes=sky; grass, Sky",
+    f"--output={out}",
+    "--no_pamr",
+    "--bg_thresh=0",
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [
+    "note: --classes repeats 'Sky': each class is kept once, where it first appears"
+  ]
+  shares = {
+    line.split(":")[0].strip(): float(line.split(":")[1].split("%")[0])
+    for line in r.stdout.splitlines()
+    if "% of pixels" in line
+  }
+  assert list(shares) == ["background", "sky", "grass"]
+  assert abs(sum(shares.values()) - 100.0) < 0.2 and shares["background"] == 0.0
+  written = np.asarray(Image.open(out))
+  np.testing.assert_array_equal(written[40:], demo.legend(["sky", "grass"], 48))

@@ -13,6 +13,7 @@ import pytest
 
 from tcl_jax import kinds
 from tcl_jax.data import synthetic_segmentation
+from tcl_jax.models import tcl
 from tcl_jax.weights import model_files
 from tcl_jax.zeroshot import datasets as sd
 from tcl_jax.zeroshot import evaluator
@@ -144,9 +145,11 @@ def test_cli_same_as_library(e2e):
 
 
 def test_cli_missing_data_is_one_line_error(tmp_path):
+  cfg = tcl.tiny_config()
+  model_files.save_checkpoint(str(tmp_path / "ckpt"), cfg, tcl.init_params(cfg, jax.random.key(0)))
   proc = _run_cli(
     "--config=configs/eval.py",
-    f"--checkpoint={tmp_path}",
+    f"--checkpoint={tmp_path / 'ckpt'}",
     f"--config.data_root={tmp_path / 'nodata'}",
     "--config.tasks=voc20",
     timeout=120,
@@ -158,7 +161,10 @@ def test_cli_missing_data_is_one_line_error(tmp_path):
     f"exist (set --config.data_root to the folder holding VOCdevkit/VOC2012)"
   )
   proc = _run_cli(
-    "--config=configs/eval.py", f"--checkpoint={tmp_path}", "--config.tasks=voc,nope", timeout=120
+    "--config=configs/eval.py",
+    f"--checkpoint={tmp_path / 'ckpt'}",
+    "--config.tasks=voc,nope",
+    timeout=120,
   )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown segmentation task 'nope'")

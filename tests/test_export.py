@@ -190,7 +190,7 @@ def test_from_pretrained_reads_a_hub_repo_from_the_cache_offline(model, exported
   (repo / "refs" / "main").write_text(commit)
   shutil.copy(exported, repo / "snapshots" / commit / "model.safetensors")
   code = (
-    "import sys, numpy as np, jax, tcl_jax; from tcl_jax import model_files; "
+    "import sys, numpy as np, jax, tcl_jax; from tcl_jax.weights import model_files; "
     "cfg, p = tcl_jax.from_pretrained('someone/tcl-tiny'); "
     "cfg2, q = model_files.load_safetensors(sys.argv[1]); "
     "assert cfg == cfg2 and all(np.asarray(a).tobytes() == np.asarray(b).tobytes() "
@@ -198,3 +198,76 @@ def test_from_pretrained_reads_a_hub_repo_from_the_cache_offline(model, exported
   )
   r = _run("-c", code, str(exported), env={"HF_HUB_CACHE": str(tmp_path / "hub")})
   assert r.returncode == 0 and r.stdout.strip() == "same", r.stderr
+
+
+def test_export_has_the_umasks_mode_not_0600(exported):
+  # Was: 0600 (safetensors' own), unreadable to the group a checkpoint is shared with.
+  umask = os.umask(0)
+  os.umask(umask)
+  assert exported.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _converting(source, out, *extra):
+  return subprocess.Popen(
+    [sys.executable, "-m", "tcl_jax.convert", str(source), "--output", str(out), *extra],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, HF_HUB_OFFLINE="1"),
+  )
+
+
+def _loading_jax(proc):
+  """Whether the process has begun to load jaxlib's native code (Linux: its memory map)."""
+  try:
+    return "jaxlib" in Path(f"/proc/{proc.pid}/maps").read_text()
+  except OSError:
+    return False
+
+
+def _interrupt_when(proc, ready, timeout=300):
+  """SIGINT once `ready(proc)` holds (polled every millisecond)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  deadline = time.time() + timeout
+  while not ready(proc) and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.001)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def _tree(path):
+  return sorted(
+    (str(p.relative_to(path)), p.read_bytes() if p.is_file() else None) for p in path.rglob("*")
+  )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc/<pid>/maps")
+def test_ctrl_c_during_convert_is_one_line_and_loses_nothing(model, exported, tmp_path):
+  # Was: 60-213 lines of traceback and a params.orbax-checkpoint-tmp folder left in --output.
+  cfg, params = model
+  out = tmp_path / "new"
+  # While the libraries load; then while the checkpoint is being written (the staging folder is
+  # there): both leave no --output behind.
+  for ready in (_loading_jax, lambda _: any(out.glob(".convert-*"))):
+    status, stdout, err = _interrupt_when(_converting(exported, out), ready)
+    assert status == 130 and stdout == "", err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: interrupted (Ctrl-C)"), err
+    assert not out.exists()
+  # Over a converted checkpoint (--overwrite): the old one is kept whole, nothing else is left.
+  old = tmp_path / "old"
+  model_files.save_checkpoint(old, cfg, jax.tree.map(lambda x: x + 1, params))
+  before = _tree(old)
+  status, _, err = _interrupt_when(
+    _converting(exported, old, "--overwrite"), lambda _: any(old.glob(".convert-*/params*"))
+  )
+  assert status == 130 and err == f"error: interrupted (Ctrl-C); {old} is left as it was\n", err
+  assert _tree(old) == before
+  # Uninterrupted, --overwrite replaces it, leaving no staging folder.
+  r = _run("-m", "tcl_jax.convert", str(exported), "--output", str(old), "--overwrite")
+  assert r.returncode == 0, r.stderr
+  assert sorted(p.name for p in old.iterdir()) == ["config.json", "params"]
+  _assert_bitwise(model_files.load_checkpoint(old)[1], params)

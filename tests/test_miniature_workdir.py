@@ -97,6 +97,19 @@ def test_other_settings_and_steps_are_refused(seed0_run):
   )
 
 
+def test_other_steps_on_a_finished_run_are_refused_in_terms_of_steps(seed0_run):
+  # Was: "made with optim.ust_steps=0, optim.warmup_steps=1; this command has ...", fields the
+  # command never named.
+  workdir, _ = seed0_run
+  before = (workdir / "miniature.json").read_bytes()
+  line = _one_line(_main(workdir, "--config=configs/synthetic.py:steps=30", *TINY))
+  assert line == (
+    f"error: --workdir={workdir} holds a finished miniature run of 2 TCL steps (:steps=2); "
+    "this command asks for :steps=30: use a new --workdir, or :steps=2 to report it"
+  )
+  assert (workdir / "miniature.json").read_bytes() == before
+
+
 def test_finished_run_reports_its_stored_figures_and_wall_time(seed0_run):
   # Was: a re-run re-evaluated and rewrote wall_s with ~9 s.
   workdir, first = seed0_run

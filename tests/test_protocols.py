@@ -4,6 +4,7 @@ prompt ensemble, and `python -m tcl_jax.evaluate` over a protocol grid."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -264,13 +265,19 @@ def test_evaluate_cli_protocol_grid(tmp_path):
     f"--config.data_root={data}", "--config.tasks=voc", "--config.pamr=False", *flags,
   ]  # fmt: skip
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # As a user runs it (no JAX_PLATFORMS): JAX looks for a TPU and a proxy backend first.
+  plain = {k: v for k, v in env.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")}
   r = subprocess.run(
     common
     + ["--config.method=own,naclip,clearclip", "--config.protocol=tcl,sclip"]
     + [f"--workdir={tmp_path / 'out'}"],
-    cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    cwd=REPO, env=plain, capture_output=True, text=True, timeout=400,
   )  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
+  # Was: "Unable to initialize backend 'tpu'" / "'proxy'" lines, and six unnamed "[voc] mIoU".
+  assert "Unable to initialize backend" not in r.stderr, r.stderr[-3000:]
+  named = re.findall(r"\[voc\] method (\w+), protocol (\w+): mIoU of 2 images", r.stderr)
+  assert named == [(m, p) for p in ("tcl", "sclip") for m in ("own", "naclip", "clearclip")]
   grid = json.load(open(tmp_path / "out" / "results.json"))["grid"]
   assert [(g["method"], g["protocol"]) for g in grid] == [
     (m, p) for p in ("tcl", "sclip") for m in ("own", "naclip", "clearclip")

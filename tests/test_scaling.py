@@ -120,6 +120,16 @@ def test_bad_devices_is_one_error_line():
   assert r.stderr.strip().startswith("error: --devices") and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_help_says_what_the_tool_does_in_whole_sentences():
+  # Was: "... collective bytes of the training" (the docstring's first line, cut mid-sentence).
+  text = " ".join(scaling._parser().format_help().split())  # pylint: disable=protected-access
+  assert (
+    "A scaling report from compiled programs: per-chip FLOPs and collective bytes of the training "
+    "and evaluation steps on N fake CPU devices, and the step time they predict on TPU/GPU pods."
+  ) in text
+  assert "--json JSON_OUT also write the report here" in text
+
+
 def test_readme_scaling_table_is_the_committed_report():
   with open(os.path.join(REPO, "docs", "results", "scaling.json")) as f:
     result = json.load(f)["result"]

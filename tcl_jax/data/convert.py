@@ -21,11 +21,15 @@ Sources:
 Each output shard is produced by one task (``--workers`` processes), written
 to a temp name and renamed when complete; shards that already exist are
 skipped, so an interrupted run resumes by running the same command again.
+``--output`` must be empty or hold this same conversion (``convert.json``
+records its source, input, shard count and options): shards of another
+conversion beside the new ones would be read as one dataset.
 Every image is decoded with PIL; bad pairs are skipped and counted. The last
 stdout line is ``{"written": n, "skipped": {"<reason>": n, ...}}``.
 
-A mistake in the command (a bad flag, an input that matches no file, an output
-directory that cannot be written) ends in one ``error: ...`` line and exit
+A mistake in the command (a bad flag, an input that matches no file, a CSV
+without rows or not in UTF-8, an output directory that cannot be written or
+holds other files) ends in one ``error: ...`` line and exit
 status 2 before any work starts.
 """
 
@@ -45,6 +49,9 @@ from tcl_jax.cli import config_checks
 from tcl_jax.cli import config_files
 from tcl_jax.data import schema
 from tcl_jax.data import sources
+
+# In --output: what the conversion there was made from (so that a rerun resumes only its own).
+MANIFEST = "convert.json"
 
 SKIP_REASONS = (
   "corrupt_image",
@@ -282,6 +289,16 @@ def make_tasks(
   problem = config_checks.workdir_problem(output, "--output")
   if problem:
     raise sources.UsageError(problem)
+  record = dict(
+    source=kind,
+    input=_absolute_inputs(kind, inputs),
+    num_shards=n,
+    split=split,
+    all_captions=all_captions,
+    tokenize=tokenize,
+    data_dir=os.path.abspath(data_dir) if data_dir else None,
+  )
+  _claim_output(output, record)
   return [
     dict(
       kind=kind,
@@ -294,6 +311,47 @@ def make_tasks(
     )
     for i, c in enumerate(chunks)
   ]
+
+
+def _absolute_inputs(kind: str, inputs: str) -> str:
+  """The input spec with local paths made absolute: the same command from another directory is
+  the same conversion."""
+  if kind == "tfds":
+    return inputs
+  return "::".join(p if "://" in p else os.path.abspath(p) for p in inputs.split("::"))
+
+
+def _claim_output(output: str, record: dict) -> None:
+  """Refuses an --output that holds anything but this same conversion (resuming it is fine), then
+  records the conversion in it. Old shards beside new ones (another --num-shards, another input)
+  would otherwise be read as one dataset: `train-*.tfrecord` would see them all."""
+  path = os.path.join(output, MANIFEST)
+  entries = sorted(os.listdir(output))
+  if entries:
+    try:
+      with open(path) as f:
+        before = json.load(f)
+    except (OSError, ValueError):
+      before = None
+    if before != record:
+      shards = [e for e in entries if e.endswith(schema.SHARD_SUFFIX)]
+      if shards:
+        what = f"{len(shards)} shard{'s' * (len(shards) > 1)} of"
+      else:
+        what = f"{len(entries)} file{'s' * (len(entries) > 1)}, e.g. {entries[0]}, of"
+      if before is None:
+        what += " a conversion it has no record of"
+      else:
+        diff = [f"{k}={before.get(k)!r}" for k in record if before.get(k) != record[k]]
+        what += f" another conversion ({', '.join(diff)})"
+      raise sources.UsageError(
+        f"--output={output} already holds {what}; readers would see both: give an empty "
+        "directory, or delete what is there"
+      )
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, path)
 
 
 def run(tasks: list[dict], workers: int = 1) -> dict:

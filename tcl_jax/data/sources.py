@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 import csv
+import io
 import json
 import os
 import sys
@@ -82,7 +83,18 @@ def csv_rows(csv_path: str) -> list[tuple[str, str | None, str]]:
   base = os.path.dirname(os.path.abspath(csv_path))
   if not os.path.isfile(csv_path):
     raise UsageError(f"no CSV/TSV file at {csv_path}")
-  with open(csv_path, newline="", encoding="utf-8") as f:
+  with open(csv_path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:  # name the place: a decode error deep in csv says neither
+    line = raw.count(b"\n", 0, e.start) + 1
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    raise UsageError(
+      f"{csv_path} line {line}, column {column}: byte 0x{raw[e.start]:02x} is not UTF-8; "
+      "save the file as UTF-8"
+    ) from None
+  with io.StringIO(text, newline="") as f:
     reader = csv.DictReader(f, delimiter=delim)
     cols = reader.fieldnames or []
     icol = next((c for c in IMAGE_COLUMNS if c in cols), None)
@@ -99,6 +111,8 @@ def csv_rows(csv_path: str) -> list[tuple[str, str | None, str]]:
         path = os.path.join(base, path)
       kcol = r.get("key") or r.get("id")
       rows.append((path, r.get(ccol), kcol or f"{i:09d}"))
+  if not rows:
+    raise UsageError(f"{csv_path} has a header but no rows: nothing to convert")
   return rows
 
 

@@ -30,6 +30,8 @@ _IGNORED = (
   "distributed",
   "miniature.num_mask_images",
 )
+# Fields that configs/synthetic.py derives from `:steps=` (the warmup and UST phases).
+_FROM_STEPS = ("optim.warmup_steps", "optim.ust_steps")
 # What a workdir holds once any run (miniature or not) has started in it.
 _RUN_FILES = ("checkpoints", "data", "config.json", "clip", "miniature_baseline.json", REPORT)
 
@@ -99,6 +101,20 @@ def problem(config, workdir: str, resolve=lambda p: p) -> str | None:
     )
   if not diff:
     return None
+  if set(diff) <= set(_FROM_STEPS):  # said in the terms the command was given in: `:steps=`
+    if report is not None and report.get("tcl_steps") != config.total_steps:
+      steps = report.get("tcl_steps")
+      return (
+        f"--workdir={workdir} holds a finished miniature run of {steps} TCL steps "
+        f"(:steps={steps}); this command asks for :steps={config.total_steps}: use a new "
+        f"--workdir, or :steps={steps} to report it"
+      )
+    return (
+      f"--workdir={workdir} holds a miniature run started with another :steps= (its "
+      f"{', '.join(f'{k}={_show(stored.get(k))}' for k in diff)} follow from it); this command "
+      f"asks for :steps={config.total_steps}: use a new --workdir, or that run's :steps= to "
+      "resume it"
+    )
   shown = ", ".join(f"{k}={_show(stored.get(k))}" for k in diff[:3])
   asked = ", ".join(f"{k}={_show(now.get(k))}" for k in diff[:3])
   more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""

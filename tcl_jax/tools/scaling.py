@@ -327,17 +327,25 @@ def print_report(results, prediction) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(
-    prog="python -m tcl_jax.tools.scaling", description=__doc__.split("\n")[0]
+    prog="python -m tcl_jax.tools.scaling",
+    description=__doc__.split("\n\n")[0],  # a whole sentence
   )
   ap.add_argument("--devices", default="8,32,128,256", help="comma-separated device counts")
-  ap.add_argument("--mesh", default="data", choices=["data", "data,fsdp"])
+  ap.add_argument(
+    "--mesh",
+    default="data",
+    choices=["data", "data,fsdp"],
+    help="data parallel, or the recipe's data x fsdp mesh (default data)",
+  )
   ap.add_argument("--fsdp", type=int, default=8, help="fsdp axis size with --mesh data,fsdp")
-  ap.add_argument("--preset", default="vitb16", choices=["vitb16", "tiny"])
+  ap.add_argument(
+    "--preset", default="vitb16", choices=["vitb16", "tiny"], help="model dims (default vitb16)"
+  )
   ap.add_argument("--batch", type=int, default=64, help="training images per chip")
   ap.add_argument("--eval-windows", type=int, default=1, help="448x448 windows per chip (0: none)")
   ap.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation")
   ap.add_argument("--overlap", type=float, default=0.0, help="fraction of comm hidden by compute")
-  ap.add_argument("--json", dest="json_out", default=None)
+  ap.add_argument("--json", dest="json_out", default=None, help="also write the report here")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   return ap
 

@@ -7,7 +7,7 @@ the caller's devices. `python -m tcl_jax.evaluate` and the training loop both ru
 import concurrent.futures
 import logging
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -123,6 +123,7 @@ def evaluate_dataset(
   workers: int = 2,
   query_class: Optional[tuple] = None,
   heads: int = 1,
+  desc: Optional[str] = None,
 ):
   """Run the pipeline over a dataset; returns {"miou", "per_class_iou", "num_images",
   "num_skipped", "intersect", "union"} (percent; miou rounded to 2 decimals as mmseg reports
@@ -146,7 +147,7 @@ def evaluate_dataset(
   ds.num_skipped, ds.skipped = 0, []
   mine = list(range(jax.process_index(), len(ds), jax.process_count()))
   bar = (
-    tqdm(total=len(mine), desc=spec.name, unit="img", dynamic_ncols=True)
+    tqdm(total=len(mine), desc=desc or spec.name, unit="img", dynamic_ncols=True)
     if progress and jax.process_index() == 0
     else None
   )
@@ -232,8 +233,12 @@ def evaluate_tasks(
   *,
   mesh: Optional[jax.sharding.Mesh] = None,
   progress: bool = True,
+  labels: Optional[Sequence[str]] = None,
 ):
   """Evaluate a model on `tasks` ({name: SegDataset}, see open_datasets).
+
+  `labels` (one per head, e.g. "method sclip, protocol tcl") name the results in the progress
+  bar and the log lines, so that a grid's lines say which cell they are.
 
   Returns {task: {"miou", "per_class_iou", "num_images", "num_skipped"}, "average": float}, in
   percent; "average" is the mean of the task mIoUs (as the original's val/avg_miou). For a model
@@ -256,13 +261,20 @@ def evaluate_tasks(
         )
       window_fn = make_window_fn(model, params, text_cache[key], p, mesh=mesh)
       out = evaluate_dataset(
-        ds, window_fn, p, progress=progress, query_class=query_class, heads=heads
+        ds,
+        window_fn,
+        p,
+        progress=progress,
+        query_class=query_class,
+        heads=heads,
+        desc=f"{t} ({'; '.join(labels)})" if labels else t,
       )
-      for results, r in zip(per_head, out if heads > 1 else [out]):
+      for i, (results, r) in enumerate(zip(per_head, out if heads > 1 else [out])):
         results[t] = r
         logging.info(
-          "[%s] mIoU of %d images: %s%% (%d skipped)",
+          "[%s] %smIoU of %d images: %s%% (%d skipped)",
           t,
+          f"{labels[i]}: " if labels else "",
           r["num_images"],
           r["miou"],
           r["num_skipped"],
