@@ -81,52 +81,20 @@ def main(argv):
       "--checkpoint is required (a converted checkpoint directory, a "
       "training workdir or a PyTorch TCL file)"
     )
-  if not os.path.exists(FLAGS.checkpoint) and convert.hub_repo_id(FLAGS.checkpoint) is None:
-    config_files.usage_error(f"--checkpoint={FLAGS.checkpoint} does not exist")
-  problem = convert.directory_problem(FLAGS.checkpoint)  # before the data: it is named first
-  if problem:
-    config_files.usage_error(f"--checkpoint={problem}")
-  # Before any work: results.json is written only at the end (was: a traceback after it all).
-  problem = FLAGS.workdir and config_checks.workdir_problem(FLAGS.workdir)
-  if problem:
-    config_files.usage_error(problem)
   config_files.quiet_orbax_info()
   given = {f.split(".")[0] for f in config_files.overrides(sys.argv)}
-  config = config_for_checkpoint(FLAGS.config, FLAGS.checkpoint, given)
   # Several processes (a pod slice, a SLURM job): every process runs this command and evaluates
-  # its share of each benchmark; process 0 prints and writes the merged results.
-  sharding.maybe_initialize_distributed(config.get("distributed"))
-  problem = config_checks.eval_value_problem(config)  # also the values a workdir supplied
-  if problem:
-    config_files.usage_error(problem)
+  # its share of each benchmark; process 0 prints and writes the merged results. Each checks its
+  # own files and reads its own copy of the checkpoint; a mistake in one stops all of them at once,
+  # each with one line (not a timeout in the others).
+  sharding.maybe_initialize_distributed(FLAGS.config.get("distributed"))
   try:
-    methods, protocols = grid_axes(config)
-  except ValueError as e:
+    config, methods, protocols, tasks, params, models = sharding.in_every_process(
+      lambda: _prepare(FLAGS.config, given, FLAGS.checkpoint, FLAGS.workdir),
+      "the evaluation's setup",
+    )
+  except (_UsageError, sharding.OtherProcessFailed) as e:
     config_files.usage_error(str(e))
-  try:
-    # Check every task's data before loading the model.
-    tasks = zeroshot.open_datasets(config.tasks, config.data_root, config.max_images)
-  except (datasets.DataError, ValueError) as e:
-    config_files.usage_error(str(e))
-  for p in protocols:  # each protocol's class names for each task (SCLIP's: the 8 benchmarks)
-    protocol = zeroshot.Protocol.from_config(config, p, given)
-    try:
-      for t, ds in tasks.items():
-        evaluator.task_queries(ds.spec, protocol.for_task(t))
-    except ValueError as e:
-      config_files.usage_error(f"--config.protocol={p}: {e}")
-  # The training-free methods of the grid run as one model with a head each: the CLIP forward
-  # they share is computed once per window (kinds.zero_shot_methods).
-  free = [m for m in methods if m in kinds.METHODS]
-  try:
-    cfg, params = convert.load_any(FLAGS.checkpoint)
-    models = {m: kinds.zero_shot_model(cfg, m) for m in methods if m not in free}
-    if len(free) > 1:
-      models[tuple(free)] = kinds.zero_shot_methods(free, cfg)
-    elif free:
-      models[free[0]] = kinds.zero_shot_model(cfg, free[0])
-  except (ValueError, OSError) as e:
-    config_files.usage_error(f"cannot load checkpoint {FLAGS.checkpoint}: {e}")
   # This host's devices (several local devices: its windows split over them).
   mesh = sharding.local_mesh()
   grid = []
@@ -162,6 +130,57 @@ def main(argv):
       print(f"error: cannot write results.json in {FLAGS.workdir}: {e}", file=sys.stderr)
       sys.exit(1)
   sys.stdout.flush()
+
+
+class _UsageError(ValueError):
+  """A mistake found before any work starts: one line, exit status 2."""
+
+
+def _prepare(config, given: set, checkpoint: str, workdir: str | None):
+  """(config, methods, protocols, tasks, params, models), checked before any work starts; a
+  mistake raises _UsageError."""
+  if not os.path.exists(checkpoint) and convert.hub_repo_id(checkpoint) is None:
+    raise _UsageError(f"--checkpoint={checkpoint} does not exist")
+  problem = convert.directory_problem(checkpoint)  # before the data: it is named first
+  if problem:
+    raise _UsageError(f"--checkpoint={problem}")
+  # Before any work: results.json is written only at the end (was: a traceback after it all).
+  problem = workdir and config_checks.workdir_problem(workdir)
+  if problem:
+    raise _UsageError(problem)
+  config = config_for_checkpoint(config, checkpoint, given)
+  problem = config_checks.eval_value_problem(config)  # also the values a workdir supplied
+  if problem:
+    raise _UsageError(problem)
+  try:
+    methods, protocols = grid_axes(config)
+  except ValueError as e:
+    raise _UsageError(str(e)) from None
+  try:
+    # Check every task's data before loading the model.
+    tasks = zeroshot.open_datasets(config.tasks, config.data_root, config.max_images)
+  except (datasets.DataError, ValueError) as e:
+    raise _UsageError(str(e)) from None
+  for p in protocols:  # each protocol's class names for each task (SCLIP's: the 8 benchmarks)
+    protocol = zeroshot.Protocol.from_config(config, p, given)
+    try:
+      for t, ds in tasks.items():
+        evaluator.task_queries(ds.spec, protocol.for_task(t))
+    except ValueError as e:
+      raise _UsageError(f"--config.protocol={p}: {e}") from None
+  # The training-free methods of the grid run as one model with a head each: the CLIP forward
+  # they share is computed once per window (kinds.zero_shot_methods).
+  free = [m for m in methods if m in kinds.METHODS]
+  try:
+    cfg, params = convert.load_any(checkpoint)
+    models = {m: kinds.zero_shot_model(cfg, m) for m in methods if m not in free}
+    if len(free) > 1:
+      models[tuple(free)] = kinds.zero_shot_methods(free, cfg)
+    elif free:
+      models[free[0]] = kinds.zero_shot_model(cfg, free[0])
+  except (ValueError, OSError) as e:
+    raise _UsageError(f"cannot load checkpoint {checkpoint}: {e}") from None
+  return config, methods, protocols, tasks, params, models
 
 
 def grid_axes(config) -> tuple:

@@ -15,6 +15,7 @@ or one of size 1, stay replicated). So the shape alone reshapes a run, e.g. on a
 `--config.mesh.shape='(4,4)'` is 4-way data x 4-way FSDP, with no code or rule change.
 """
 
+import itertools
 import math
 import re
 from typing import Any, Sequence
@@ -49,6 +50,57 @@ def maybe_initialize_distributed(dist_config) -> None:
     kwargs["process_id"] = dist_config.process_id
   logging.info("jax.distributed.initialize(%s)", kwargs)
   jax.distributed.initialize(**kwargs)
+
+
+class OtherProcessFailed(ValueError):
+  """Raised by `in_every_process` in the processes where the work succeeded but not in another."""
+
+
+# One key prefix per `in_every_process` call: every process makes the same calls in the same order.
+_CALLS = itertools.count()
+# How long a process waits for the others to finish the same work (e.g. a slow host still reading
+# a checkpoint). A process that dies without a word is caught sooner by jax.distributed's
+# heartbeat (heartbeat_timeout_seconds, 100 s), which ends the others.
+WAIT_FOR_OTHERS_S = 3600
+
+
+def in_every_process(fn, what: str):
+  """`fn()` in each process of a multi-process run (every process calls this with the same work,
+  e.g. loading its copy of a checkpoint, checking its data), which then learn whether it failed
+  anywhere: a process where it failed raises its own exception; the others raise
+  OtherProcessFailed naming that process and its error. So one host's mistake stops every
+  process at once with one line, where a collective or a barrier after it would wait out a
+  timeout (Gloo's 30 s, orbax's) for a process that is gone. The outcomes travel through the
+  coordination service's key-value store (jax.distributed), not through the devices. One process
+  (or no jax.distributed): just `fn()`."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  client = distributed.global_state.client  # no public API for the key-value store
+  count, me = jax.process_count(), jax.process_index()
+  if count == 1 or client is None:
+    return fn()
+  key = f"tcl_jax/in_every_process/{next(_CALLS)}"
+  try:
+    result = fn()
+  except BaseException as e:
+    why = (str(e).strip().splitlines() or [""])[0]
+    if not why or not isinstance(e, ValueError | OSError):  # never "" (that says: done)
+      why = f"{type(e).__name__}: {why}".rstrip(": ")
+    client.key_value_set(f"{key}/{me}", why)
+    raise
+  client.key_value_set(f"{key}/{me}", "")
+  for p in range(count):
+    if p == me:
+      continue
+    try:
+      error = client.blocking_key_value_get(f"{key}/{p}", WAIT_FOR_OTHERS_S * 1000)
+    except Exception as e:  # pylint: disable=broad-except
+      raise OtherProcessFailed(
+        f"{what}: no word from process {p} of {count} ({str(e).splitlines()[0][:200]})"
+      ) from None
+    if error:
+      raise OtherProcessFailed(f"{what} failed in process {p} of {count}: {error}")
+  return result
 
 
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:

@@ -12,8 +12,11 @@ CPU collectives between the processes go through gloo (jax 0.12's default
 `jax_cpu_collectives_implementation`, so nothing is configured for it). The data axis of the
 data=4 x fsdp=2 mesh spans the processes; fsdp pairs lie within one.
 
+Also: two processes started from a converted checkpoint directory (`config.init_checkpoint`, each
+process reading its own copy) == one process started from it.
+
 The test module doubles as the worker: `python tests/test_multihost.py WORKDIR PROCESS_ID PORT
-TOTAL_STEPS OUT [SIGTERM_AT_BATCH]` runs one process of the two-process job.
+TOTAL_STEPS OUT [SIGTERM_AT_BATCH [INIT_CHECKPOINT]]` runs one process of the two-process job.
 """
 
 import json
@@ -111,7 +114,7 @@ def _flat(tree):
 # ------------------------------------------------------------------------------------------------
 
 
-def worker(workdir, process_id, port, total_steps, out, sigterm_at=-1):
+def worker(workdir, process_id, port, total_steps, out, sigterm_at=-1, init_checkpoint=""):
   import jax  # pylint: disable=g-import-not-at-top
 
   # 4 devices per process whatever XLA_FLAGS says (conftest, imported by test_train, appends
@@ -125,6 +128,7 @@ def worker(workdir, process_id, port, total_steps, out, sigterm_at=-1):
   from tcl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
 
   config = make_config(total_steps)
+  config.init_checkpoint = init_checkpoint
   config.distributed.update(
     initialize=True,
     coordinator_address=f"127.0.0.1:{port}",
@@ -166,7 +170,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1):
+def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1, init_checkpoint=""):
   """Runs both processes to completion; returns their JSON results and params."""
   port = _free_port()
   env = dict(os.environ)
@@ -187,6 +191,7 @@ def _run_job(tmp_path, name, workdir, total_steps, sigterm_at=-1):
       str(total_steps),
       str(tmp_path / f"{name}_{p}"),
       str(sigterm_at if p == 1 else -1),
+      str(init_checkpoint),
     ]
     with open(log_path, "w") as log:
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -318,6 +323,65 @@ def test_two_processes_train_preempt_and_resume_like_one(tmp_path):
   assert any(not np.allclose(ref_params[k], ref_at_stop[k]) for k in ref_params)
 
 
+def test_two_processes_start_from_a_converted_checkpoint_like_one(tmp_path):
+  """`config.init_checkpoint` = a converted directory (the recipe on a pod starts from converted
+  CLIP weights): every process reads it onto its own devices. Before, process 1 failed at once
+  (orbax restored every array onto global device 0, which only process 0 has)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from test_train import FakeIterator  # pylint: disable=g-import-not-at-top
+  from test_train import assert_same_updates  # pylint: disable=g-import-not-at-top
+  from test_train import flat  # pylint: disable=g-import-not-at-top
+
+  from tcl_jax.train import loop as train  # pylint: disable=g-import-not-at-top
+  from tcl_jax.train import optim  # pylint: disable=g-import-not-at-top
+  from tcl_jax.weights import model_files  # pylint: disable=g-import-not-at-top
+
+  steps = 2
+  config = make_config(steps)
+  model = kinds.build_model(config)
+  # Weights other than the run's random init (seed 7): frozen leaves equal to them below show
+  # that both runs started from the file. Saved from one device, as `python -m tcl_jax.convert`
+  # saves (orbax records that device; host arrays would record none).
+  on_device = jax.jit(model.init)(jax.random.key(7))
+  assert len(jax.tree.leaves(on_device)[0].devices()) == 1
+  ckpt = tmp_path / "converted"
+  model_files.save_checkpoint(ckpt, model.cfg, on_device)
+  start = jax.device_get(on_device)
+
+  multi = _run_job(tmp_path, "init", tmp_path / "multi", steps, init_checkpoint=ckpt)
+
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    config.init_checkpoint = str(ckpt)
+    ref_state, ref_hist = train.train_and_evaluate(
+      config, str(tmp_path / "single"), train_iter=FakeIterator(GLOBAL_BATCH, 32)
+    )
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+  ref_losses = {h["step"]: h["loss"] for h in ref_hist if "loss" in h}
+  assert sorted(ref_losses) == list(range(1, steps + 1))
+  labels = flat(
+    optim.param_labels(
+      jax.eval_shape(model.init, jax.random.key(0)),
+      config.optim.frozen_regex,
+      config.optim.ust_regex,
+    )
+  )
+  for p, r in enumerate(multi):
+    assert r["step"] == steps
+    for s, loss in r["losses"].items():
+      np.testing.assert_allclose(loss, ref_losses[s], rtol=1e-5, err_msg=f"process {p} step {s}")
+    assert_same_updates(
+      r["params"],
+      _flat(jax.device_get(ref_state.params)),
+      _flat(start),
+      labels,
+      f"process {p} params after {steps} steps from the checkpoint",
+      rel=REL,
+    )
+
+
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # test_train, conftest
   _workdir, _pid, _port, _total, _out = sys.argv[1:6]
@@ -328,4 +392,5 @@ if __name__ == "__main__":
     int(_total),
     _out,
     int(sys.argv[6]) if len(sys.argv) > 6 else -1,
+    sys.argv[7] if len(sys.argv) > 7 else "",
   )

@@ -46,7 +46,11 @@ def initial_params(
   if config.get("init_checkpoint"):
     path = checkpointing.expand_workdir(config.init_checkpoint, workdir)
     logging.info("Initialising parameters from %s", path)
-    params = model.load(path)
+    # Each process reads its own copy onto its own devices (placed below); one that fails stops
+    # every process at once, each with one line.
+    params = sharding.in_every_process(
+      lambda: model.load(path), f"loading config.init_checkpoint={config.init_checkpoint}"
+    )
     if abstract_params is not None:
       params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, abstract_params)
     return params if params_sharding is None else jax.device_put(params, params_sharding)

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,8 +144,48 @@ _UNRETRIEVED = _UnretrievedReadErrors()
 logging.getLogger("asyncio").addFilter(_UNRETRIEVED)
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """orbax options for a read by this process alone. In a multi-process run every process reads
+  the same files on its own: orbax's default barriers after a restore would make one process's
+  failure a timeout in the others (tcl_jax.sharding.in_every_process reports it instead)."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _as_host_arrays(target):
+  """Restore arguments that read every leaf as a numpy array: no jax device is involved, so no
+  process reads onto (or waits for) another's devices. The caller places the result."""
+  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+
+
+def _mismatch(tree, target) -> list:
+  """How `tree` (arrays or orbax's ArrayMetadata) differs from the config's shapes `target`."""
+  have = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  want = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  problems = [f"missing {k}" for k in want if k not in have]
+  problems += [f"unexpected {k}" for k in have if k not in want]
+  for k, t in want.items():
+    x = have.get(k)
+    if x is not None and (tuple(x.shape) != tuple(t.shape) or np.dtype(x.dtype) != t.dtype):
+      problems.append(
+        f"{k} is {np.dtype(x.dtype)}{list(x.shape)}, the config implies {t.dtype}{list(t.shape)}"
+      )
+  return problems
+
+
+def _on_local_device(params, target, where: str):
+  """Restored host arrays, checked against the config's shapes, on this process's first device
+  (where every other checkpoint form's arrays land: jnp.asarray's default device)."""
+  problems = _mismatch(params, target)
+  if problems:
+    raise ConversionError(f"{where} does not match its config: {listing(problems)}")
+  return jax.device_put(params, jax.local_devices()[0])
+
+
 def load_checkpoint(directory):
-  """A directory written by `save_checkpoint` (or `python -m tcl_jax.convert`) -> (cfg, params).
+  """A directory written by `save_checkpoint` (or `python -m tcl_jax.convert`) -> (cfg, params),
+  read by this process alone (any process of a multi-process run; no barrier) onto its first
+  local device.
 
   A damaged one (a file under params/ missing or truncated, a broken config.json) raises one
   ValueError naming the directory."""
@@ -165,16 +206,30 @@ def load_checkpoint(directory):
   # Before the restore: the callbacks can come before a failure reaches the except clause.
   _drop_closed_loop_callbacks()
   _UNRETRIEVED.directories.add(params_dir)
+  options = _this_process_only()
+  params, problems = None, []
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(params_dir, target)
+    handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=options)
+    with ocp.Checkpointer(handler, multiprocessing_options=options) as ckptr:
+      # orbax's record of the saved tree (_METADATA): without it the copy is incomplete.
+      problems = _mismatch(handler.metadata(epath.Path(params_dir)).tree, target)
+      if not problems:
+        restore_args = _as_host_arrays(target)
+        params = ckptr.restore(
+          params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+        )
   except Exception as e:  # pylint: disable=broad-except
     # orbax/tensorstore raise plain Exceptions whose text spans pages; one line is what helps.
+    # What fails here is a file read, the same in one process as in many.
     raise ValueError(
       f"the checkpoint {directory} is damaged: its params/ cannot be read "
       f"({_root_cause(e)}); convert or copy it again"
     ) from None
-  return cfg, params
+  if problems:
+    raise ConversionError(
+      f"the checkpoint {directory} does not match its config.json: {listing(problems)}"
+    )
+  return cfg, _on_local_device(params, target, f"the checkpoint {directory}")
 
 
 def save_safetensors(path, cfg: tcl_lib.TCLConfig, params) -> None:
@@ -261,23 +316,25 @@ def load_training_checkpoint(workdir, step: Optional[int] = None):
     raise ValueError(f"{config_path} has no 'model' section")
   cfg = _config_from_dict(model, f"the 'model' section of {config_path}")
   ckpt_dir = checkpointing.checkpoints_dir(workdir)
-  with ocp.CheckpointManager(ckpt_dir, item_names=checkpointing.ITEMS) as mngr:
+  # This process alone, reading only (every process of a multi-process run does the same).
+  options = ocp.CheckpointManagerOptions(
+    read_only=True, create=False, multiprocessing_options=_this_process_only()
+  )
+  with ocp.CheckpointManager(ckpt_dir, options=options, item_names=checkpointing.ITEMS) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
     # Restore only the parameters (not the optimizer state) into the model's shapes.
     target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
-    on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = mngr.restore(
       step,
       args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
           item={"params": target},
-          restore_args=jax.tree.map(
-            lambda _: ocp.ArrayRestoreArgs(sharding=on_device), {"params": target}
-          ),
+          restore_args=_as_host_arrays({"params": target}),
           partial_restore=True,
         )
       ),
     )
-  return cfg, restored["state"]["params"]
+  params = restored["state"]["params"]
+  return cfg, _on_local_device(params, target, f"the step {step} checkpoint of {workdir}")
