@@ -144,10 +144,6 @@ def _prepare(config, given: set, checkpoint: str, workdir: str | None):
   problem = convert.directory_problem(checkpoint)  # before the data: it is named first
   if problem:
     raise _UsageError(f"--checkpoint={problem}")
-  # Before any work: results.json is written only at the end (was: a traceback after it all).
-  problem = workdir and config_checks.workdir_problem(workdir)
-  if problem:
-    raise _UsageError(problem)
   config = config_for_checkpoint(config, checkpoint, given)
   problem = config_checks.eval_value_problem(config)  # also the values a workdir supplied
   if problem:
@@ -180,6 +176,14 @@ def _prepare(config, given: set, checkpoint: str, workdir: str | None):
       models[free[0]] = kinds.zero_shot_model(cfg, free[0])
   except (ValueError, OSError) as e:
     raise _UsageError(f"cannot load checkpoint {checkpoint}: {e}") from None
+  # Before any evaluation: results.json is written only at the end (was: a traceback after it
+  # all). Only process 0 writes it, so only it checks; without creating the workdir, so that a
+  # setup that fails in another process leaves nothing behind.
+  problem = (
+    workdir and jax.process_index() == 0 and config_checks.workdir_problem(workdir, create=False)
+  )
+  if problem:
+    raise _UsageError(problem)
   return config, methods, protocols, tasks, params, models
 
 

@@ -126,13 +126,19 @@ def value_problem(config, flag: str = "config") -> str | None:
   return eval_value_problem(config, flag)
 
 
-def workdir_problem(workdir: str, flag: str = "--workdir") -> str | None:
-  """Why `workdir` cannot hold a run's output (None: it can). Creates it when missing."""
+def workdir_problem(workdir: str, flag: str = "--workdir", create: bool = True) -> str | None:
+  """Why `workdir` cannot hold a run's output (None: it can). Creates it when missing, unless
+  `create` is False: then the nearest folder that exists must take a file (nothing is left)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     return f"{flag}={workdir} is a file; give a directory (it is created if missing)"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
+    probe = workdir
+    if create:
+      os.makedirs(workdir, exist_ok=True)
+    else:
+      while not os.path.isdir(probe) and os.path.dirname(os.path.abspath(probe)) != probe:
+        probe = os.path.dirname(os.path.abspath(probe))
+    with tempfile.TemporaryFile(dir=probe):
       pass
   except OSError as e:
     return (
