@@ -35,9 +35,9 @@ from PIL import ImageDraw
 from PIL import ImageFont
 from PIL import ImageOps
 
-from tcl_jax import convert
 from tcl_jax import kinds
 from tcl_jax import zeroshot
+from tcl_jax.weights import loading
 from tcl_jax.zeroshot import pipeline
 from tcl_jax.zeroshot import prompts
 
@@ -241,8 +241,8 @@ def load_model(checkpoint: str, clip: Optional[str] = None):
   """(cfg, params) from a converted directory, a training workdir or a PyTorch file; `clip`
   (OpenAI's ViT-B-16.pt) completes a minimal release tcl.pth. Raises ValueError / OSError."""
   if clip:
-    return convert.load_any(checkpoint, clip=clip)
-  return convert.load_any(checkpoint)
+    return loading.load_any(checkpoint, clip=clip)
+  return loading.load_any(checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from tcl_jax import convert
 from tcl_jax import kinds
 from tcl_jax import sharding
 from tcl_jax import zeroshot
 from tcl_jax.cli import config_checks
 from tcl_jax.cli import config_files
 from tcl_jax.train import checkpointing
+from tcl_jax.weights import loading
 from tcl_jax.zeroshot import datasets
 from tcl_jax.zeroshot import evaluator
 from tcl_jax.zeroshot import report
@@ -139,9 +139,9 @@ class _UsageError(ValueError):
 def _prepare(config, given: set, checkpoint: str, workdir: str | None):
   """(config, methods, protocols, tasks, params, models), checked before any work starts; a
   mistake raises _UsageError."""
-  if not os.path.exists(checkpoint) and convert.hub_repo_id(checkpoint) is None:
+  if not os.path.exists(checkpoint) and loading.hub_repo_id(checkpoint) is None:
     raise _UsageError(f"--checkpoint={checkpoint} does not exist")
-  problem = convert.directory_problem(checkpoint)  # before the data: it is named first
+  problem = loading.directory_problem(checkpoint)  # before the data: it is named first
   if problem:
     raise _UsageError(f"--checkpoint={problem}")
   config = config_for_checkpoint(config, checkpoint, given)
@@ -168,7 +168,7 @@ def _prepare(config, given: set, checkpoint: str, workdir: str | None):
   # they share is computed once per window (kinds.zero_shot_methods).
   free = [m for m in methods if m in kinds.METHODS]
   try:
-    cfg, params = convert.load_any(checkpoint)
+    cfg, params = loading.load_any(checkpoint)
     models = {m: kinds.zero_shot_model(cfg, m) for m in methods if m not in free}
     if len(free) > 1:
       models[tuple(free)] = kinds.zero_shot_methods(free, cfg)

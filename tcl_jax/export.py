@@ -3,7 +3,7 @@
   python -m tcl_jax.export CKPT --output model.safetensors [--clip CLIP] [--text_heads N]
       [--vision_heads N]
 
-CKPT is anything the front ends take (`tcl_jax.convert.load_any`): a converted directory, a
+CKPT is anything the front ends take (`tcl_jax.weights.loading.load_any`): a converted directory, a
 training workdir, a PyTorch file (the official tcl.pth with `--clip ViT-B-16.pt`), a transformers
 CLIP directory or a Hugging Face Hub id. The file holds every parameter, the frozen CLIP towers
 included, under its flax path ('clip/visual/conv1/kernel', ...), and the model config as JSON in
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from tcl_jax import convert
+from tcl_jax.weights import loading
 from tcl_jax.weights import model_files
 
 
@@ -66,7 +67,7 @@ def main(argv=None):
     if v is not None
   }
   try:
-    cfg, params = convert.load_any(args.checkpoint, **overrides)
+    cfg, params = loading.load_any(args.checkpoint, **overrides)
   except (ValueError, OSError) as e:
     print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
     return 2

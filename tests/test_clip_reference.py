@@ -1,7 +1,7 @@
 """The converter's name mapping, checked without any fixture: a CLIP state dict in OpenAI's key
 layout, built here with random values for every tensor (LayerNorm gains and biases included, so
 that each tensor's place matters), written as a PyTorch file (tests/torch_files.py), converted by
-`tcl_jax.convert.load_torch`, and run by our towers, against a float64 numpy forward of OpenAI's
+`tcl_jax.weights.loading.load_torch`, and run by our towers, against a float64 numpy forward of OpenAI's
 CLIP written from its model.py (pre-LN residual blocks: x + attn(ln_1(x)), x + mlp(ln_2(x)),
 QuickGELU; class token + ln_post + proj; causal text tower, ln_final, EOT pooling, projection)."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch_files  # tests/torch_files.py: PyTorch zip checkpoints without torch
 
-from tcl_jax import convert
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.weights import loading
 
 # Small dims; two heads per tower, so the head split matters.
 EMBED, RES, PATCH, VW, VL, VH = 16, 32, 8, 32, 2, 2
@@ -138,7 +138,7 @@ def converted(tmp_path_factory):
   sd = openai_state_dict()
   path = tmp_path_factory.mktemp("clip") / "clip_openai.pt"
   torch_files.save(torch_files.state_dict(sd), path)
-  cfg, params = convert.load_torch(str(path), vision_heads=VH, text_heads=TH)
+  cfg, params = loading.load_torch(str(path), vision_heads=VH, text_heads=TH)
   return sd, cfg, params
 
 
@@ -201,7 +201,7 @@ def test_a_gelu_clip_computes_the_exact_gelu(tmp_path):
   sd = openai_state_dict()
   path = tmp_path / "clip_openai.pt"
   torch_files.save(torch_files.state_dict(sd), path)
-  cfg, params = convert.load_torch(str(path), vision_heads=VH, text_heads=TH, hidden_act="gelu")
+  cfg, params = loading.load_torch(str(path), vision_heads=VH, text_heads=TH, hidden_act="gelu")
   assert cfg.clip.hidden_act == "gelu"
   images = np.random.default_rng(1).normal(size=(3, RES, RES, 3)).astype(np.float32)
   want = reference_image_embedding(sd, images, act="gelu")

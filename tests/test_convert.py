@@ -16,6 +16,7 @@ import torch_files
 from tcl_jax import convert
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.weights import key_maps as convert_maps
+from tcl_jax.weights import loading
 from tcl_jax.weights import model_files
 from tcl_jax.weights import torch_pickle
 
@@ -64,8 +65,8 @@ def _minimal(tmp_path, drop=("clip_",), name="tcl.pth", edit=None):
 
 @needs_fixture
 def test_openai_plain_and_torchscript_give_identical_params():
-  cfg_a, pa = convert.load_torch(FIXTURE / "clip_openai.pt", text_heads=2)
-  cfg_b, pb = convert.load_torch(FIXTURE / "clip_openai_jit.pt", text_heads=2)
+  cfg_a, pa = loading.load_torch(FIXTURE / "clip_openai.pt", text_heads=2)
+  cfg_b, pb = loading.load_torch(FIXTURE / "clip_openai_jit.pt", text_heads=2)
   assert cfg_a == cfg_b
   la, lb = _leaves(pa), _leaves(pb)
   assert la.keys() == lb.keys()
@@ -75,7 +76,7 @@ def test_openai_plain_and_torchscript_give_identical_params():
 
 @needs_fixture
 def test_config_inferred_from_shapes_like_build_model():
-  cfg, _ = convert.load_torch(FIXTURE / "clip_openai.pt")
+  cfg, _ = loading.load_torch(FIXTURE / "clip_openai.pt")
   c = cfg.clip
   assert (
     c.embed_dim,
@@ -92,15 +93,15 @@ def test_config_inferred_from_shapes_like_build_model():
   )
   assert c.vision_heads == 2 and c.transformer_heads == 1  # width // 64, as the original
   assert cfg.ie_freeze == 3  # CLIP-only: last block becomes the masker (paper: 11 of 12)
-  cfg_t, _ = convert.load_torch(FIXTURE / "tcl_reference.pth", text_heads=2)
+  cfg_t, _ = loading.load_torch(FIXTURE / "tcl_reference.pth", text_heads=2)
   assert cfg_t.ie_freeze == 3 and cfg_t.decoder_n_layers == 2 and cfg_t.decoder_double
   assert cfg_t.clip.transformer_heads == 2
 
 
 @needs_fixture
 def test_tcl_and_openai_layouts_hold_the_same_clip():
-  _, p_tcl = convert.load_torch(FIXTURE / "tcl_reference.pth", text_heads=2)
-  _, p_oai = convert.load_torch(FIXTURE / "clip_openai.pt", text_heads=2)
+  _, p_tcl = loading.load_torch(FIXTURE / "tcl_reference.pth", text_heads=2)
+  _, p_oai = loading.load_torch(FIXTURE / "clip_openai.pt", text_heads=2)
   lt, lo = _leaves(p_tcl["clip"]), _leaves(p_oai["clip"])
   assert lt.keys() == lo.keys()
   for k in lt:
@@ -125,7 +126,7 @@ def test_tcl_and_openai_layouts_hold_the_same_clip():
 @needs_fixture
 def test_round_trip_to_torch_layout_is_exact():
   sd = torch_pickle.load_state_dict(FIXTURE / "tcl_reference.pth")
-  cfg, params = convert.convert_state_dict(sd, text_heads=2)
+  cfg, params = loading.convert_state_dict(sd, text_heads=2)
   back = convert_maps.to_torch_state_dict(cfg, params)
   assert set(back) == {k for k in sd if not k.startswith("pamr.")}
   for k, v in back.items():
@@ -140,7 +141,7 @@ def test_tampered_state_dicts_fail_listing_every_problem():
   bad["masker.image_encoder.decoder.image_proj.proj"] = np.zeros((128, 65), np.float32)
   bad["masker.extra_head.weight"] = np.zeros((3,), np.float32)
   with pytest.raises(model_files.ConversionError) as e:
-    convert.convert_state_dict(bad, text_heads=2)
+    loading.convert_state_dict(bad, text_heads=2)
   msg = str(e.value)
   assert "3 problem(s)" in msg
   assert "missing key masker.sim2mask.b" in msg
@@ -148,24 +149,24 @@ def test_tampered_state_dicts_fail_listing_every_problem():
   assert "unexpected key masker.extra_head.weight" in msg
   assert "pamr" not in msg  # known buffers are skipped by name
   with pytest.raises(model_files.ConversionError, match="unrecognised checkpoint layout"):
-    convert.convert_state_dict({"foo.weight": np.zeros(3)})
+    loading.convert_state_dict({"foo.weight": np.zeros(3)})
 
 
 @needs_fixture
 @pytest.mark.parametrize("clip_file", ["clip_openai_jit.pt", "clip_openai.pt"])
 def test_minimal_tcl_file_with_clip_file_equals_full_file(tmp_path, capsys, clip_file):
-  _, full = convert.load_torch(FIXTURE / "tcl_reference.pth", **_heads())
+  _, full = loading.load_torch(FIXTURE / "tcl_reference.pth", **_heads())
   capsys.readouterr()
   minimal = _minimal(tmp_path)
   assert not any(k.startswith("clip_") for k in torch_pickle.load_state_dict(minimal))
-  cfg, params = convert.load_torch(minimal, clip=FIXTURE / clip_file, **_heads())
-  assert cfg == convert.load_torch(FIXTURE / "tcl_reference.pth", **_heads())[0]
+  cfg, params = loading.load_torch(minimal, clip=FIXTURE / clip_file, **_heads())
+  assert cfg == loading.load_torch(FIXTURE / "tcl_reference.pth", **_heads())[0]
   _assert_same(params, full)
   assert capsys.readouterr().err == ""  # nothing filled in, nothing said
 
   # Without the loss temperatures too: they take the original's initial value, said in one line.
   minimal = _minimal(tmp_path, drop=("clip_", "tcli_loss.", "tclf_loss."))
-  _, params = convert.load_torch(minimal, clip=FIXTURE / clip_file, **_heads())
+  _, params = loading.load_torch(minimal, clip=FIXTURE / clip_file, **_heads())
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and err[0].startswith("note:"), err
   assert "tcli_loss.logit_scale" in err[0] and "tclf_loss.logit_scale" in err[0]
@@ -182,17 +183,17 @@ def test_minimal_tcl_file_with_clip_file_equals_full_file(tmp_path, capsys, clip
 @needs_fixture
 def test_keys_of_the_tcl_file_win_over_the_clip_file(tmp_path):
   heads = _heads()
-  _, full = convert.load_torch(FIXTURE / "tcl_reference.pth", **heads)
+  _, full = loading.load_torch(FIXTURE / "tcl_reference.pth", **heads)
   # A CLIP file unlike the TCL file's CLIP: every tensor shifted by one.
   other = {k: v + 1 for k, v in torch_pickle.load_state_dict(FIXTURE / "clip_openai.pt").items()}
   other_clip = torch_files.save(torch_files.state_dict(other), tmp_path / "other_clip.pt")
-  _, from_other = convert.load_torch(other_clip, **heads)
+  _, from_other = loading.load_torch(other_clip, **heads)
   # A full TCL file keeps its own CLIP towers.
-  _, params = convert.load_torch(FIXTURE / "tcl_reference.pth", clip=other_clip, **heads)
+  _, params = loading.load_torch(FIXTURE / "tcl_reference.pth", clip=other_clip, **heads)
   _assert_same(params, full)
   # Key by key: the text tower comes from the CLIP file only where the TCL file lacks it.
   no_text = _minimal(tmp_path, drop=("clip_text_encoder.",))
-  _, params = convert.load_torch(no_text, clip=other_clip, **heads)
+  _, params = loading.load_torch(no_text, clip=other_clip, **heads)
   _assert_same(params["clip"]["text"], from_other["clip"]["text"])
   _assert_same(params["clip"]["visual"], full["clip"]["visual"])
   _assert_same(params["masker"], full["masker"])
@@ -214,7 +215,7 @@ def test_keys_of_the_tcl_file_are_checked_against_the_clip_file(tmp_path):
     },
   )
   with pytest.raises(model_files.ConversionError) as e:
-    convert.load_torch(bad, clip=FIXTURE / "clip_openai_jit.pt", **heads)
+    loading.load_torch(bad, clip=FIXTURE / "clip_openai_jit.pt", **heads)
   msg = str(e.value)
   assert "\n" not in msg and "3 problem(s)" in msg, msg
   assert "shape mismatch for clip_text_encoder.text_projection: checkpoint (64, 65)" in msg
@@ -229,12 +230,12 @@ def test_keys_of_the_tcl_file_are_checked_against_the_clip_file(tmp_path):
     model_files.ConversionError,
     match=r"1 problem\(s\): unexpected key visual\.extra \(in the CLIP file\)",
   ):
-    convert.load_torch(_minimal(tmp_path), clip=clip, **heads)
+    loading.load_torch(_minimal(tmp_path), clip=clip, **heads)
   # --clip must be OpenAI's CLIP, and it completes TCL files only.
   with pytest.raises(model_files.ConversionError, match="must be OpenAI's CLIP"):
-    convert.load_torch(_minimal(tmp_path), clip=FIXTURE / "tcl_reference.pth", **heads)
+    loading.load_torch(_minimal(tmp_path), clip=FIXTURE / "tcl_reference.pth", **heads)
   with pytest.raises(model_files.ConversionError, match="completes a TCL checkpoint"):
-    convert.load_torch(FIXTURE / "clip_openai.pt", clip=FIXTURE / "clip_openai.pt", **heads)
+    loading.load_torch(FIXTURE / "clip_openai.pt", clip=FIXTURE / "clip_openai.pt", **heads)
 
 
 @needs_fixture
@@ -264,8 +265,8 @@ def test_original_training_checkpoint_converts_like_its_model(tmp_path):
     },
     tmp_path / "ckpt_5_miou35.38.pth",
   )
-  _, full = convert.load_torch(FIXTURE / "tcl_reference.pth", **_heads())
-  _, params = convert.load_torch(ckpt, **_heads())
+  _, full = loading.load_torch(FIXTURE / "tcl_reference.pth", **_heads())
+  _, params = loading.load_torch(ckpt, **_heads())
   _assert_same(params, full)
 
 
@@ -294,7 +295,7 @@ def test_cli_converts_a_minimal_file_with_clip(tmp_path):
   note = [ln for ln in r.stderr.splitlines() if "logit_scale" in ln]
   assert len(note) == 1 and note[0].startswith("note:"), r.stderr
   _, params = model_files.load_checkpoint(out)
-  _, ref = convert.load_torch(minimal, clip=FIXTURE / "clip_openai_jit.pt", **_heads())
+  _, ref = loading.load_torch(minimal, clip=FIXTURE / "clip_openai_jit.pt", **_heads())
   _assert_same(params, ref)
 
 
@@ -336,7 +337,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
   f = tmp_path / "notes.pth"
   f.write_text("hello")
   with pytest.raises(ValueError):
-    convert.load_torch(f)
+    loading.load_torch(f)
   with pytest.raises(FileNotFoundError, match="no config.json"):
     model_files.load_checkpoint(tmp_path)
 
@@ -362,7 +363,7 @@ def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path):
   assert "converted" in r.stdout
   assert json.loads((out / "config.json").read_text())["ie_freeze"] == 3
   cfg, params = model_files.load_checkpoint(out)
-  _, ref = convert.load_torch(FIXTURE / "clip_openai_jit.pt", text_heads=2)
+  _, ref = loading.load_torch(FIXTURE / "clip_openai_jit.pt", text_heads=2)
   la, lb = _leaves(params), _leaves(ref)
   assert la.keys() == lb.keys()
   for k in la:
@@ -433,7 +434,7 @@ def test_cli_heads_are_checked_against_the_width_and_reported(tmp_path, capsys):
   assert line.startswith("error: --text_heads 3 does not divide the text tower's width 64"), line
   assert not (tmp_path / "a").exists()
   with pytest.raises(model_files.ConversionError, match="--vision_heads 5 does not divide"):
-    convert.load_torch(FIXTURE / "clip_openai.pt", vision_heads=5)
+    loading.load_torch(FIXTURE / "clip_openai.pt", vision_heads=5)
   # Heads are not in tensor shapes: the summary says which were given and which were assumed.
   r = _main(capsys, FIXTURE / "tcl_reference.pth", "--text_heads", "2", "--output", tmp_path / "b")
   assert r.returncode == 0, r.stderr
@@ -492,7 +493,7 @@ def test_damaged_converted_checkpoint_is_one_line(tmp_path):
     shutil.copytree(tmp_path / "good", d)
     pick(d / "params").unlink()
     with pytest.raises(ValueError) as e:
-      convert.load_any(str(d))
+      loading.load_any(str(d))
     msg = str(e.value)
     assert (
       msg.startswith(f"the checkpoint {d} is damaged: its params/ cannot be read (")
@@ -534,9 +535,9 @@ def test_damaged_converted_checkpoint_is_one_line(tmp_path):
   # Nothing after the error: the reads still in flight when orbax gave up (their callbacks into
   # its closed event loop printed dozens of tracebacks, on about every other load) stay silent.
   code = (
-    "import sys, time; from tcl_jax import convert\n"
+    "import sys, time; from tcl_jax.weights import loading\n"
     "for _ in range(4):\n"
-    "  try: convert.load_any(sys.argv[1])\n"
+    "  try: loading.load_any(sys.argv[1])\n"
     "  except ValueError: pass\n"
     "time.sleep(0.5)"
   )
@@ -546,8 +547,8 @@ def test_damaged_converted_checkpoint_is_one_line(tmp_path):
   # as asyncio's "Future exception was never retrieved"), so that path is driven here for certain:
   # an unread failed read naming this checkpoint is dropped, one naming another path is not.
   code = (
-    "import asyncio, gc, sys; from tcl_jax import convert\n"
-    "try: convert.load_any(sys.argv[1])\n"
+    "import asyncio, gc, sys; from tcl_jax.weights import loading\n"
+    "try: loading.load_any(sys.argv[1])\n"
     "except ValueError: pass\n"
     "loop = asyncio.new_event_loop()\n"
     "for where in (sys.argv[1] + '/params/', '/elsewhere/params/'):\n"

@@ -16,8 +16,8 @@ import safetensors
 import safetensors.numpy
 
 import tcl_jax
-from tcl_jax import convert
 from tcl_jax.models import tcl as tcl_lib
+from tcl_jax.weights import loading
 from tcl_jax.weights import model_files
 
 HF_DIR = (
@@ -98,7 +98,7 @@ def test_export_round_trip_is_bitwise_exact(model, exported):
   cfg2, params2 = model_files.load_safetensors(exported)
   assert cfg2 == cfg
   _assert_bitwise(params2, params)
-  _assert_bitwise(convert.load_any(str(exported))[1], params)
+  _assert_bitwise(loading.load_any(str(exported))[1], params)
   _assert_bitwise(tcl_jax.from_pretrained(exported)[1], params)
   # A directory holding the file (what a Hub snapshot of a published repo is) loads the same.
   d = exported.parent / "repo"
@@ -133,7 +133,7 @@ def test_bad_files_are_one_line(model, exported, tmp_path):
   for name, want in cases.items():
     path = tmp_path / f"{name}.safetensors"
     with pytest.raises(ValueError) as e:
-      convert.load_any(str(path))
+      loading.load_any(str(path))
     assert want in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
   if HF_DIR.is_dir():  # transformers' own weights file: pointed at its directory
     with pytest.raises(ValueError, match="give its directory"):

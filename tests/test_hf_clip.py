@@ -20,9 +20,9 @@ import pytest
 import safetensors.numpy
 import torch_files
 
-from tcl_jax import convert
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.weights import hf_clip  # sets up transformers quietly (no torch)
+from tcl_jax.weights import loading
 from tcl_jax.weights import model_files
 from tcl_jax.weights import torch_pickle
 
@@ -111,7 +111,7 @@ def _edit_weights(d, fn):
 
 @needs_hf
 def test_converted_model_reproduces_transformers_outputs():
-  cfg, params = convert.load_any(HF_DIR)
+  cfg, params = loading.load_any(HF_DIR)
   ref = np.load(HF / "hf_reference.npz")
   c, cc = params["clip"], cfg.clip
   assert (cc.vision_heads, cc.transformer_heads) == (4, 2)  # from config.json, not width // 64
@@ -258,8 +258,8 @@ def tcl_clip_in_hf_names(tmp_path):
 
 @needs_tcl
 def test_openai_clip_in_hf_names_converts_to_the_same_params(tcl_clip_in_hf_names):
-  cfg_hf, p_hf = convert.load_any(tcl_clip_in_hf_names)
-  cfg_oai, p_oai = convert.load_torch(TCL / "clip_openai.pt", **_tcl_heads())
+  cfg_hf, p_hf = loading.load_any(tcl_clip_in_hf_names)
+  cfg_oai, p_oai = loading.load_torch(TCL / "clip_openai.pt", **_tcl_heads())
   assert cfg_hf == cfg_oai
   _assert_same(p_hf, p_oai)  # the CLIP towers and the masker initialised from them
 
@@ -274,24 +274,24 @@ def test_hf_clip_completes_the_minimal_release_file_like_the_full_file(
     if not k.startswith("clip_")
   }
   minimal = torch_files.save({"model": torch_files.state_dict(sd)}, tmp_path / "tcl.pth")
-  cfg_full, full = convert.load_torch(TCL / "tcl_reference.pth", **_tcl_heads())
-  cfg, params = convert.load_torch(minimal, clip=tcl_clip_in_hf_names)  # heads from config.json
+  cfg_full, full = loading.load_torch(TCL / "tcl_reference.pth", **_tcl_heads())
+  cfg, params = loading.load_torch(minimal, clip=tcl_clip_in_hf_names)  # heads from config.json
   assert cfg == cfg_full
   _assert_same(params, full)
   # Given heads must agree with the config's.
   with pytest.raises(ValueError, match="--text_heads 1 disagrees with .*states 2"):
-    convert.load_torch(minimal, clip=tcl_clip_in_hf_names, text_heads=1)
+    loading.load_torch(minimal, clip=tcl_clip_in_hf_names, text_heads=1)
 
 
 @needs_hf
 def test_pytorch_model_bin_and_sharded_safetensors_convert_like_model_safetensors(tmp_path):
-  _, want = convert.load_any(HF_DIR)
+  _, want = loading.load_any(HF_DIR)
   hf = safetensors.numpy.load_file(HF_DIR / "model.safetensors")
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   shutil.copy(HF_DIR / "config.json", bin_dir)
   torch_files.save(torch_files.state_dict(hf), bin_dir / "pytorch_model.bin")
-  _assert_same(convert.load_any(bin_dir)[1], want)
+  _assert_same(loading.load_any(bin_dir)[1], want)
   shard_dir = tmp_path / "shards"
   shard_dir.mkdir()
   shutil.copy(HF_DIR / "config.json", shard_dir)
@@ -302,7 +302,7 @@ def test_pytorch_model_bin_and_sharded_safetensors_convert_like_model_safetensor
     safetensors.numpy.save_file({k: hf[k] for k in part}, shard_dir / f)
     weight_map.update({k: f for k in part})
   (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-  _assert_same(convert.load_any(shard_dir)[1], want)
+  _assert_same(loading.load_any(shard_dir)[1], want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_mismatches_are_one_line_naming_the_key(tmp_path):
     if sd_fn:
       _edit_weights(d, sd_fn)
     with pytest.raises(ValueError) as e:
-      convert.load_any(d)
+      loading.load_any(d)
     assert want in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
   # The command line: one line, exit 2, nothing written.
   line = _one_line(
@@ -364,9 +364,9 @@ def test_a_gelu_config_converts_to_gelu_towers(tmp_path):
   _edit_config(
     d, lambda c: [c[t].update(hidden_act="gelu") for t in ("vision_config", "text_config")]
   )
-  cfg, params = convert.load_any(d)
+  cfg, params = loading.load_any(d)
   assert cfg.clip.hidden_act == "gelu"
-  quick_cfg, quick_params = convert.load_any(HF_DIR)
+  quick_cfg, quick_params = loading.load_any(HF_DIR)
   assert quick_cfg.clip.hidden_act == "quick_gelu"
   _assert_same(params, quick_params)  # the same weights: only the activation differs
 
@@ -411,7 +411,7 @@ def test_cli_converts_a_hub_id_offline_without_torch(tmp_path):
     "heads: vision 4 (from the transformers config), text 2 (from the transformers config)"
     in r.stdout
   ), r.stdout
-  _assert_same(model_files.load_checkpoint(out)[1], convert.load_any(HF_DIR)[1])
+  _assert_same(model_files.load_checkpoint(out)[1], loading.load_any(HF_DIR)[1])
   # A Hub id that is not in the cache, offline: one line.
   line = _one_line(
     _run(

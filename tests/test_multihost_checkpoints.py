@@ -1,7 +1,7 @@
 """Checkpoints read by every process of a multi-process run: 2 real JAX processes x 2 CPU devices
 on localhost (jax.distributed, as the README's multi-host sections run them), issue 30.
 
-* Every form `convert.load_any` takes (a converted directory, a one-file safetensors export, a
+* Every form `loading.load_any` takes (a converted directory, a one-file safetensors export, a
   training workdir, a PyTorch .pth converted on the fly) loads in each process onto that
   process's own first device, bitwise as saved; a failure in one process only (its copy is
   damaged) is that process's error there and one OtherProcessFailed naming it in the other.
@@ -59,14 +59,14 @@ def worker(forms_path, process_id, port, out):
   jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id
   )
-  from tcl_jax import convert  # pylint: disable=g-import-not-at-top
   from tcl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tcl_jax.weights import loading  # pylint: disable=g-import-not-at-top
 
   with open(forms_path) as f:
     forms = json.load(f)
   arrays, placed = {}, {}
   for name, path in forms["load"].items():
-    _, params = convert.load_any(path, **forms["overrides"])
+    _, params = loading.load_any(path, **forms["overrides"])
     leaves = _flat(params)
     placed[name] = sorted({str(d) for v in leaves.values() for d in v.devices()})
     arrays.update({f"{name}{k}": np.asarray(v) for k, v in leaves.items()})
@@ -74,7 +74,7 @@ def worker(forms_path, process_id, port, out):
   path = forms["damaged"] if process_id == 1 else forms["load"]["converted"]
   t0 = time.time()
   try:
-    sharding.in_every_process(lambda: convert.load_any(path), "loading the checkpoint")
+    sharding.in_every_process(lambda: loading.load_any(path), "loading the checkpoint")
     outcome = "loaded"
   except ValueError as e:
     outcome = f"{type(e).__name__}: {e}"

@@ -470,9 +470,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     rel=1e-6,
   )
   # A training workdir is a checkpoint users can evaluate: its latest parameters load by path.
-  from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+  from tcl_jax.weights import loading  # pylint: disable=g-import-not-at-top
 
-  cfg, params = convert.load_any(str(tmp_path / "resumed"))
+  cfg, params = loading.load_any(str(tmp_path / "resumed"))
   assert cfg.ie_freeze == config.model.ie_freeze
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -5,10 +5,10 @@ import functools
 
 import jax
 
-from tcl_jax import convert
 from tcl_jax.kinds import base
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.models import tcl_inference
+from tcl_jax.weights import loading
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "pamr", "kp_w", "simmaps"))
@@ -56,7 +56,7 @@ def build(config) -> base.Model:
     # Attention heads cannot be read off tensor shapes, and a CLIP-only file has no masker:
     # the config says what the model is; conversion fails loudly if the file disagrees.
     overrides = {k: v for k, v in cfg.to_dict().items() if k != "clip"}
-    ckpt_cfg, params = convert.load_any(
+    ckpt_cfg, params = loading.load_any(
       path,
       vision_heads=cfg.clip.vision_heads,
       text_heads=cfg.clip.transformer_heads,

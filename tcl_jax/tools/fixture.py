@@ -43,10 +43,10 @@ def load_fixture_model(fixture_dir: str, meta: dict):
   The fixture's heads are not width // 64, so they come from fixture.json (the original's
   build_model would need the same override); so do the loss weights and decoder settings.
   """
-  from tcl_jax import convert  # pylint: disable=g-import-not-at-top
+  from tcl_jax.weights import loading  # pylint: disable=g-import-not-at-top
 
   c = meta["clip"]
-  cfg, params = convert.load_torch(
+  cfg, params = loading.load_torch(
     os.path.join(fixture_dir, "tcl_reference.pth"),
     vision_heads=c.get("vision_heads", c["vision_width"] // 64),
     text_heads=c.get("transformer_heads", c["transformer_width"] // 64),

@@ -281,7 +281,7 @@ def load(directory, source: Optional[str] = None):
   """A transformers CLIP directory -> (OpenAI-layout state_dict, heads, CLIPConfig).
 
   `heads` ({'vision_heads', 'text_heads'}) is what the config states; pass it to
-  `tcl_jax.convert.convert_state_dict`."""
+  `tcl_jax.weights.loading.convert_state_dict`."""
   directory = os.fspath(directory)
   cfg = read_config(directory)
   sd = to_openai(load_weights(directory), cfg, source or directory)

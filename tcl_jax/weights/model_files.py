@@ -1,5 +1,5 @@
 """tcl_jax's own model files: converted checkpoint directories (config.json + orbax params), one-file
-safetensors exports, and the parameters of a training workdir. `tcl_jax.convert.load_any` reads
+safetensors exports, and the parameters of a training workdir. `tcl_jax.weights.loading.load_any` reads
 these and every PyTorch / Hugging Face form."""
 
 import json
