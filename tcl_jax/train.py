@@ -208,6 +208,7 @@ class _Loop:
         t0 = time.time()
         compiled = jit_step.lower(state, batch).compile()
         logging.info("train_step compiled in %.1fs", time.time() - t0)
+        sharding.wait_for_all_processes(f"train_step compiled at step {step}")
       with jax.transfer_guard("disallow"):
         state, metrics, extras = compiled(state, batch)
       step += 1

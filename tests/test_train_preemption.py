@@ -53,6 +53,12 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path):
         break
       time.sleep(0.5)
     assert proc.poll() is None, open(log1).read()[-3000:]
+    # The same command again while it trains: refused in one line (tests/test_workdir_lock.py).
+    second, fh2 = _start(workdir, tmp_path / "second.log", "--config.total_steps=10000", *init)
+    assert second.wait(timeout=300) == 2
+    fh2.close()
+    lines = (tmp_path / "second.log").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --workdir={workdir} is in use"), lines
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
   finally:
@@ -271,3 +277,45 @@ def test_sigterm_at_several_moments_exits_cleanly_each_time_and_resumes(tmp_path
 
 def _checkpoint_steps(workdir):
   return sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+EXIT_SCRIPT = """
+import sys
+from tcl_jax import preemption
+from tcl_jax.data import input_pipeline
+it = input_pipeline.make_train_iterator(
+  sys.argv[1], global_batch_size=64, seed=0, image_size=96, shuffle_buffer=64
+)
+next(it)  # the pipeline now refills its prefetch buffer: tokenizer calls into Python
+preemption.close_input(it)  # what the training loop does before it returns
+print("closed", flush=True)
+"""
+
+
+def test_a_closed_input_pipeline_lets_python_exit(tmp_path):
+  # Without close_input, Python's exit met the prefetch threads inside tf.numpy_function: it hung
+  # (the iterator's destructor, holding the GIL, waits for threads that wait for the GIL) or
+  # aborted ("terminate called after throwing an instance of ''"): 2 of 2 hung here.
+  from tcl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  synthetic.write_synthetic_image_text(
+    str(tmp_path), num_examples=256, image_size=96, num_shards=2, seed=0
+  )
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  for _ in range(2):
+    proc = subprocess.Popen(
+      [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / "train-*.tfrecord")],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    try:
+      out, err = proc.communicate(timeout=240)  # seconds when it exits; a hang never ends
+    except subprocess.TimeoutExpired:
+      proc.kill()  # a hung exit ignores SIGTERM
+      out, err = proc.communicate()
+      raise AssertionError(f"hung at exit after: {out!r}\n{err[-2000:]}") from None
+    assert proc.returncode == 0 and out == "closed\n", (proc.returncode, out, err[-3000:])
+    assert not CRASH.search(err), err[-3000:]
