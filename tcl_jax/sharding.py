@@ -103,6 +103,24 @@ def in_every_process(fn, what: str):
   return result
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of the processes of a multi-host run through JAX's coordination service (a no-op
+  in one process). Call it where hosts may be far apart, before the collective that follows: a
+  CPU collective's first use connects its processes through gloo, whose rendezvous gives up after
+  30 s, so a host that compiles or writes data for longer than that would otherwise fail the
+  others. Its timeout is for a process that never comes, not for slow work."""
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  _barriers.append(name)  # a key used once: every process calls the barriers in the same order
+  key = f"tcl_jax:{len(_barriers)}:{name}"
+  ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
+
+
+_barriers = []
+
+
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   """A mesh over `devices` (default: all) with the configured shape, axis names and types."""
   devices = list(jax.devices() if devices is None else devices)

@@ -298,6 +298,41 @@ def test_main_workdir_that_is_a_file(no_heavy_imports, tmp_path):
   assert line == f"error: --workdir={path} is a file; give a directory (it is created if missing)"
 
 
+def test_main_missing_eval_data_before_any_work(no_heavy_imports, tmp_path):
+  # Was: trained to the first evaluation, then exit 1 naming --config.data_root (which main
+  # refuses), with no checkpoint of the steps trained.
+  for root in ("nodata", str(tmp_path / "elsewhere")):
+    line = _usage_error(
+      _run(
+        "tcl_jax.main",
+        "--config=configs/tcl.py",
+        f"--workdir={tmp_path / 'wd'}",
+        "--config.init_checkpoint=",
+        f"--config.evals.data_root={root}",
+        pythonpath=no_heavy_imports,
+      )
+    )
+    assert line == (
+      f"error: t_voc20: data root {root}/VOCdevkit/VOC2012 does not exist (set "
+      "--config.evals.data_root to the folder holding VOCdevkit/VOC2012); --config.evals.tasks= "
+      "trains without evaluation"
+    )
+  # Every task is checked: the first one's data present, the second's missing.
+  synthetic_segmentation.write_synthetic_segmentation(str(tmp_path / "d"), "t_voc20", num_images=1)
+  line = _usage_error(
+    _run(
+      "tcl_jax.main",
+      "--config=configs/tcl.py",
+      f"--workdir={tmp_path / 'wd'}",
+      "--config.init_checkpoint=",
+      f"--config.evals.data_root={tmp_path / 'd'}",
+      pythonpath=no_heavy_imports,
+    )
+  )
+  assert line.startswith(f"error: t_context59: data root {tmp_path / 'd'}/VOCdevkit/VOC2010 ")
+  assert os.listdir(tmp_path / "wd") == []  # nothing written
+
+
 def test_main_train_files_matching_nothing(tmp_path):
   pattern = str(tmp_path / "nowhere" / "train-*.tfrecord")
   proc = _run(
@@ -306,6 +341,7 @@ def test_main_train_files_matching_nothing(tmp_path):
     f"--workdir={tmp_path / 'wd'}",
     f"--config.input.train_files=('{pattern}',)",
     "--config.init_checkpoint=",
+    "--config.evals.tasks=",
   )
   assert _runtime_error(proc) == f"error: config.input.train_files: no file matches '{pattern}'"
 

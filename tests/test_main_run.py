@@ -64,6 +64,7 @@ def finished_run(tmp_path_factory):
 def test_smoke_trains_without_data_and_prints_a_summary(finished_run):
   workdir, proc = finished_run
   assert sorted(os.listdir(workdir)) == [
+    ".run.lock",  # tcl_jax.train.workdir_lock's (released when the run ended)
     "checkpoints",
     "config.json",
     os.path.basename(_events(workdir)[0]),

@@ -53,6 +53,12 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path):
         break
       time.sleep(0.5)
     assert proc.poll() is None, open(log1).read()[-3000:]
+    # The same command again while it trains: refused in one line (tests/test_workdir_lock.py).
+    second, fh2 = _start(workdir, tmp_path / "second.log", "--config.total_steps=10000", *init)
+    assert second.wait(timeout=300) == 2
+    fh2.close()
+    lines = (tmp_path / "second.log").read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --workdir={workdir} is in use"), lines
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
   finally:
@@ -198,3 +204,118 @@ def test_ctrl_c_checkpoints_says_so_in_one_line_and_exits_130(tmp_path):
     f"stopped: interrupted (Ctrl-C) at step {stopped}; the checkpoint is in "
     f"{workdir / 'checkpoints'}: rerun the same command to resume"
   ], text[-2000:]
+
+
+CRASH = re.compile(r"Fatal Python error|terminate called|Traceback|core dumped")
+
+
+def _wait_for(proc, log_path, pattern, accept=lambda m: True, quiet_s=300):
+  """The first match of `pattern` in the log that `accept`s (None if the run ends first). The
+  limit is on silence, not on the whole wait: a slow machine still logs its progress."""
+  size, last = -1, time.time()
+  while proc.poll() is None:
+    text = open(log_path).read()
+    for m in re.finditer(pattern, text):
+      if accept(m):
+        return m
+    if len(text) != size:
+      size, last = len(text), time.time()
+    assert time.time() - last < quiet_s, f"no progress for {quiet_s} s:\n{text[-3000:]}"
+    time.sleep(0.05)
+  return None
+
+
+def test_sigterm_at_several_moments_exits_cleanly_each_time_and_resumes(tmp_path):
+  # The input pipeline's threads tokenize through tf.numpy_function: one still running when
+  # Python exits hangs or aborts the process ("terminate called after throwing an instance of
+  # ''"), at random. Three stops at different moments of one run, each resumed by the next.
+  workdir = tmp_path / "wd"
+  flags = (
+    "--config.total_steps=10000",
+    "--config.checkpoint_every_steps=2",
+    "--config.eval_every_steps=4",
+    "--config.evals.tasks=shapes",
+    "--config.synthetic.num_eval_images=4",
+  )
+  moments = [  # (what, log line, which of its matches)
+    ("the first step, just compiled", r"train_step compiled", lambda m: True),
+    ("an asynchronous save in flight", r"Checkpoint at step (\d+)", lambda m: True),
+    # A step that is evaluated is saved first: its evaluation runs right after this line.
+    ("an evaluation", r"Checkpoint at step (\d+)", lambda m: int(m.group(1)) % 4 == 0),
+  ]
+  resumed_from = 0
+  for i, (what, pattern, accept) in enumerate(moments):
+    log_path = tmp_path / f"run{i}.log"
+    proc, fh = _start(workdir, log_path, *flags)
+    try:
+      m = _wait_for(proc, log_path, pattern, accept)
+      assert m, open(log_path).read()[-3000:]
+      proc.send_signal(signal.SIGTERM)
+      rc = proc.wait(timeout=300)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      fh.close()
+    text = open(log_path).read()
+    assert rc == 0 and not CRASH.search(text), f"SIGTERM during {what}: rc {rc}\n{text[-3000:]}"
+    if resumed_from:  # the previous stop's checkpoint restored
+      assert f"Resuming from {workdir / 'checkpoints'} step {resumed_from}" in text, text[-3000:]
+    # Stopped between steps, or (the signal a little later on a loaded machine) while waiting
+    # for the next batch; after the step whose line was seen.
+    stop = re.search(
+      r"Preempted: checkpoint at step (\d+) written|Preempted while waiting for input data: "
+      r"stopped at step (\d+)",
+      text,
+    )
+    assert stop, f"{what}\n{text[-3000:]}"
+    stopped = int(stop.group(1) or stop.group(2))
+    assert stopped > (int(m.group(1)) if m.groups() else resumed_from), (what, stopped)
+    assert stopped in _checkpoint_steps(workdir)
+    resumed_from = stopped
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+EXIT_SCRIPT = """
+import sys
+from tcl_jax.train import preemption
+from tcl_jax.data import input_pipeline
+it = input_pipeline.make_train_iterator(
+  sys.argv[1], global_batch_size=64, seed=0, image_size=96, shuffle_buffer=64
+)
+next(it)  # the pipeline now refills its prefetch buffer: tokenizer calls into Python
+preemption.close_input(it)  # what the training loop does before it returns
+print("closed", flush=True)
+"""
+
+
+def test_a_closed_input_pipeline_lets_python_exit(tmp_path):
+  # Without close_input, Python's exit met the prefetch threads inside tf.numpy_function: it hung
+  # (the iterator's destructor, holding the GIL, waits for threads that wait for the GIL) or
+  # aborted ("terminate called after throwing an instance of ''"): 2 of 2 hung here.
+  from tcl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+  synthetic.write_synthetic_image_text(
+    str(tmp_path), num_examples=256, image_size=96, num_shards=2, seed=0
+  )
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  for _ in range(2):
+    proc = subprocess.Popen(
+      [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / "train-*.tfrecord")],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    try:
+      out, err = proc.communicate(timeout=240)  # seconds when it exits; a hang never ends
+    except subprocess.TimeoutExpired:
+      proc.kill()  # a hung exit ignores SIGTERM
+      out, err = proc.communicate()
+      raise AssertionError(f"hung at exit after: {out!r}\n{err[-2000:]}") from None
+    assert proc.returncode == 0 and out == "closed\n", (proc.returncode, out, err[-3000:])
+    assert not CRASH.search(err), err[-3000:]

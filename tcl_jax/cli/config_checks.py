@@ -10,6 +10,7 @@ the standard library is used, so the checks answer before TensorFlow or JAX is i
   eval_value_problem(config)     the evaluation fields alone (evaluate's merged config).
   workdir_problem(workdir)       a --workdir that is a file, cannot be created or is not writable.
   path_problem(config, workdir)  an init checkpoint or miniature CLIP file that does not exist.
+  eval_data_problem(config, workdir)  a training config's evaluation data that is missing.
 """
 
 import math
@@ -173,4 +174,30 @@ def path_problem(config, workdir: str, resolve=lambda p: p) -> str | None:
       return (
         f"config.miniature.clip_weights={weights}: no such file (empty: train the CLIP in the run)"
       )
+  return None
+
+
+def eval_data_problem(config, workdir: str) -> str | None:
+  """The first task of `config.evals.tasks` whose files are missing under `config.evals.data_root`
+  ({workdir} expanded), checked before training: found at the first evaluation, it would end a run
+  that had trained for hours. Synthetic configs write their evaluation data at start: skipped.
+  Imports the task registry (numpy, OpenCV) only when there is something to check."""
+  evals = config.get("evals") if hasattr(config, "keys") else None
+  tasks = evals.get("tasks") if evals is not None and hasattr(evals, "keys") else None
+  if not tasks or config.get("synthetic"):
+    return None
+  root = str(evals.get("data_root", "data")).replace("{workdir}", workdir)
+  if not _local(root):
+    return None
+  from tcl_jax.zeroshot import datasets  # pylint: disable=g-import-not-at-top
+
+  names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else tasks
+  for name in names:
+    try:
+      spec = datasets.get_task(name)
+    except ValueError as e:
+      return f"config.evals.tasks: {e}"
+    problem = datasets.data_problem(spec, root, flag="--config.evals.data_root")
+    if problem:
+      return problem + "; --config.evals.tasks= trains without evaluation"
   return None

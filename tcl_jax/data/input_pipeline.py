@@ -68,6 +68,8 @@ decoded images/s), so the default keeps records tokenizer-independent.
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import tensorflow as tf
 
@@ -292,6 +294,15 @@ class DataIterator:
       if self._with_keys:
         out["key"] = b["key"]
       return out
+
+  def close(self) -> None:
+    """Stops the pipeline's threads now, while Python can still serve them: they tokenize
+    through tf.numpy_function, so an iterator left to interpreter exit hangs it (its destructor
+    holds the GIL while it waits for threads that wait for the GIL) or aborts it (a thread that
+    re-enters Python during finalization: `terminate called after throwing an instance of ''`).
+    A later ``next()`` restarts the pipeline at the same position."""
+    self._it = None
+    gc.collect()  # the iterator's deleter runs now, with the GIL released while it waits
 
   def counters(self) -> dict:
     total = self._base.copy()

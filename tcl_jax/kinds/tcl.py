@@ -1,6 +1,7 @@
 """The TCL model kind (`config.model_kind = "tcl"`, the default): TCL's objective for training, its
 masks (PAMR, KP branch) for zero-shot segmentation."""
 
+import dataclasses
 import functools
 
 import jax
@@ -63,12 +64,15 @@ def build(config) -> base.Model:
       seed=int(config.seed),
       **overrides,
     )
-    if ckpt_cfg.clip != cfg.clip or ckpt_cfg.ie_freeze != cfg.ie_freeze:
-      raise ValueError(
-        f"init_checkpoint {path} holds a model with clip={ckpt_cfg.clip}, ie_freeze="
-        f"{ckpt_cfg.ie_freeze}, but config.model has clip={cfg.clip}, ie_freeze="
-        f"{cfg.ie_freeze}; set config.model to match the checkpoint"
-      )
+    differ = [
+      f"--config.model.clip.{f.name}={getattr(ckpt_cfg.clip, f.name)}"
+      for f in dataclasses.fields(ckpt_cfg.clip)
+      if getattr(ckpt_cfg.clip, f.name) != getattr(cfg.clip, f.name)
+    ]
+    if ckpt_cfg.ie_freeze != cfg.ie_freeze:
+      differ.append(f"--config.model.ie_freeze={ckpt_cfg.ie_freeze}")
+    if differ:  # the flags that say what the checkpoint holds (not two configs' reprs)
+      raise ValueError(f"init_checkpoint {path} holds another model: set {' '.join(differ)}")
     return params
 
   return base.Model(

@@ -10,10 +10,12 @@ Input state: each host reads its own files, so each has its own iterator positio
 holds all of them, `{"process_count": P, "processes": {"0": state_0, ...}}`, gathered at save time
 (orbax writes JSON items from the primary host only).
 
-Retention: the latest `keep` checkpoints plus the `keep_best` ones with the highest eval mIoU
-(checkpoints saved at eval steps carry `{"miou": ...}` as metrics).
+Retention: the latest `keep` checkpoints plus the `keep_best` ones with the highest eval mIoU.
+A step is saved before it is evaluated (an evaluation that fails or is killed loses no training),
+so its mIoU is recorded afterwards (`record_eval`) and ranks it from the next save on.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -53,34 +55,47 @@ def expand_workdir(path: str, workdir: str) -> str:
   return path.format(workdir=workdir)
 
 
+@dataclasses.dataclass
+class BestEvaluated:
+  """An orbax preservation policy: the `n` checkpoints with the highest mIoU in `scores` (step ->
+  mIoU, filled by record_eval after each evaluation); steps never evaluated are not ranked."""
+
+  n: int
+  scores: dict = dataclasses.field(default_factory=dict)
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    ranked = sorted((c.step for c in checkpoints if c.step in self.scores), key=self.scores.get)
+    best = set(ranked[-self.n :]) if self.n > 0 else set()
+    return [c.step in best for c in checkpoints]
+
+
 def create_checkpoint_manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
   """CheckpointManager under `<workdir>/checkpoints` (saving steps are decided by the caller)."""
   policies = [ocp.checkpoint_managers.LatestN(n=max(int(ckpt_config.keep), 1))]
-  if ckpt_config.get("keep_best", 0):
-    policies.append(
-      ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda m: m["miou"],
-        reverse=False,
-        n=int(ckpt_config.keep_best),
-        keep_checkpoints_without_metrics=False,
-      )
-    )
+  best = BestEvaluated(n=int(ckpt_config.get("keep_best", 0)))
+  if best.n:
+    policies.append(best)
   options = ocp.CheckpointManagerOptions(
     save_interval_steps=1,
     preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
     enable_async_checkpointing=bool(ckpt_config.get("async_save", True)),
     create=True,
   )
-  return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=ITEMS)
+  mngr = ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=ITEMS)
+  mngr.tcl_eval_scores = best.scores  # record_eval's
+  return mngr
 
 
-def save(
-  mngr: ocp.CheckpointManager,
-  step: int,
-  state,
-  input_state: dict | None,
-  metrics: dict | None = None,
-) -> bool:
+def record_eval(mngr: ocp.CheckpointManager, step: int, miou: float) -> None:
+  """The evaluation mIoU of the checkpoint saved at `step`, for keep_best (in memory: a restarted
+  run ranks the checkpoints it evaluates itself)."""
+  scores = getattr(mngr, "tcl_eval_scores", None)
+  if scores is not None:
+    scores[step] = float(miou)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, input_state: dict | None) -> bool:
   """Saves (possibly asynchronously) `state` and the iterator state at `step`."""
   if mngr.latest_step() == step:  # e.g. a final save right after a periodic one
     return False
@@ -90,11 +105,10 @@ def save(
       state=ocp.args.StandardSave(state),
       input=ocp.args.JsonSave(input_state if input_state is not None else {}),
     ),
-    metrics=metrics,
     force=True,
   )
   if saved:
-    logging.info("Checkpoint at step %d%s", step, f" (metrics {metrics})" if metrics else "")
+    logging.info("Checkpoint at step %d", step)
   return saved
 
 

@@ -4,10 +4,10 @@ import os
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import tensorflow as tf
 
+from tcl_jax import sharding
 from tcl_jax.data import augment as augment_lib
 from tcl_jax.data import in_memory
 from tcl_jax.data import input_pipeline
@@ -42,8 +42,7 @@ def prepare_synthetic_data(config, workdir: str) -> None:
       )
     with open(done, "w") as f:
       f.write("ok\n")
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("synthetic data written")
+  sharding.wait_for_all_processes("synthetic data written")  # minutes on process 0
 
 
 def make_train_iterator(config, workdir: str):

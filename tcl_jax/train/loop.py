@@ -166,25 +166,29 @@ class _Loop:
     self.writer.write_images(step, {"train/masks": grid[None]})
 
   def evaluate(self, step, state, metrics):
+    """Runs after the step's checkpoint: an evaluation that fails is one logged line, and
+    training goes on (one that is killed loses no training)."""
     self.check_finite(step, metrics)
-    with self.timed("eval"):
-      results = run_evaluation(state.params, self.model, self.config, self.workdir, self.mesh)
+    self.mngr.wait_until_finished()  # the step's checkpoint is on disk before the evaluation
+    try:
+      with self.timed("eval"):
+        results = run_evaluation(state.params, self.model, self.config, self.workdir, self.mesh)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.debug("evaluation traceback", exc_info=True)
+      logging.error("Evaluation at step %d failed, training goes on: %s", step, e)
+      return
     if results is None:
-      return None
+      return
     eval_metrics = summaries.eval_scalars(results)
     self.writer.write_scalars(step, eval_metrics)
     self.logged.append({"step": step, **eval_metrics})
-    return eval_metrics
+    if summaries.AVERAGE_MIOU in eval_metrics:  # ranks this step's checkpoint for keep_best
+      checkpointing.record_eval(self.mngr, step, eval_metrics[summaries.AVERAGE_MIOU])
 
-  def checkpoint(self, step, state, metrics, eval_metrics):
+  def checkpoint(self, step, state, metrics):
     self.check_finite(step, metrics)
-    best = (
-      {"miou": eval_metrics[summaries.AVERAGE_MIOU]}
-      if eval_metrics and summaries.AVERAGE_MIOU in eval_metrics
-      else None
-    )
     with self.timed("checkpoint"):
-      if checkpointing.save(self.mngr, step, state, self.input_state_now(), metrics=best):
+      if checkpointing.save(self.mngr, step, state, self.input_state_now()):
         self.saved.append(step)
 
   def run(self, state, jit_step, batch_sharding, preemption):
@@ -208,6 +212,7 @@ class _Loop:
         t0 = time.time()
         compiled = jit_step.lower(state, batch).compile()
         logging.info("train_step compiled in %.1fs", time.time() - t0)
+        sharding.wait_for_all_processes(f"train_step compiled at step {step}")
       with jax.transfer_guard("disallow"):
         state, metrics, extras = compiled(state, batch)
       step += 1
@@ -233,19 +238,16 @@ class _Loop:
       if image_every and _every(image_every, step) and "soft_pos_mask" in extras and self.is_chief:
         self.images(step, host_batch, extras)
       stop = preemption.should_stop(step)  # (a sync point on multi-host: once per step)
-      eval_metrics = None
-      if not stop and (
+      eval_due = not stop and (
         _every(config.get("eval_every_steps", 0), step)
         or (step == total and config.get("eval_at_end", True))
-      ):
-        eval_metrics = self.evaluate(step, state, metrics)
-      if (
-        _every(config.checkpoint_every_steps, step)
-        or step == total
-        or stop
-        or eval_metrics is not None
-      ):
-        self.checkpoint(step, state, metrics, eval_metrics)
+      )
+      # An evaluated step is saved first: the checkpoint that keep_best may keep, and no
+      # training lost to an evaluation that fails or is killed.
+      if _every(config.checkpoint_every_steps, step) or step == total or stop or eval_due:
+        self.checkpoint(step, state, metrics)
+      if eval_due:
+        self.evaluate(step, state, metrics)
       if stop:
         logging.warning("Preempted: checkpoint at step %d written, exiting.", step)
         return state, step, True
@@ -311,13 +313,10 @@ def train_and_evaluate(
     )
 
   # ---------------------------------------------------------------- logging
-  is_chief = jax.process_index() == 0
   writer = _open_run_logs(config, workdir, idle)
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh, devices)
-  batch_sharding = sharding.data_sharding(mesh)
-  repl = sharding.repl_sharding(mesh)
   logging.info("mesh %s", dict(zip(mesh.axis_names, mesh.devices.shape)))
   if config.batch_size % mesh.devices.size:
     raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.devices.size} devices")
@@ -326,8 +325,22 @@ def train_and_evaluate(
 
   # ---------------------------------------------------------------- input pipeline
   train_inputs.prepare_synthetic_data(config, workdir)
-  if train_iter is None:
+  own_iter = train_iter is None
+  if own_iter:
     train_iter = train_inputs.make_train_iterator(config, workdir)
+  try:
+    return _train(config, workdir, model, train_iter, mesh, writer, t_enter)
+  finally:
+    if own_iter:  # its threads stopped while Python can serve them: a clean exit
+      preemption_lib.close_input(train_iter)
+    writer.close()
+
+
+def _train(config, workdir, model, train_iter, mesh, writer, t_enter):
+  """train_and_evaluate from the model on, with its input pipeline and writer open."""
+  batch_sharding = sharding.data_sharding(mesh)
+  repl = sharding.repl_sharding(mesh)
+  is_chief = jax.process_index() == 0
 
   # ---------------------------------------------------------------- model, optimizer, shardings
   if model is None:
@@ -370,7 +383,6 @@ def train_and_evaluate(
     finally:
       mngr.wait_until_finished()
       mngr.close()
-      writer.flush()
     if not preempted:
       logging.info(
         "Training done: %d steps in %.1fs", step - first_step, time.time() - loop.t_start

@@ -1,6 +1,7 @@
 """Stopping a training run between steps: SIGTERM (preemption) and SIGINT (Ctrl-C) are recorded,
 the loop checkpoints and stops; a second Ctrl-C aborts at once. `next_batch` lets a notice that
-arrives while the loop waits for input data stop the wait."""
+arrives while the loop waits for input data stop the wait; `close_input` stops the input
+pipeline's native threads before the process exits (a clean exit depends on it)."""
 
 import signal
 import threading
@@ -86,10 +87,12 @@ def next_batch(train_iter, preemption: Preemption):
       out.append((None, e))
     done.set()
 
-  threading.Thread(target=read, name="next_batch", daemon=True).start()
+  thread = threading.Thread(target=read, name="next_batch", daemon=True)
+  thread.start()
   t0, report_at = time.time(), 10.0
   while not done.wait(0.2):
     if preemption.requested:
+      _abandoned.append(thread)
       return None
     if time.time() - t0 >= report_at:
       logging.info("Waiting for input data (%.0f s so far)", time.time() - t0)
@@ -98,3 +101,25 @@ def next_batch(train_iter, preemption: Preemption):
   if error is not None:
     raise error
   return batch
+
+
+_abandoned = []  # next_batch's reads left running by a stop request
+
+
+def reads_blocked() -> bool:
+  """A read abandoned by a stop request is still inside the input pipeline's native code: when
+  it returns into Python during interpreter exit, the process aborts (`terminate called after
+  throwing an instance of ''`), so the caller must end the process with os._exit."""
+  return any(t.is_alive() for t in _abandoned)
+
+
+def close_input(train_iter, wait_s: float = 10.0) -> None:
+  """Stops `train_iter`'s pipeline threads (its `close()`, if it has one) once no read is in
+  flight: a read abandoned by a stop request gets `wait_s` to finish (a healthy pipeline's batch
+  takes well under that); one still blocked then (a stalled file system) is left to
+  reads_blocked()."""
+  deadline = time.time() + wait_s
+  for t in _abandoned:
+    t.join(max(deadline - time.time(), 0.0))
+  if not reads_blocked() and hasattr(train_iter, "close"):
+    train_iter.close()

@@ -278,6 +278,23 @@ def read_label(path: str) -> np.ndarray:
   return arr.astype(np.uint8)
 
 
+def data_problem(task, data_root: str, flag: str = "--config.data_root") -> str | None:
+  """Why `task`'s files cannot be listed under `data_root` (None: they can): its root, image
+  folder or split file is missing. `flag` is the option that sets the data root."""
+  spec = get_task(task) if isinstance(task, str) else task
+  root = os.path.join(data_root, spec.root)
+  if not os.path.isdir(root):
+    return (
+      f"{spec.name}: data root {root} does not exist (set {flag} to the folder holding {spec.root})"
+    )
+  img_dir = os.path.join(root, spec.img_dir)
+  if not os.path.isdir(img_dir):
+    return f"{spec.name}: image folder {img_dir} does not exist"
+  if spec.split is not None and not os.path.isfile(os.path.join(root, spec.split)):
+    return f"{spec.name}: split file {os.path.join(root, spec.split)} does not exist"
+  return None
+
+
 @dataclasses.dataclass
 class Sample:
   name: str  # image path relative to img_dir, as mmseg's `filename`
@@ -300,17 +317,11 @@ class SegDataset:
     self.root = os.path.join(data_root, spec.root)
     self.img_dir = os.path.join(self.root, spec.img_dir)
     self.ann_dir = os.path.join(self.root, spec.ann_dir)
-    if not os.path.isdir(self.root):
-      raise DataError(
-        f"{spec.name}: data root {self.root} does not exist (set --config.data_root "
-        f"to the folder holding {spec.root})"
-      )
-    if not os.path.isdir(self.img_dir):
-      raise DataError(f"{spec.name}: image folder {self.img_dir} does not exist")
+    problem = data_problem(spec, data_root)
+    if problem:
+      raise DataError(problem)
     if spec.split is not None:
       split_path = os.path.join(self.root, spec.split)
-      if not os.path.isfile(split_path):
-        raise DataError(f"{spec.name}: split file {split_path} does not exist")
       with open(split_path) as f:
         stems = [line.strip() for line in f]
       names = [s + spec.img_suffix for s in stems if s]
