@@ -133,11 +133,19 @@ def _peak_memory_gib() -> float | None:
 
 
 def _setup(
-  cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True, mesh_config=MESH
+  cfg,
+  res,
+  global_batch,
+  dtype: str,
+  remat: bool,
+  materialize: bool = True,
+  mesh_config=MESH,
+  devices=None,
 ):
   """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
   (with `materialize=False` the inputs are ShapeDtypeStructs, nothing allocated: enough to lower
-  the step; tcl_jax.tools.scaling lowers it so on other meshes)."""
+  the step; tcl_jax.tools.scaling lowers it so on other meshes, or on a TPU topology's
+  compile-only `devices`)."""
   config = Fields(
     model=Fields(cfg.to_dict()),
     compute_dtype=dtype,
@@ -148,8 +156,15 @@ def _setup(
     total_steps=50_000,
     batch_size=global_batch,
   )
+  return setup_config(config, res, materialize, devices)
+
+
+def setup_config(config, res: int, materialize: bool = True, devices=None):
+  """`_setup` from a run's config (model, compute_dtype, remat, optim, mesh, seed, total_steps,
+  batch_size), at `res`x`res` images: tcl_jax.tools.scaling compiles a user's config so."""
+  global_batch = config.batch_size
   model = kinds.build_model(config)
-  mesh = sharding.make_mesh(mesh_config)
+  mesh = sharding.make_mesh(config.mesh, devices)
   batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
   plan = step_lib.plan_training(config, model, mesh)
   abstract_state, state_sharding = plan.abstract_state, plan.state_sharding

@@ -1,0 +1,202 @@
+"""Ahead-of-time compilation for a TPU slice on any host, with the TPU compiler itself (libtpu, the
+`tpu` extra: `pip install -e ".[tpu]"`; it runs on a CPU-only machine).
+
+`jax.experimental.topologies.get_topology_desc` gives compile-only devices of a slice (e.g. 64 v4
+chips, "v4:4x4x4"); jitted functions lower and compile for them as they would on the slice, and
+the compiler refuses what does not fit its HBM (`RESOURCE_EXHAUSTED: CompileTimeHbmOom`), which
+`compile_or_oom` turns into a verdict. tcl_jax.tools.scaling runs this in worker processes that
+start with `COMPILE_ENV`.
+"""
+
+import dataclasses
+import math
+import os
+import re
+
+# What a worker's environment needs for libtpu on a host without TPU chips: JAX's own backend stays
+# the CPU (the topology's devices are compile-only); libtpu looks for no TPU workers or metadata
+# server and prints nothing about them; several workers (or a user's other jobs) may load libtpu at
+# once (its lockfile is for processes that own TPU chips).
+COMPILE_ENV = {
+  "JAX_PLATFORMS": "cpu",
+  "TPU_SKIP_MDS_QUERY": "1",
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "TPU_HOST_BOUNDS": "1,1,1",
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+INSTALL_HINT = 'pip install -e ".[tpu]"'
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A TPU generation as --target names it, the topology names libtpu takes for its slices, and
+  its chips.INTERCONNECTS entry."""
+
+  name: str
+  prefix: str  # libtpu's topology prefix ("v5" is v5p)
+  chip_config: str  # v4, v5p: one megacore device per chip
+  interconnect: str
+  dims: int  # 3-D torus or 2-D
+  shapes: tuple  # (chips, topology) as Cloud TPU slices come
+
+
+# Slice shapes as Cloud TPU makes them (MaxText's accelerator_to_spec_map lists the same).
+_3D = ((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"), (64, "4x4x4"), (128, "4x4x8"),
+       (256, "4x8x8"), (512, "8x8x8"), (1024, "8x8x16"))  # fmt: skip
+TARGETS = {
+  "v4": Target("v4", "v4", "megacore", "tpu-v4", 3, _3D),
+  "v5e": Target(
+    "v5e",
+    "v5e",
+    "default",
+    "tpu-v5e",
+    2,
+    (
+      (1, "1x1"),
+      (4, "2x2"),
+      (8, "2x4"),
+      (16, "4x4"),
+      (32, "4x8"),
+      (64, "8x8"),
+      (128, "8x16"),
+      (256, "16x16"),
+    ),
+  ),  # fmt: skip
+  "v5p": Target("v5p", "v5", "megacore", "tpu-v5p", 3, _3D),
+}
+
+
+def parse_target(spec: str) -> tuple[Target, str | None]:
+  """`v4` or `v5e:8x8` -> (Target, topology or None); ValueError says what is wrong."""
+  name, _, topology = spec.strip().partition(":")
+  if name not in TARGETS:
+    raise ValueError(f"--target {spec!r}: give one of {', '.join(TARGETS)}, optionally :TOPOLOGY")
+  target = TARGETS[name]
+  if topology and not re.fullmatch(r"\d+(x\d+){%d}" % (target.dims - 1), topology):
+    example = dict(target.shapes).get(64, target.shapes[-1][1])
+    raise ValueError(
+      f"--target {spec!r}: a {name} topology has {target.dims} dimensions, e.g. {name}:{example}"
+    )
+  return target, topology or None
+
+
+def topology_chips(topology: str) -> int:
+  return math.prod(int(d) for d in topology.split("x"))
+
+
+def topology_for(target: Target, chips: int) -> str:
+  shapes = dict(target.shapes)
+  if chips not in shapes:
+    raise ValueError(
+      f"no {target.name} slice of {chips} chips here; give one of "
+      f"{', '.join(str(c) for c in shapes)} or --target {target.name}:TOPOLOGY"
+    )
+  return shapes[chips]
+
+
+def libtpu_version() -> str | None:
+  """The installed libtpu's version (or the library TPU_LIBRARY_PATH names), None without one."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top
+
+    return getattr(libtpu, "__version__", "unknown")
+  except ImportError:
+    pass
+  path = os.environ.get("TPU_LIBRARY_PATH")
+  return f"at {path}" if path and os.path.isfile(path) else None
+
+
+def devices(target: Target, topology: str) -> list:
+  """The compile-only devices of a slice (needs COMPILE_ENV set before jax starts)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  name = f"{target.prefix}:{topology}"
+  return topologies.get_topology_desc(
+    platform="tpu", topology_name=name, chip_config_name=target.chip_config
+  ).devices
+
+
+# "... the total memory required for HLO temporaries (30.86G) exceeds available HBM (30.75G)."
+# The compiler's "temporaries" here include the program's arguments (tests/test_scaling.py).
+_OOM = re.compile(
+  r"CompileTimeHbmOom.*?\(([\d.]+)\s*([KMGTP]?)i?B?\)\s*exceeds available HBM\s*"
+  r"\(([\d.]+)\s*([KMGTP]?)i?B?\)",
+  re.S,
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+  """(bytes needed, bytes available) from a CompileTimeHbmOom message, None for other errors."""
+  m = _OOM.search(message)
+  if not m:
+    return None
+  return (
+    round(float(m.group(1)) * _UNITS[m.group(2)]),
+    round(float(m.group(3)) * _UNITS[m.group(4)]),
+  )
+
+
+def compile_or_oom(lowered):
+  """(compiled, None), or (None, (needed, available)) where the TPU compiler finds that the
+  program does not fit the chip's HBM; any other failure raises."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    return lowered.compile(), None
+  except jax.errors.JaxRuntimeError as e:
+    oom = parse_oom(str(e))
+    if oom is None:
+      raise
+    return None, oom
+
+
+def hbm_bytes(device) -> int:
+  """The HBM one chip offers a program, as the TPU compiler counts it: compiled devices report no
+  memory stats, so a program that needs 1 TiB is compiled for one chip and the refusal read."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def huge(x):
+    y = jnp.sin(jnp.broadcast_to(x, (2**14, 2**14, 2**10)))  # 1 TiB of float32
+    y = jax.lax.optimization_barrier(y)
+    return y.sum() + y.max()
+
+  x = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+  _, oom = compile_or_oom(jax.jit(huge).lower(x))
+  if oom is None:
+    raise RuntimeError("the TPU compiler accepted a 1 TiB program: cannot read its HBM size")
+  return oom[1]
+
+
+def memory_row(compiled, oom, hbm: int) -> dict:
+  """Per-chip memory of a compiled program, or of the compiler's refusal, and the verdict."""
+  if compiled is None:
+    needed, available = oom
+    return {"fits": False, "needs_bytes": needed, "hbm_bytes": available, "temp_bytes": None,
+            "argument_bytes": None, "output_bytes": None, "alias_bytes": None}  # fmt: skip
+  m = compiled.memory_analysis()
+  total = (
+    m.temp_size_in_bytes
+    + m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+    + m.generated_code_size_in_bytes
+  )
+  return {
+    "fits": True,
+    "needs_bytes": total,
+    "hbm_bytes": hbm,
+    "temp_bytes": m.temp_size_in_bytes,
+    "argument_bytes": m.argument_size_in_bytes,
+    "output_bytes": m.output_size_in_bytes,
+    "alias_bytes": m.alias_size_in_bytes,
+  }
+
+
+def verdict(row: dict) -> str:
+  """'fits: 12.3 GiB of 30.8 GiB' / 'does not fit: needs 30.9 GiB of 30.8 GiB' (per chip)."""
+  need, hbm = row["needs_bytes"] / 2**30, row["hbm_bytes"] / 2**30
+  if row["fits"]:
+    return f"fits: {need:.1f} GiB of {hbm:.1f} GiB"
+  return f"does not fit: needs {need:.1f} GiB of {hbm:.1f} GiB"
