@@ -303,7 +303,7 @@ def readme_table(result: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def answer(row, prediction, config_file: str) -> list[str]:
+def answer(row, prediction, config_file: str, mfu: float) -> list[str]:
   """Three lines: what was compiled, the compiler's verdict, the predicted step."""
   from tcl_jax.tools import tpu_aot  # pylint: disable=g-import-not-at-top
 
@@ -322,10 +322,11 @@ def answer(row, prediction, config_file: str) -> list[str]:
     )
     p = next(iter(prediction.values()))
     s = p["rows"][0]
+    ms = lambda x: f"{x * 1e3:.3g} ms"
     lines.append(
-      f"predicted step on {p['chip']}: {s['step_s'] * 1e3:.0f} ms (compute "
-      f"{s['compute_s'] * 1e3:.0f} ms at the assumed MFU, communication {s['comm_s'] * 1e3:.1f} ms),"
-      f" {row['global_batch'] / s['step_s']:.0f} images/s"
+      f"predicted step on {p['chip']}: {ms(s['step_s'])} (compute {ms(s['compute_s'])} at "
+      f"{100 * mfu:.0f}% MFU, communication {ms(s['comm_s'])}), "
+      f"{row['global_batch'] / s['step_s']:.0f} images/s"
     )
   else:
     lines.append(f"{tpu_aot.verdict(row)} per chip (the TPU compiler's CompileTimeHbmOom)")
@@ -454,7 +455,7 @@ def main(argv=None) -> int:
   prediction = predict(results, args.mfu, args.overlap, strong=bool(args.global_batch))
   if config_args:
     config_file = next(a for a in config_args if not a.startswith("--config."))
-    print("\n".join(answer(results[0], prediction, config_file.split("=", 1)[-1])))
+    print("\n".join(answer(results[0], prediction, config_file.split("=", 1)[-1], args.mfu)))
   else:
     print_report(results, prediction)
   if args.json_out:

@@ -38,9 +38,10 @@ def load_config(config_args: list[str]):
 
   from tcl_jax import config_files  # pylint: disable=g-import-not-at-top
 
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=False)
-  config_files.parse_flags(["scaling"] + list(config_args))
+  argv = ["scaling"] + list(config_args)
+  if "config" not in flags.FLAGS:  # its overrides become flags from the argv it is defined with
+    config_flags.DEFINE_config_file("config", None, "Training config file.", sys_argv=argv)
+  config_files.parse_flags(argv)
   return flags.FLAGS.config
 
 
@@ -157,26 +158,13 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
   return out
 
 
-def max_batch(program: _Program, start: int, devices, hbm, compiles: int = 8) -> dict:
-  """The largest per-chip batch whose step the TPU compiler fits on this slice: doubling from
-  `start` until it refuses, then bisecting to a multiple of 8 (of 1 below 16), at most
-  `compiles` compilations. Memory depends on the global batch too (the objective's all-pairs
-  terms), so this is per slice, not a linear fit."""
-  tried, lo, hi, b = [], 0, None, start
-  while len(tried) < compiles:
-    fits = compile_train(program, b, devices, hbm, full=False)["fits"]
-    tried.append({"per_chip_batch": b, "fits": fits})
-    lo, hi = (max(lo, b), hi) if fits else (lo, b if hi is None else min(hi, b))
-    if hi is None:
-      b *= 2
-      continue
-    step = 8 if lo >= 16 else 1
-    if hi - lo <= step:
-      break
-    b = (lo + hi) // 2 if lo else max(hi // 2, 1)
-    if lo >= 16:
-      b = max(b // 8 * 8, lo + 8)
-  return {"max_per_chip_batch": lo, "smallest_refused": hi, "compiles": tried}
+def max_batch(program: _Program, start: int, devices, hbm) -> dict:
+  """The largest per-chip batch whose step the TPU compiler fits on this slice (tpu_aot's
+  bounded search). Memory depends on the global batch too (the objective's all-pairs terms), so
+  this is per slice, not bench --max-batch's linear fit."""
+  return tpu_aot.search_max_batch(
+    lambda b: compile_train(program, b, devices, hbm, full=False)["fits"], start
+  )
 
 
 def measure_eval(cfg, mesh, abstract_params, per_chip: int, protocol, devices) -> dict:

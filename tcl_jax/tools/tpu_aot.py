@@ -200,3 +200,27 @@ def verdict(row: dict) -> str:
   if row["fits"]:
     return f"fits: {need:.1f} GiB of {hbm:.1f} GiB"
   return f"does not fit: needs {need:.1f} GiB of {hbm:.1f} GiB"
+
+
+def search_max_batch(fits, start: int, compiles: int = 8) -> dict:
+  """The largest batch b with `fits(b)`, `fits` being monotone (a compile per call): doubling
+  from `start` until it fails, then bisecting to a multiple of 8 (of 1 below 16); at most
+  `compiles` calls. {max_per_chip_batch (0: none fits), smallest_refused, compiles: [...]}."""
+  tried, lo, hi, b = [], 0, None, start
+  while len(tried) < compiles:
+    ok = bool(fits(b))
+    tried.append({"per_chip_batch": b, "fits": ok})
+    if ok:
+      lo = max(lo, b)
+    else:
+      hi = b if hi is None else min(hi, b)
+    if hi is None:
+      b *= 2
+      continue
+    step = 8 if lo >= 16 else 1
+    if hi - lo <= step:
+      break
+    b = (lo + hi) // 2 if lo else max(hi // 2, 1)
+    if lo >= 16:
+      b = max(b // 8 * 8, lo + 8)
+  return {"max_per_chip_batch": lo, "smallest_refused": hi, "compiles": tried}
