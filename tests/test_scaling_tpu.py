@@ -1,9 +1,9 @@
 """tcl_jax.tools.scaling --target: the TPU compiler (libtpu) compiling for a TPU slice on this CPU
-host, its out-of-memory verdict, the bounded batch search, the user-config answer, and the one
-line without libtpu.
+host, its out-of-memory verdict, the bounded batch search, the user-config answer, the one line
+without libtpu or the CUDA plugin, and (slow) the CUDA compiler for H100 nodes without a GPU.
 
-The compiles need libtpu (`pip install -e ".[tpu]"`); without it those tests skip. They run in
-subprocesses with tpu_aot.COMPILE_ENV, as the tool's workers do.
+The compiles need libtpu (`pip install -e ".[tpu]"`) or JAX's CUDA plugin (".[gpu]"); without
+them those tests skip. They run in subprocesses, as the tool's workers do.
 """
 
 import importlib.util
@@ -14,11 +14,15 @@ import sys
 
 import pytest
 
+from tcl_jax.tools import aot
 from tcl_jax.tools import scaling
-from tcl_jax.tools import tpu_aot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
+needs_cuda_plugin = pytest.mark.skipif(
+  aot.cuda_plugin_version() is None,
+  reason='JAX\'s CUDA plugin is not installed (pip install -e ".[gpu]"): no GPU compiler',
+)
 needs_libtpu = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None,
   reason='libtpu is not installed (pip install -e ".[tpu]"): no TPU compiler',
@@ -41,14 +45,27 @@ def test_without_libtpu_target_is_one_line():
   r = _run(["-c", code], env=env, timeout=120)
   assert r.returncode == 2, r.stderr
   lines = r.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: --target needs the TPU compiler"), lines
+  assert len(lines) == 1 and lines[0].startswith("error: --target v4 needs the TPU compiler"), lines
   assert '".[tpu]"' in lines[0] and not r.stdout
+
+
+def test_without_cuda_plugin_gpu_target_is_one_line():
+  code = (
+    "import sys; sys.modules['jax_cuda13_plugin'] = sys.modules['jax_cuda12_plugin'] = None\n"
+    "from tcl_jax.tools import scaling\n"
+    "sys.exit(scaling.main(['--target', 'h100', '--chips', '8']))"
+  )
+  r = _run(["-c", code], timeout=120)
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --target h100 needs JAX's CUDA plugin")
+  assert '".[gpu]"' in lines[0] and not r.stdout
 
 
 @pytest.mark.parametrize(
   "args, message",
   [
-    (["--target", "v6"], "error: --target 'v6': give one of v4, v5e, v5p"),
+    (["--target", "v6"], "error: --target 'v6': give one of v4, v5e, v5p, h100, h200"),
     (["--target", "v5e:4x4x4"], "error: --target 'v5e:4x4x4': a v5e topology has 2 dimensions"),
     (["--target", "v4", "--chips", "12"], "error: no v4 slice of 12 chips here"),
     (["--target", "v4", "--devices", "8"], "error: --devices (fake CPU devices) and --target"),
@@ -65,16 +82,16 @@ def test_oom_message_parsed():
     "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
     "required for HLO temporaries (30.86G) exceeds available HBM (30.75G). HLO module: jit_f."
   )
-  assert tpu_aot.parse_oom(msg) == (round(30.86 * GIB), round(30.75 * GIB))
-  assert tpu_aot.parse_oom("RESOURCE_EXHAUSTED: something else") is None
+  assert aot.parse_oom(msg) == (round(30.86 * GIB), round(30.75 * GIB))
+  assert aot.parse_oom("RESOURCE_EXHAUSTED: something else") is None
   row = {"fits": False, "needs_bytes": round(30.86 * GIB), "hbm_bytes": round(30.75 * GIB)}
-  assert tpu_aot.verdict(row) == "does not fit: needs 30.9 GiB of 30.8 GiB"
+  assert aot.verdict(row) == "does not fit: needs 30.9 GiB of 30.8 GiB"
 
 
 def test_batch_search_finds_the_largest_fit_within_its_compiles():
   for limit, start, expected in ((37, 64, 32), (64, 64, 64), (200, 64, 200), (5, 64, 5), (0, 8, 0)):
     calls = []
-    r = tpu_aot.search_max_batch(lambda b: calls.append(b) or b <= limit, start)
+    r = aot.search_max_batch(lambda b: calls.append(b) or b <= limit, start)
     assert r["max_per_chip_batch"] == expected, (limit, r)
     assert len(calls) <= 8 and all(
       c["fits"] == (c["per_chip_batch"] <= limit) for c in r["compiles"]
@@ -109,16 +126,16 @@ def test_tpu_readme_table_says_which_rows_fit():
 
 _PROBE = """
 import json, jax, jax.numpy as jnp
-from tcl_jax.tools import tpu_aot
-dev = tpu_aot.devices(tpu_aot.TARGETS["v5e"], "1x1")[0]
+from tcl_jax.tools import aot
+dev = aot.devices(aot.TARGETS["v5e"], "1x1")[0]
 x = jax.ShapeDtypeStruct((8, 1024, 1024, 256), jnp.float32,
                          sharding=jax.sharding.SingleDeviceSharding(dev))  # 8 GiB argument
 def f(x, k):
   y = jax.lax.optimization_barrier(jnp.sin(x[..., None] * jnp.arange(1, k + 1.0)))
   return y.sum(axis=(1, 2, 3, 4))
-out = {"kind": dev.device_kind, "hbm": tpu_aot.hbm_bytes(dev)}
+out = {"kind": dev.device_kind, "hbm": aot.hbm_bytes(dev)}
 for k in (1, 2):  # 8 GiB of temporaries with the argument: 16 GiB; 16 GiB: 24 GiB
-  compiled, oom = tpu_aot.compile_or_oom(jax.jit(f, static_argnums=1).lower(x, k))
+  compiled, oom = aot.compile_or_oom(jax.jit(f, static_argnums=1).lower(x, k))
   out[k] = oom
 print(json.dumps(out))
 """
@@ -126,7 +143,7 @@ print(json.dumps(out))
 
 @needs_libtpu
 def test_tpu_compiler_refuses_what_exceeds_hbm():
-  r = _run(["-c", _PROBE], env=dict(os.environ, **tpu_aot.COMPILE_ENV), timeout=300)
+  r = _run(["-c", _PROBE], env=dict(os.environ, **aot.COMPILE_ENV), timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["kind"] == "TPU v5 lite" and out["hbm"] == round(15.75 * GIB)  # 16 GiB less reserve
@@ -189,3 +206,29 @@ def test_libtpu_quiet_on_a_host_without_tpus():
   r = _run(["-c", code], env=env, timeout=120)
   assert r.returncode == 0 and r.stdout.strip() == "cpu"
   assert not r.stderr.strip(), r.stderr
+
+
+@pytest.mark.slow  # the CUDA compiler: ~5 min for the tiny step on a 2-core CPU
+@needs_cuda_plugin
+def test_tiny_step_compiled_for_h100_nodes_without_a_gpu(tmp_path):
+  out = tmp_path / "scaling.json"
+  args = ["-m", "tcl_jax.tools.scaling", "--target", "h100:2x8", "--preset", "tiny"]
+  r = _run(args + ["--batch", "4", "--eval-windows", "0", "--json", str(out)], timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  [row] = json.loads(out.read_text())["result"]["measured"]
+  assert row["compiler"].startswith("cuda (jax-cuda13-plugin") and row["compiler"].endswith(
+    "deviceless)"
+  )
+  assert (row["chips"], row["global_batch"], row["device_kind"]) == (
+    16,
+    64,
+    "NVIDIA H100 80GB HBM3",
+  )
+  assert row["fits"] is True and row["hbm_bytes"] == int(0.75 * 81559 * 2**20)
+  assert 0 < row["temp_bytes"] < row["needs_bytes"] < row["hbm_bytes"]
+  t = row["train"]
+  assert t["flops_per_chip"] > 1e9 and t["mesh"] == {"data": 16}
+  # The gradients all-reduced in float32 over both nodes (one group of 16).
+  grads = max(t["ops"], key=lambda op: op["bytes"])
+  assert grads["kind"] == "all-reduce" and grads["group"] == 16
+  assert t["trainable_param_bytes"] <= grads["bytes"] <= 1.1 * t["trainable_param_bytes"]

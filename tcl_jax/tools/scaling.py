@@ -2,7 +2,7 @@
 training and evaluation steps, compiled for TPU slices by the TPU compiler or on N fake CPU
 devices, and the step time they predict on TPU/GPU pods.
 
-  python -m tcl_jax.tools.scaling --target v4|v5e|v5p[,...] --chips 8,16,32,64,128,256
+  python -m tcl_jax.tools.scaling --target v4|v5e|v5p|h100|h200[,...] --chips 8,16,32,64,128
       [--batch 64 | --global-batch 1024] [--max-batch] [--preset vitb16|tiny] [--json F]
   python -m tcl_jax.tools.scaling --target v5e:8x8 --config=configs/tcl.py --config.batch_size=2048
   python -m tcl_jax.tools.scaling --devices 8,32,128,256 [--mesh data|data,fsdp] [--fsdp 8] ...
@@ -14,13 +14,15 @@ compute, XLA attention, native convolutions, remat off) at `--batch` images per 
 shards it (the model kind's window_masks, PAMR and KP on, params replicated, 448x448 windows
 split over the mesh, as zeroshot.evaluator.make_window_fn).
 
-`--target` compiles with the TPU compiler for the slice's compile-only devices (tools/tpu_aot.py;
-needs libtpu, the `tpu` extra, and no TPU). It says whether the program fits the chip's HBM: the
-compiler's own verdict, a CompileTimeHbmOom being "does not fit: needs X GiB of Y". `--max-batch`
-adds the largest per-chip batch that fits each slice (a bounded search over compiles). With
-`--config` it compiles a user's run config (model, batch_size, mesh, remat, compute_dtype) for one
-slice and answers in three lines. `--devices` compiles on N fake CPU devices instead (a
-subprocess with `--xla_force_host_platform_device_count=N`): no HBM verdict, for GPU nodes.
+`--target` compiles with the target's own compiler for compile-only devices (tools/aot.py): a
+TPU slice with libtpu (the `tpu` extra), H100/H200 nodes with JAX's CUDA plugin (the `gpu`
+extra); neither needs the hardware. It says whether the program fits the chip's memory: on TPUs
+the compiler's own verdict, a CompileTimeHbmOom being "does not fit: needs X GiB of Y"; on GPUs
+(whose compiler checks no memory) memory_analysis against the 75% of the GPU's memory JAX takes.
+`--max-batch` adds the largest per-chip batch that fits each slice (a bounded search over
+compiles). With `--config` it compiles a user's run config (model, batch_size, mesh, remat,
+compute_dtype) for one slice and answers in three lines. `--devices` compiles on N fake CPU
+devices instead (a subprocess with `--xla_force_host_platform_device_count=N`): no verdict.
 
 From each compiled program, per chip:
 - memory: HLO temporaries, arguments and outputs (`memory_analysis()`), the chip's HBM as the TPU
@@ -151,10 +153,10 @@ def comm_seconds(ops, chip) -> float:
 
 def _chip_keys(row) -> list[str]:
   from tcl_jax import chips  # pylint: disable=g-import-not-at-top
-  from tcl_jax.tools import tpu_aot  # pylint: disable=g-import-not-at-top
+  from tcl_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
   if row.get("target"):  # a TPU program predicts its own chip only
-    return [tpu_aot.parse_target(row["target"])[0].interconnect]
+    return [aot.parse_target(row["target"])[0].interconnect]
   return list(chips.INTERCONNECTS)
 
 
@@ -188,11 +190,11 @@ def predict(results, mfu: float, overlap: float, strong: bool = False) -> dict:
 
 
 def _run_worker(spec: dict, n: int | None = None) -> dict:
-  from tcl_jax.tools import tpu_aot  # pylint: disable=g-import-not-at-top
+  from tcl_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
   env = dict(os.environ)
   if spec.get("target"):
-    env.update(tpu_aot.COMPILE_ENV)
+    env.update(aot.compile_env(aot.parse_target(spec["target"])[0]))
   else:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
@@ -222,12 +224,12 @@ def _label(r) -> str:
 
 
 def print_report(results, prediction) -> None:
-  from tcl_jax.tools import tpu_aot  # pylint: disable=g-import-not-at-top
+  from tcl_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
   for r in results:
     t = r["train"]
     line = f"{_label(r)}, global batch {r['global_batch']} ({r['per_chip_batch']} per chip): "
-    line += tpu_aot.verdict(r) if r["fits"] is not None else f"temporaries {_gib(r['temp_bytes'])}"
+    line += aot.verdict(r) if r["fits"] is not None else f"temporaries {_gib(r['temp_bytes'])}"
     if t.get("flops_per_chip") is not None:
       c = t["collectives"]
       line += f"; {t['flops_per_chip'] / 1e12:.2f} TFLOP/chip; " + ", ".join(
@@ -305,7 +307,7 @@ def readme_table(result: dict) -> list[str]:
 
 def answer(row, prediction, config_file: str, mfu: float) -> list[str]:
   """Three lines: what was compiled, the compiler's verdict, the predicted step."""
-  from tcl_jax.tools import tpu_aot  # pylint: disable=g-import-not-at-top
+  from tcl_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
   t = row["train"]
   mesh = " x ".join(f"{k}={v}" for k, v in row["mesh"].items())
@@ -316,7 +318,7 @@ def answer(row, prediction, config_file: str, mfu: float) -> list[str]:
   ]
   if row["fits"]:
     lines.append(
-      f"{tpu_aot.verdict(row)} per chip (temporaries {_gib(row['temp_bytes'])}, arguments "
+      f"{aot.verdict(row)} per chip (temporaries {_gib(row['temp_bytes'])}, arguments "
       f"{_gib(row['argument_bytes'])}, outputs {_gib(row['output_bytes'] - t['alias_bytes'])} "
       "beyond the donated state)"
     )
@@ -329,7 +331,10 @@ def answer(row, prediction, config_file: str, mfu: float) -> list[str]:
       f"{row['global_batch'] / s['step_s']:.0f} images/s"
     )
   else:
-    lines.append(f"{tpu_aot.verdict(row)} per chip (the TPU compiler's CompileTimeHbmOom)")
+    why = "the TPU compiler's CompileTimeHbmOom"
+    if not row["compiler"].startswith("tpu"):
+      why = f"its memory_analysis over JAX's {aot.GPU_MEMORY_FRACTION:.0%} of the GPU's memory"
+    lines.append(f"{aot.verdict(row)} per chip ({why})")
     lines.append("try a smaller --config.batch_size, --config.remat=True or a larger slice")
   return lines
 
@@ -354,7 +359,7 @@ def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(
     prog="python -m tcl_jax.tools.scaling", description=__doc__.split("\n")[0]
   )
-  ap.add_argument("--target", default=None, help="TPU generation(s) v4,v5e,v5p or one v5e:8x8")
+  ap.add_argument("--target", default=None, help="v4,v5e,v5p,h100,h200, or one v5e:8x8 / h100:2x8")
   ap.add_argument("--chips", default=None, help="slice sizes with --target, e.g. 8,16,32,64")
   ap.add_argument("--devices", default=None, help="fake CPU device counts (default 8,32,128,256)")
   ap.add_argument("--mesh", default="data", choices=["data", "data,fsdp"])
@@ -385,7 +390,7 @@ def _int_list(flag: str, value: str) -> list[int]:
 def _slices(args) -> list[tuple[str | None, int]]:
   """(target spec or None, chips) per worker, checked before any work."""
   from tcl_jax.config_files import usage_error  # pylint: disable=g-import-not-at-top
-  from tcl_jax.tools import tpu_aot  # pylint: disable=g-import-not-at-top
+  from tcl_jax.tools import aot  # pylint: disable=g-import-not-at-top
 
   if args.target is None:
     return [(None, n) for n in _int_list("--devices", args.devices or "8,32,128,256")]
@@ -394,22 +399,23 @@ def _slices(args) -> list[tuple[str | None, int]]:
   out = []
   try:
     for spec in args.target.split(","):
-      target, topology = tpu_aot.parse_target(spec)
+      target, topology = aot.parse_target(spec)
       if topology:
-        if args.chips and _int_list("--chips", args.chips) != [tpu_aot.topology_chips(topology)]:
-          usage_error(
-            f"--chips {args.chips}: --target {spec} has {tpu_aot.topology_chips(topology)}"
-          )
-        out.append((f"{target.name}:{topology}", tpu_aot.topology_chips(topology)))
+        if args.chips and _int_list("--chips", args.chips) != [aot.topology_chips(topology)]:
+          usage_error(f"--chips {args.chips}: --target {spec} has {aot.topology_chips(topology)}")
+        out.append((f"{target.name}:{topology}", aot.topology_chips(topology)))
         continue
       for n in _int_list("--chips", args.chips or "8,32,64,128,256"):
-        out.append((f"{target.name}:{tpu_aot.topology_for(target, n)}", n))
+        out.append((f"{target.name}:{aot.topology_for(target, n)}", n))
   except ValueError as e:
     usage_error(str(e))
-  if tpu_aot.libtpu_version() is None:
-    usage_error(
-      f"--target needs the TPU compiler (libtpu), which runs on any CPU host: {tpu_aot.INSTALL_HINT}"
-    )
+  for platform, what in (("tpu", "the TPU compiler (libtpu)"), ("cuda", "JAX's CUDA plugin")):
+    used = [s for s, _ in out if aot.parse_target(s)[0].platform == platform]
+    if used and aot.compiler_version(aot.parse_target(used[0])[0]) is None:
+      usage_error(
+        f"--target {used[0].split(':')[0]} needs {what}, which runs on any CPU host: "
+        f"{aot.INSTALL_HINT[platform]}"
+      )
   return out
 
 

@@ -5,15 +5,15 @@ for one mesh in its own process, and prints one JSON line of per-chip figures.
 
 Without a target the devices are this process's (fake CPU devices: the parent sets
 `--xla_force_host_platform_device_count`); with one they are the TPU slice's compile-only
-devices and the TPU compiler compiles (the parent sets tpu_aot.COMPILE_ENV).
+devices and the TPU compiler compiles (the parent sets aot.COMPILE_ENV).
 """
 
 import json
 import sys
 import time
 
+from tcl_jax.tools import aot
 from tcl_jax.tools import scaling
-from tcl_jax.tools import tpu_aot
 
 
 def _per_chip_bytes(tree, shardings) -> int:
@@ -91,16 +91,33 @@ class _Program:
 
 
 def _lowered_flops(lowered) -> float | None:
-  """XLA's cost analysis of the lowered step (bench's model FLOPs); None for a TPU topology's
-  compile-only devices, whose client analyses compiled programs only."""
+  """XLA's cost analysis of the lowered (unoptimised) step, bench's model FLOPs. A target's
+  compile-only client analyses compiled programs only: there the CPU client analyses the same
+  HLO (jax internals; None if they moved)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from tcl_jax import bench  # pylint: disable=g-import-not-at-top
 
   try:
     return bench._flops(lowered.cost_analysis())  # pylint: disable=protected-access
-  except jax.errors.JaxRuntimeError:
+  except (jax.errors.JaxRuntimeError, NotImplementedError):
+    pass
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+
+    module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
+    cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module)
+    return bench._flops(cost)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
     return None
+
+
+def _program_flops(compiled, devices, fallback):
+  """The compiled program's own FLOP count per chip (the TPU's cost analysis), else `fallback`
+  (the lowered step's / N: the CPU and GPU compilers give none)."""
+  flops = (compiled.cost_analysis() or {}).get("flops") if devices is not None else None
+  return flops or fallback
 
 
 def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = True) -> dict:
@@ -124,10 +141,10 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
       if devices is None:  # the CPU compiler has no memory limit to refuse
         compiled, oom = lowered.compile(), None
       else:
-        compiled, oom = tpu_aot.compile_or_oom(lowered)
+        compiled, oom = aot.compile_or_oom(lowered)
       compile_s = time.perf_counter() - t0
   out = {"per_chip_batch": per_chip, "global_batch": per_chip * n, "compile_s": compile_s}
-  out.update(tpu_aot.memory_row(compiled, oom, hbm))
+  out.update(aot.memory_row(compiled, oom, hbm))
   if devices is None:
     out["fits"] = None  # fake CPU devices: no memory limit, no verdict
   program.mesh, program.params = mesh, state.params  # for the evaluation's compile
@@ -141,8 +158,7 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
     out.update(flops_per_chip=None, collectives=None, ops=None)
   else:
     # The TPU program's own count (per chip); on CPU, the lowered step's / N as bench counts.
-    tpu_flops = (compiled.cost_analysis() or {}).get("flops") if devices is not None else None
-    out["flops_per_chip"] = tpu_flops or out["model_flops_per_chip"]
+    out["flops_per_chip"] = _program_flops(compiled, devices, out["model_flops_per_chip"])
     ops = scaling.collectives(compiled.as_text(), n)
     out.update(collectives=scaling.by_kind(ops), ops=ops)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -159,10 +175,10 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
 
 
 def max_batch(program: _Program, start: int, devices, hbm) -> dict:
-  """The largest per-chip batch whose step the TPU compiler fits on this slice (tpu_aot's
+  """The largest per-chip batch whose step the TPU compiler fits on this slice (aot's
   bounded search). Memory depends on the global batch too (the objective's all-pairs terms), so
   this is per slice, not bench --max-batch's linear fit."""
-  return tpu_aot.search_max_batch(
+  return aot.search_max_batch(
     lambda b: compile_train(program, b, devices, hbm, full=False)["fits"], start
   )
 
@@ -195,7 +211,7 @@ def measure_eval(cfg, mesh, abstract_params, per_chip: int, protocol, devices) -
     if devices is None:
       compiled, oom = lowered.compile(), None
     else:
-      compiled, oom = tpu_aot.compile_or_oom(lowered)
+      compiled, oom = aot.compile_or_oom(lowered)
   out = {
     "windows_per_chip": per_chip,
     "window": c,
@@ -208,8 +224,7 @@ def measure_eval(cfg, mesh, abstract_params, per_chip: int, protocol, devices) -
   }
   if compiled is not None:
     ops = scaling.collectives(compiled.as_text(), n)
-    tpu_flops = (compiled.cost_analysis() or {}).get("flops") if devices is not None else None
-    out.update(flops_per_chip=tpu_flops or out["model_flops_per_chip"])
+    out["flops_per_chip"] = _program_flops(compiled, devices, out["model_flops_per_chip"])
     out.update(collectives=scaling.by_kind(ops), ops=ops)
     out["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
   else:
@@ -227,10 +242,10 @@ def measure(spec: dict) -> dict:
   devices, hbm = None, None
   compiler = f"cpu ({jax.device_count()} fake devices)"
   if spec.get("target"):
-    target, topology = tpu_aot.parse_target(spec["target"])
-    devices = tpu_aot.devices(target, topology)
-    hbm = tpu_aot.hbm_bytes(devices[0])
-    compiler = f"tpu (libtpu {tpu_aot.libtpu_version()})"
+    target, topology = aot.parse_target(spec["target"])
+    devices = aot.devices(target, topology)
+    hbm = aot.hbm_bytes(target, devices[0])
+    compiler = aot.compiler_version(target)
   n = len(devices) if devices else jax.device_count()
   per_chip = spec["global_batch"] // n if spec.get("global_batch") else spec["batch"]
   program = _Program(spec)
