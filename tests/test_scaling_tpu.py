@@ -133,7 +133,7 @@ x = jax.ShapeDtypeStruct((8, 1024, 1024, 256), jnp.float32,
 def f(x, k):
   y = jax.lax.optimization_barrier(jnp.sin(x[..., None] * jnp.arange(1, k + 1.0)))
   return y.sum(axis=(1, 2, 3, 4))
-out = {"kind": dev.device_kind, "hbm": aot.hbm_bytes(dev)}
+out = {"kind": dev.device_kind, "hbm": aot.hbm_bytes(aot.TARGETS["v5e"], dev)}
 for k in (1, 2):  # 8 GiB of temporaries with the argument: 16 GiB; 16 GiB: 24 GiB
   compiled, oom = aot.compile_or_oom(jax.jit(f, static_argnums=1).lower(x, k))
   out[k] = oom
