@@ -228,7 +228,9 @@ def test_tiny_step_compiled_for_h100_nodes_without_a_gpu(tmp_path):
   assert 0 < row["temp_bytes"] < row["needs_bytes"] < row["hbm_bytes"]
   t = row["train"]
   assert t["flops_per_chip"] > 1e9 and t["mesh"] == {"data": 16}
-  # The gradients all-reduced in float32 over both nodes (one group of 16).
-  grads = max(t["ops"], key=lambda op: op["bytes"])
-  assert grads["kind"] == "all-reduce" and grads["group"] == 16
-  assert t["trainable_param_bytes"] <= grads["bytes"] <= 1.1 * t["trainable_param_bytes"]
+  # The gradients all-reduced in float32 over both nodes (groups of 16; XLA:GPU splits them
+  # into a few combined ops), beside a few loss scalars.
+  reduces = [op for op in t["ops"] if op["kind"] == "all-reduce"]
+  assert reduces and all(op["group"] == 16 for op in reduces)
+  trainable = t["trainable_param_bytes"]
+  assert trainable <= t["collectives"]["all-reduce"]["bytes"] <= 1.1 * trainable
