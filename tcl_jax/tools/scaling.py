@@ -464,6 +464,7 @@ def main(argv=None) -> int:
     print("\n".join(answer(results[0], prediction, config_file.split("=", 1)[-1], args.mfu)))
   else:
     print_report(results, prediction)
+    print("\n".join(readme_table({"measured": results, "prediction": prediction})))  # README's
   if args.json_out:
     _write_json(args, argv, results, prediction)
   return 0
