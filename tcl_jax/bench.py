@@ -132,12 +132,20 @@ def _peak_memory_gib() -> float | None:
   return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
 
 
-def _setup(
-  cfg, res, global_batch, dtype: str, remat: bool, materialize: bool = True, mesh_config=MESH
+def setup(
+  cfg,
+  res,
+  global_batch,
+  dtype: str,
+  remat: bool,
+  materialize: bool = True,
+  mesh_config=MESH,
+  devices=None,
 ):
   """Mesh, model, optimizer, jitted step and its inputs, as train.train_and_evaluate builds them
   (with `materialize=False` the inputs are ShapeDtypeStructs, nothing allocated: enough to lower
-  the step; tcl_jax.tools.scaling lowers it so on other meshes)."""
+  the step; tcl_jax.tools.scaling lowers it so on other meshes, or on a TPU topology's
+  compile-only `devices`)."""
   config = Fields(
     model=Fields(cfg.to_dict()),
     compute_dtype=dtype,
@@ -148,8 +156,15 @@ def _setup(
     total_steps=50_000,
     batch_size=global_batch,
   )
+  return setup_config(config, res, materialize, devices)
+
+
+def setup_config(config, res: int, materialize: bool = True, devices=None):
+  """`setup` from a run's config (model, compute_dtype, remat, optim, mesh, seed, total_steps,
+  batch_size), at `res`x`res` images: tcl_jax.tools.scaling compiles a user's config so."""
+  global_batch = config.batch_size
   model = kinds.build_model(config)
-  mesh = sharding.make_mesh(mesh_config)
+  mesh = sharding.make_mesh(config.mesh, devices)
   batch_sharding, repl = sharding.data_sharding(mesh), sharding.repl_sharding(mesh)
   plan = step_lib.plan_training(config, model, mesh)
   abstract_state, state_sharding = plan.abstract_state, plan.state_sharding
@@ -189,15 +204,15 @@ def model_flops(preset_name: str, per_device_batch: int, dtype: str) -> float | 
   cost analysis of unoptimised HLO (jax 0.11's CUDA backend)."""
   cfg, res = preset(preset_name)
   with clip_lib.force_attention("xla"):
-    mesh, step, state, batch = _setup(
+    mesh, step, state, batch = setup(
       cfg, res, per_device_batch * jax.device_count(), dtype, remat=False, materialize=False
     )
     with jax.set_mesh(mesh):
       cost = step.lower(state, batch).cost_analysis()
-  return _flops(cost)
+  return cost_flops(cost)
 
 
-def _flops(cost) -> float | None:
+def cost_flops(cost) -> float | None:
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   return float(cost["flops"]) if cost and "flops" in cost else None
 
@@ -214,7 +229,7 @@ def train_bench(
   dtype = base.resolve_compute_dtype(dtype).name
   n = jax.device_count()
   global_batch = per_device_batch * n
-  mesh, step, state, batch = _setup(cfg, res, global_batch, dtype, remat)
+  mesh, step, state, batch = setup(cfg, res, global_batch, dtype, remat)
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -233,7 +248,7 @@ def train_bench(
     "XLA cost analysis of the lowered step (remat off, XLA attention)",
   )
   if flops is None and not remat:  # the compiled step's count (fusions, cuDNN kernels unseen),
-    per_device = _flops(compiled.cost_analysis())  # which is per device (the SPMD partition)
+    per_device = cost_flops(compiled.cost_analysis())  # which is per device (the SPMD partition)
     flops = per_device * n if per_device is not None else None
     flops_source = "XLA cost analysis of the compiled step"
   peak = chips.peak_flops_per_chip()
@@ -286,7 +301,7 @@ def max_batch(
     raise ValueError("--max-batch needs a device that reports its memory limit (GPU, TPU)")
   cfg, res = preset(preset_name)
   dtype = base.resolve_compute_dtype(dtype).name
-  mesh, step, state, batch = _setup(
+  mesh, step, state, batch = setup(
     cfg, res, probe * jax.device_count(), dtype, remat, materialize=False
   )
   with jax.set_mesh(mesh):
