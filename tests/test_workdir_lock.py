@@ -10,7 +10,7 @@ import sys
 from conftest import REPO
 
 HOLD = (
-  "import sys, time; from tcl_jax import workdir_lock; "
+  "import sys, time; from tcl_jax.train import workdir_lock; "
   "problem = workdir_lock.acquire(sys.argv[1], int(sys.argv[2])); "
   "print(problem or 'held', flush=True); time.sleep(0 if problem else 600)"
 )
