@@ -110,6 +110,7 @@ def all_pairs_terms(image_emb, text_emb, w, b, chunk: int, pin=lambda x: x, eps=
   sums, cosine = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (txt, jnp.arange(nc) * k))
   cosine = pin(jnp.moveaxis(cosine, 0, 1).reshape(bsz, nc * k)[:, :n])
   area, dy, dx = sums[0], sums[1], sums[2]
-  neg_area = area / (bsz * (n - 1) * h * wd)
-  tv = dy / (bsz * n * (h - 1) * wd) + dx / (bsz * n * h * (wd - 1))
+  # Counts as Python floats: at pod batches they overflow int32 (2048 x 2047 x 56 x 56).
+  neg_area = area / float(bsz * (n - 1) * h * wd)
+  tv = dy / float(bsz * n * (h - 1) * wd) + dx / float(bsz * n * h * (wd - 1))
   return cosine, neg_area, tv

@@ -207,3 +207,13 @@ def test_step_temporaries_stay_flat_as_the_global_batch_grows():
 def test_caption_chunk_must_be_positive():
   with pytest.raises(ValueError, match="caption_chunk must be >= 1, got 0"):
     small_config(caption_chunk=0)
+
+
+def test_all_pairs_terms_trace_at_a_pod_batch():
+  # 2048 x 2047 x 56 x 56 negative-pair pixels: more than int32 counts (was an OverflowError).
+  img = jax.ShapeDtypeStruct((2048, 56, 56, 8), jnp.float32)
+  txt = jax.ShapeDtypeStruct((2048, 8), jnp.float32)
+  cosine, neg_area, tv = jax.eval_shape(
+    lambda i, t: losses.all_pairs_terms(i, t, 10.0, -2.5, chunk=64), img, txt
+  )
+  assert cosine.shape == (2048, 2048) and neg_area.shape == tv.shape == ()
