@@ -452,12 +452,13 @@ def positive_pair_uniform(rng, shape):
   return jax.vmap(lambda k: gumbel_uniform(k, shape[1:]))(keys)
 
 
-def _batch_sharded(x):
+def _batch_sharded(x, replicated=False):
   """x with its leading (batch) axis split over every axis of the mesh in context, as the batch
-  is (sharding.data_sharding); x itself without an auto-sharded mesh. Pins what GSPMD's
-  propagation otherwise may choose: with native convolutions it all-gathered the global batch's
-  image embeddings [B, H', W', C] for the similarity map (tcl_jax.tools.scaling). Values are
-  unchanged."""
+  is (sharding.data_sharding), or `replicated`; x itself without an auto-sharded mesh. Pins what
+  GSPMD's propagation otherwise may choose: with native convolutions it all-gathered the global
+  batch's image embeddings [B, H', W', C] for the similarity map, and it gathered the text
+  embeddings for the caption chunks piecewise, in groups of 16 and 2 (tcl_jax.tools.scaling).
+  Values are unchanged."""
   mesh = jax.sharding.get_abstract_mesh()
   if (
     mesh.empty
@@ -466,7 +467,8 @@ def _batch_sharded(x):
     or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types)
   ):
     return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+  spec = () if replicated else (mesh.axis_names,)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 def tcl_loss(
@@ -522,7 +524,12 @@ def tcl_loss(
   # Every image with every caption: TCL_f, the negative pairs' area and the masks' TV, reduced
   # caption chunk by caption chunk (memory flat in the global batch).
   cosine, neg_area, tv_mask = losses.all_pairs_terms(
-    image_emb, text_emb, s2m["w"], s2m["b"], cfg.caption_chunk, pin=_batch_sharded
+    image_emb,
+    _batch_sharded(text_emb, replicated=True),  # every caption: one all-gather of [B, E]
+    s2m["w"],
+    s2m["b"],
+    cfg.caption_chunk,
+    pin=_batch_sharded,
   )
   aux = {}
   aux["area_loss"] = losses.area_loss(soft_pos, 0.4) * cfg.area_w
