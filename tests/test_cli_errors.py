@@ -187,6 +187,10 @@ def test_main_bad_config_arg_value_and_missing_flag(no_heavy_imports, tmp_path):
       "error: config.evals.bg_thresh must be a number in [0.0, 1.0], got 1.5",
     ),
     (
+      ["--config=configs/tcl.py", "--config.model.caption_chunk=0"],
+      "error: config.model.caption_chunk must be a whole number >= 1, got 0",
+    ),
+    (
       ["--config=configs/synthetic.py", "--config.synthetic.num_shards=0"],
       "error: config.synthetic.num_shards must be a whole number >= 1, got 0",
     ),

@@ -47,6 +47,7 @@ _TRAIN_RULES = (
   ("optim.ust_steps", "int", 0, None),
   ("optim.weight_decay", "float", 0.0, None),
   ("optim.clip_grad", "float", 0.0, None),
+  ("model.caption_chunk", "int", 1, None),
   ("checkpoint.keep", "int", 1, None),
   ("checkpoint.keep_best", "int", 0, None),
   ("synthetic.num_train_examples", "int", 1, None),

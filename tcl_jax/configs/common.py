@@ -135,6 +135,7 @@ def tcl_model(clip: dict, ie_freeze: int) -> ml_collections.ConfigDict:
       tcl_w=0.1,
       area_w=0.4,
       tv_w=1.0,
+      caption_chunk=64,  # captions per step of the all-pairs loss loop: memory, not numbers
     )
   )
 

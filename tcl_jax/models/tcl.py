@@ -16,7 +16,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tcl_jax.models import clip as clip_lib
 from tcl_jax.models import losses
@@ -53,6 +52,8 @@ class TCLConfig:
   tcl_w: float = 0.1
   area_w: float = 0.4
   tv_w: float = 1.0
+  # Captions per step of the all-pairs loop (losses.all_pairs_terms): memory, not numbers.
+  caption_chunk: int = 64
 
   def __post_init__(self):
     layers = self.clip.vision_layers
@@ -71,6 +72,8 @@ class TCLConfig:
       raise ValueError(f"decoder_kernel_size must be odd, got {self.decoder_kernel_size}")
     if self.gumbel_tau <= 0:
       raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
+    if self.caption_chunk < 1:
+      raise ValueError(f"caption_chunk must be >= 1, got {self.caption_chunk}")
 
   @property
   def patch_size(self) -> int:
@@ -442,12 +445,20 @@ def gumbel_uniform(rng, shape):
   return jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
 
 
-def _batch_sharded(x):
+def positive_pair_uniform(rng, shape):
+  """The positive pairs' noise [B, H', W']: example i's from fold_in(rng, i), so its values do not
+  depend on the batch size, the mesh or the caption chunk."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(shape[0]))
+  return jax.vmap(lambda k: gumbel_uniform(k, shape[1:]))(keys)
+
+
+def _batch_sharded(x, replicated=False):
   """x with its leading (batch) axis split over every axis of the mesh in context, as the batch
-  is (sharding.data_sharding); x itself without an auto-sharded mesh. Pins what GSPMD's
-  propagation otherwise may choose: with native convolutions it all-gathered the global batch's
-  image embeddings [B, H', W', C] for the similarity map (tcl_jax.tools.scaling). Values are
-  unchanged."""
+  is (sharding.data_sharding), or `replicated`; x itself without an auto-sharded mesh. Pins what
+  GSPMD's propagation otherwise may choose: with native convolutions it all-gathered the global
+  batch's image embeddings [B, H', W', C] for the similarity map, and it gathered the text
+  embeddings for the caption chunks piecewise, in groups of 16 and 2 (tcl_jax.tools.scaling).
+  Values are unchanged."""
   mesh = jax.sharding.get_abstract_mesh()
   if (
     mesh.empty
@@ -456,15 +467,8 @@ def _batch_sharded(x):
     or any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types)
   ):
     return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
-
-
-def _off_diagonal(x):
-  """x [B, B, ...] -> [B, B-1, ...] without the diagonal entries (masked_select of the original)."""
-  b = x.shape[0]
-  idx = np.array([[j for j in range(b) if j != i] for i in range(b)], np.int32).reshape(b, b - 1)
-  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-  return jnp.take_along_axis(x, jnp.asarray(idx), axis=1)
+  spec = () if replicated else (mesh.axis_names,)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 def tcl_loss(
@@ -481,7 +485,8 @@ def tcl_loss(
   """The TCL training objective on a (global) batch. Returns (total_loss, aux).
 
   images [B, H, W, 3] normalized; text_tokens int [B, L]. Exactly one of `rng` (draws the Gumbel
-  noise) and `uniform` ([B, B, H', W'], replays given noise) must be given. Frozen CLIP gets no
+  noise) and `uniform` (replays given noise: the original's [B, B, H', W'], of which the positive
+  pairs' [B, H', W'] diagonal is used, or that diagonal itself) must be given. Frozen CLIP gets no
   gradient; gradients reach the masker through TCL_i via the frozen image tower.
   """
   if (rng is None) == (uniform is None):
@@ -498,30 +503,40 @@ def tcl_loss(
     clip_lib.encode_text(clip_params, cfg.clip, text_tokens, compute_dtype)
   ).astype(jnp.float32)
 
-  # Masker: image embedding, image-to-every-caption similarity, masks.
+  # Masker: image embedding, then its positive pair's masks. The hard (Gumbel) mask is only used
+  # there, so the noise is [B, H', W'], not the original's [B, B, H', W'].
+  s2m = params["masker"]["sim2mask"]
   image_emb = masker_image_emb(params["masker"], cfg, feat, hw, compute_dtype, remat)
   image_emb = _batch_sharded(image_emb.astype(jnp.float32))
-  simmap = _batch_sharded(similarity_map(image_emb, text_emb))  # [B, B, H', W']
+  sim_pos = _batch_sharded(
+    jnp.einsum(
+      "bhwc,bc->bhw", losses.l2_normalize(image_emb), _batch_sharded(losses.l2_normalize(text_emb))
+    )
+  )
   if uniform is None:
-    uniform = gumbel_uniform(rng, simmap.shape)
-  hard, soft = sim2mask(params["masker"]["sim2mask"], simmap, uniform=uniform, tau=cfg.gumbel_tau)
-  # The diagonal taken along axis 1 only: with the batch sharded, entry (i, i) is on row i's
-  # device. (hard[diag, diag] made GSPMD all-reduce the global batch's [B, H', W'] masks and
-  # all-gather them back in the backward pass; tcl_jax.tools.scaling.) Same values, same bits.
-  diag = jnp.arange(b)[:, None, None, None]
-  pos_mask = jnp.take_along_axis(hard, diag, axis=1)[:, 0]  # [B, H', W'] hard (straight-through)
-  soft_pos = jnp.take_along_axis(soft, diag, axis=1)[:, 0]
-  soft_neg = _off_diagonal(soft)
+    uniform = positive_pair_uniform(rng, sim_pos.shape)
+  elif uniform.ndim == 4:
+    # The diagonal taken along axis 1 only: with the batch sharded, entry (i, i) is on row i's
+    # device (uniform[diag, diag] made GSPMD all-reduce it; tcl_jax.tools.scaling).
+    uniform = jnp.take_along_axis(uniform, jnp.arange(b)[:, None, None, None], axis=1)[:, 0]
+  pos_mask, soft_pos = sim2mask(s2m, sim_pos, uniform=uniform, tau=cfg.gumbel_tau)
 
+  # Every image with every caption: TCL_f, the negative pairs' area and the masks' TV, reduced
+  # caption chunk by caption chunk (memory flat in the global batch).
+  cosine, neg_area, tv_mask = losses.all_pairs_terms(
+    image_emb,
+    _batch_sharded(text_emb, replicated=True),  # every caption: one all-gather of [B, E]
+    s2m["w"],
+    s2m["b"],
+    cfg.caption_chunk,
+    pin=_batch_sharded,
+  )
   aux = {}
   aux["area_loss"] = losses.area_loss(soft_pos, 0.4) * cfg.area_w
-  aux["neg_area_loss"] = losses.area_loss(soft_neg, 0.0) * cfg.area_w
-  pooled = losses.masked_pool(image_emb, soft)  # [B, B, C]
-  aux["tclf_loss"] = (
-    losses.extended_info_nce(pooled, text_emb, params["tclf_logit_scale"]) * cfg.tcl_w
-  )
+  aux["neg_area_loss"] = jnp.abs(neg_area) * cfg.area_w
+  aux["tclf_loss"] = losses.scaled_symmetric_ce(cosine, params["tclf_logit_scale"]) * cfg.tcl_w
   aux["tv_img_loss"] = losses.tv_loss(image_emb, axes=(1, 2)) * cfg.tv_w
-  aux["tv_mask_loss"] = losses.tv_loss(soft, axes=(2, 3)) * cfg.tv_w
+  aux["tv_mask_loss"] = tv_mask * cfg.tv_w
 
   # TCL_i: frozen CLIP embeds the image under the (nearest-upsampled) hard positive mask.
   up = resize.resize_hw(pos_mask[..., None], images.shape[1:3], "nearest")
