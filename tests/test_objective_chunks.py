@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from tcl_jax import losses
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import losses
 from tcl_jax.models import resize
 from tcl_jax.models import tcl as tcl_lib
 
