@@ -203,10 +203,11 @@ def model_flops(preset_name: str, per_device_batch: int, dtype: str) -> float | 
   (unoptimised) step, remat off, XLA attention. No compilation. None where the backend gives no
   cost analysis of unoptimised HLO (jax 0.11's CUDA backend)."""
   cfg, res = preset(preset_name)
+  global_batch = per_device_batch * jax.device_count()
+  # One caption chunk: XLA's cost analysis counts a loop's body once, not per iteration.
+  cfg = cfg.replace(caption_chunk=global_batch)
   with clip_lib.force_attention("xla"):
-    mesh, step, state, batch = setup(
-      cfg, res, per_device_batch * jax.device_count(), dtype, remat=False, materialize=False
-    )
+    mesh, step, state, batch = setup(cfg, res, global_batch, dtype, remat=False, materialize=False)
     with jax.set_mesh(mesh):
       cost = step.lower(state, batch).cost_analysis()
   return cost_flops(cost)

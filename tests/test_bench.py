@@ -78,6 +78,15 @@ def test_model_flops_scale_with_the_batch_and_match_a_rough_count():
   assert blocks_fwd < f1 < 100 * blocks_fwd
 
 
+def test_model_flops_count_every_caption_chunk(monkeypatch):
+  # XLA's cost analysis counts a loop body once: the objective's caption chunks (a scan) must not
+  # make the count depend on the chunk size (global batch 16: 1 chunk of 64, or 4 of 4).
+  want = bench.model_flops("tiny", 2, "float32")
+  cfg, res = bench.preset("tiny")
+  monkeypatch.setattr(bench, "preset", lambda name: (cfg.replace(caption_chunk=4), res))
+  assert bench.model_flops("tiny", 2, "float32") == want
+
+
 def test_flops_from_the_compiled_step_where_the_lowered_count_is_missing(monkeypatch):
   """jax 0.11's CUDA backend gives no cost analysis of the lowered step (seen on an H200): the
   bench then counts the compiled step's FLOPs instead of crashing after timing; with remat (whose

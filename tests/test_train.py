@@ -329,8 +329,12 @@ def test_eight_device_step_equals_one_device_step(fsdp):
   # The last step's metrics: its loss is computed on the params the first update produced.
   for k in ("loss", "grad_norm", "lr") + tcl_lib.LOSS_TERMS:
     np.testing.assert_allclose(got_metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # rel 5e-3: the image embedding's TV term has a kink (|dy| at 0) where nearest upsampling left
+  # near-equal neighbours (|dy| down to 1e-7, float32 noise between meshes 1.4e-6); one |dy| that
+  # takes the other sign on 8 devices moves the last decoder block's updates by 2e-3 (measured
+  # with fsdp=2 after the chunked objective's reordering). A sharding mistake moves them by O(1).
   assert_same_updates(
-    flat(got_params), flat(ref_params), flat(params), flat(labels), f"fsdp={fsdp}"
+    flat(got_params), flat(ref_params), flat(params), flat(labels), f"fsdp={fsdp}", rel=5e-3
   )
 
 
@@ -401,17 +405,20 @@ def test_remat_and_bf16_steps_run_and_match_float32():
     runs[dtype, remat] = _steps_on_one_device(config, params, batch)
   plain, remat, bf16 = runs["float32", False], runs["float32", True], runs["bfloat16", False]
   # The switches reach the model: a checkpoint (remat) region, bf16 arithmetic.
-  assert "remat" in remat[2] and "remat" not in plain[2]
+  # (The objective's caption-chunk loop is a checkpoint region with or without the switch.)
+  assert remat[2].count("remat") > plain[2].count("remat")
   assert "bf16" in bf16[2] and "bf16" not in plain[2]
   # Rematerialisation recomputes the same float32 ops: equal within float32 noise.
   for k in ("loss", "grad_norm") + tcl_lib.LOSS_TERMS:
     np.testing.assert_allclose(remat[1][k], plain[1][k], rtol=1e-6, err_msg=k)
   assert_same_updates(remat[0], plain[0], init, labels, "remat", rel=1e-6)
   # bf16 compute (fp32 params, moments and loss): close to float32, not equal to it. Measured
-  # (2-core CPU, this test's settings): loss 0.18%, grad_norm 0.48%, the two steps' updates 11%
+  # (2-core CPU, this test's settings): loss 0.49%, grad_norm 2.0%, the two steps' updates 14%
   # apart (Adam turns bf16's 0.4% rounding of small gradients into large changes of their
-  # elements' updates). The bounds are 2.3-2.8x those.
-  for k, rel in (("loss", 5e-3), ("grad_norm", 1.2e-2)):
+  # elements' updates). The Gumbel draw moves these: over state keys 1-8, loss 0.01-1.3%,
+  # grad_norm 0.9-4.4%, updates 9-18% (the [B, B, H', W'] draw before obj26: up to 3.4%, 10.6%,
+  # 22%; key 1 then gave 0.18%, 0.48%, 11%). The bounds cover the spread.
+  for k, rel in (("loss", 1.5e-2), ("grad_norm", 5e-2)):
     np.testing.assert_allclose(bf16[1][k], plain[1][k], rtol=rel, err_msg=k)
   assert bf16[1]["loss"] != plain[1]["loss"]
   trained = [k for k in init if labels[k] != optim.FROZEN]
