@@ -124,8 +124,9 @@ def test_help_says_what_the_tool_does_in_whole_sentences():
   # Was: "... collective bytes of the training" (the docstring's first line, cut mid-sentence).
   text = " ".join(scaling._parser().format_help().split())  # pylint: disable=protected-access
   assert (
-    "A scaling report from compiled programs: per-chip FLOPs and collective bytes of the training "
-    "and evaluation steps on N fake CPU devices, and the step time they predict on TPU/GPU pods."
+    "A scaling report from compiled programs: per-chip memory, FLOPs and collective bytes of the "
+    "training and evaluation steps, compiled for TPU slices by the TPU compiler or on N fake CPU "
+    "devices, and the step time they predict on TPU/GPU pods."
   ) in text
   assert "--json JSON_OUT also write the report here" in text
 

@@ -374,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--eval-windows", type=int, default=1, help="448x448 windows per chip (0: none)")
   ap.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation")
   ap.add_argument("--overlap", type=float, default=0.0, help="fraction of comm hidden by compute")
-  ap.add_argument("--json", dest="json_out", default=None)
+  ap.add_argument("--json", dest="json_out", default=None, help="also write the report here")
   return ap
 
 

@@ -61,20 +61,26 @@ class _Program:
       self.config = None
       self.cfg, self.res = bench.preset(spec["preset"])
 
-  def setup(self, per_chip: int, n: int, devices):
+  def setup(self, per_chip: int, n: int, devices, one_chunk: bool = False):
+    """The step, its mesh and abstract state and batch; `one_chunk`: the objective's captions in
+    one chunk (for FLOP counts: the same program without the loop)."""
     from tcl_jax import bench  # pylint: disable=g-import-not-at-top
 
     if self.config is not None:
-      self.config.batch_size = per_chip * n
-      return bench.setup_config(self.config, self.res, materialize=False, devices=devices)
+      config = self.config.copy_and_resolve_references()
+      config.batch_size = per_chip * n
+      if one_chunk:
+        config.model.caption_chunk = per_chip * n
+      return bench.setup_config(config, self.res, materialize=False, devices=devices)
     if self.spec["mesh"] == "data":
       mesh_config = bench.MESH
     else:  # the recipe's data x fsdp mesh and rules (configs/tcl.py:fsdp=K)
       from tcl_jax.configs import common  # pylint: disable=g-import-not-at-top
 
       mesh_config = common.mesh_config(self.spec["fsdp"])
+    cfg = self.cfg.replace(caption_chunk=per_chip * n) if one_chunk else self.cfg
     return bench.setup(
-      self.cfg,
+      cfg,
       self.res,
       per_chip * n,
       "bfloat16",
@@ -150,15 +156,27 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
   program.mesh, program.params = mesh, state.params  # for the evaluation's compile
   if not full:
     return out
-  model_flops = _lowered_flops(lowered)
+  # XLA's cost analyses count a loop's body once: the objective's caption-chunk loop would be
+  # under-counted by its other iterations. The model FLOPs come from the step lowered as one
+  # chunk (bench.model_flops does the same), and the TPU program's own count gets the difference.
+  chunked_flops = _lowered_flops(lowered)
+  with clip_lib.force_attention("xla"), tcl_lib.force_native_conv():
+    _, step1, state1, batch1 = program.setup(per_chip, n, devices, one_chunk=True)
+    with jax.set_mesh(mesh):
+      model_flops = _lowered_flops(step1.lower(state1, batch1))
+  missing = (model_flops - chunked_flops) / n if model_flops and chunked_flops else 0.0
   out["resolution"] = program.res
   out.update(program.describe())
   out["model_flops_per_chip"] = model_flops / n if model_flops else None
   if compiled is None:
     out.update(flops_per_chip=None, collectives=None, ops=None)
   else:
-    # The TPU program's own count (per chip); on CPU, the lowered step's / N as bench counts.
-    out["flops_per_chip"] = _program_flops(compiled, devices, out["model_flops_per_chip"])
+    # The TPU program's own count (per chip) plus the loop's uncounted iterations; on CPU, the
+    # lowered step's / N as bench counts.
+    program_flops = _program_flops(compiled, devices, None)
+    out["flops_per_chip"] = (
+      program_flops + missing if program_flops else out["model_flops_per_chip"]
+    )
     ops = scaling.collectives(compiled.as_text(), n)
     out.update(collectives=scaling.by_kind(ops), ops=ops)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
