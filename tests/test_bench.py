@@ -17,6 +17,7 @@ import pytest
 from tcl_jax import bench
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.perf import chips
+from tcl_jax.perf import timing
 
 _BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "ml_collections", "cv2", "torch")
 _RUN_BLOCKED = f"""
@@ -69,8 +70,8 @@ def test_bench_runs_with_only_jax_flax_optax_numpy(tmp_path):
 
 
 def test_model_flops_scale_with_the_batch_and_match_a_rough_count():
-  f1 = bench.model_flops("tiny", 1, "float32")
-  f2 = bench.model_flops("tiny", 2, "float32")
+  f1 = timing.model_flops("tiny", 1, "float32")
+  f2 = timing.model_flops("tiny", 2, "float32")
   assert 1.9 < f2 / f1 < 2.05  # per-example work dominates; the optimizer update is tiny
   # Lower bound: the vision blocks' forward matmuls alone (features: 3 blocks, masker: 1, the
   # TCL_i pass over masked images: 4), 8 images x 37 tokens x 12 width^2 MACs x 2 FLOPs.
@@ -81,10 +82,10 @@ def test_model_flops_scale_with_the_batch_and_match_a_rough_count():
 def test_model_flops_count_every_caption_chunk(monkeypatch):
   # XLA's cost analysis counts a loop body once: the objective's caption chunks (a scan) must not
   # make the count depend on the chunk size (global batch 16: 1 chunk of 64, or 4 of 4).
-  want = bench.model_flops("tiny", 2, "float32")
-  cfg, res = bench.preset("tiny")
-  monkeypatch.setattr(bench, "preset", lambda name: (cfg.replace(caption_chunk=4), res))
-  assert bench.model_flops("tiny", 2, "float32") == want
+  want = timing.model_flops("tiny", 2, "float32")
+  cfg, res = timing.preset("tiny")
+  monkeypatch.setattr(timing, "preset", lambda name: (cfg.replace(caption_chunk=4), res))
+  assert timing.model_flops("tiny", 2, "float32") == want
 
 
 def test_flops_from_the_compiled_step_where_the_lowered_count_is_missing(monkeypatch):
@@ -92,20 +93,22 @@ def test_flops_from_the_compiled_step_where_the_lowered_count_is_missing(monkeyp
   bench then counts the compiled step's FLOPs instead of crashing after timing; with remat (whose
   compiled step recomputes) it reports none rather than an inflated count."""
   assert (
-    bench.cost_flops(None) is None and bench.cost_flops([]) is None and bench.cost_flops({}) is None
+    timing.cost_flops(None) is None
+    and timing.cost_flops([]) is None
+    and timing.cost_flops({}) is None
   )
-  assert bench.cost_flops([{"flops": 3.0}]) == 3.0 and bench.cost_flops({"flops": 2.0}) == 2.0
-  lowered = bench.model_flops("tiny", 1, "float32")
-  monkeypatch.setattr(bench, "model_flops", lambda *a: None)
-  r = bench.train_bench("tiny", 1, steps=1, dtype="float32")
+  assert timing.cost_flops([{"flops": 3.0}]) == 3.0 and timing.cost_flops({"flops": 2.0}) == 2.0
+  lowered = timing.model_flops("tiny", 1, "float32")
+  monkeypatch.setattr(timing, "model_flops", lambda *a: None)
+  r = timing.train_bench("tiny", 1, steps=1, dtype="float32")
   assert r["flops_source"] == "XLA cost analysis of the compiled step"
   assert 0.5 < r["model_flops_per_step"] / lowered < 2, (r["model_flops_per_step"], lowered)
-  r = bench.train_bench("tiny", 1, steps=1, dtype="float32", remat=True)
+  r = timing.train_bench("tiny", 1, steps=1, dtype="float32", remat=True)
   assert r["model_flops_per_step"] is None and r["flops_source"] is None and r["mfu"] is None
 
 
 def test_eval_bench_reports_windows_per_second_with_and_without_pamr():
-  rows = bench.eval_bench("tiny", windows=1, steps=1, res=96, num_classes=3)
+  rows = timing.eval_bench("tiny", windows=1, steps=1, res=96, num_classes=3)
   assert [r["pamr"] for r in rows] == [False, True]
   for r in rows:
     assert r["windows_per_s"] > 0 and r["windows_per_s"] == pytest.approx(1 / r["batch_s"])
@@ -121,7 +124,7 @@ def _small_protocol():
 
 def test_eval_image_bench_runs_the_protocol_per_image():
   sizes = ((75, 100), (100, 75), (60, 200))  # -> 96x128 (2 windows), 128x96 (2), 96x320 (6)
-  r = bench.eval_image_bench("tiny", 4, sizes, num_classes=3, protocol=_small_protocol())
+  r = timing.eval_image_bench("tiny", 4, sizes, num_classes=3, protocol=_small_protocol())
   assert r["what"] == "eval_image" and r["impl"] == "tcl_jax" and r["device"].startswith("CPU (")
   assert r["resized"] == [[96, 128], [128, 96], [96, 320]]
   assert r["windows"] == 2 + 2 + 6 + 2  # the 4th image is the 1st size again
@@ -196,11 +199,11 @@ def test_bench_torch_eval_usage_errors(tmp_path, capsys):
 def test_bench_optimizer_and_dims_are_the_recipe():
   common = load_config_module("common")
   recipe = common.tcl_optim().to_dict()
-  assert {k: v for k, v in bench.OPTIM.items() if k != "ust_steps"} == {
+  assert {k: v for k, v in timing.OPTIM.items() if k != "ust_steps"} == {
     k: v for k, v in recipe.items() if k != "ust_steps"
   }
-  assert bench.OPTIM.ust_steps == 0  # the full step: masker backbone trainable
-  cfg, res = bench.preset("vitb16")
+  assert timing.OPTIM.ust_steps == 0  # the full step: masker backbone trainable
+  cfg, res = timing.preset("vitb16")
   tcl_config = load_config_module("tcl").get_config()
   # The same model config (fields a config leaves out take their defaults, e.g. hidden_act).
   assert cfg == tcl_lib.TCLConfig.from_dict(tcl_config.model.to_dict())

@@ -8,7 +8,7 @@ devices, and the step time they predict on TPU/GPU pods.
   python -m tcl_jax.tools.scaling --devices 8,32,128,256 [--mesh data|data,fsdp] [--fsdp 8] ...
 
 Nothing runs. For each slice (or N) a worker process (tools/scaling_worker.py) lowers and compiles
-the real training step (bench.setup: train_step's plan_training and make_jit_train_step, bf16
+the real training step (perf.timing.setup: train_step's plan_training and make_jit_train_step, bf16
 compute, XLA attention, native convolutions, remat off) at `--batch` images per chip (or
 `--global-batch` over the slice: strong scaling), and the zero-shot window function as evaluation
 shards it (the model kind's window_masks, PAMR and KP on, params replicated, 448x448 windows

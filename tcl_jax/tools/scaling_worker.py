@@ -49,7 +49,7 @@ class _Program:
   """The training step to compile: bench's preset (ViT-B/16 or tiny dims) or a user's config."""
 
   def __init__(self, spec: dict):
-    from tcl_jax import bench  # pylint: disable=g-import-not-at-top
+    from tcl_jax.perf import timing  # pylint: disable=g-import-not-at-top
 
     self.spec = spec
     if spec.get("config_args"):
@@ -59,27 +59,27 @@ class _Program:
       self.cfg, self.res = None, int(self.config.input.image_size)
     else:
       self.config = None
-      self.cfg, self.res = bench.preset(spec["preset"])
+      self.cfg, self.res = timing.preset(spec["preset"])
 
   def setup(self, per_chip: int, n: int, devices, one_chunk: bool = False):
     """The step, its mesh and abstract state and batch; `one_chunk`: the objective's captions in
     one chunk (for FLOP counts: the same program without the loop)."""
-    from tcl_jax import bench  # pylint: disable=g-import-not-at-top
+    from tcl_jax.perf import timing  # pylint: disable=g-import-not-at-top
 
     if self.config is not None:
       config = self.config.copy_and_resolve_references()
       config.batch_size = per_chip * n
       if one_chunk:
         config.model.caption_chunk = per_chip * n
-      return bench.setup_config(config, self.res, materialize=False, devices=devices)
+      return timing.setup_config(config, self.res, materialize=False, devices=devices)
     if self.spec["mesh"] == "data":
-      mesh_config = bench.MESH
+      mesh_config = timing.MESH
     else:  # the recipe's data x fsdp mesh and rules (configs/tcl.py:fsdp=K)
       from tcl_jax.configs import common  # pylint: disable=g-import-not-at-top
 
       mesh_config = common.mesh_config(self.spec["fsdp"])
     cfg = self.cfg.replace(caption_chunk=per_chip * n) if one_chunk else self.cfg
-    return bench.setup(
+    return timing.setup(
       cfg,
       self.res,
       per_chip * n,
@@ -102,10 +102,10 @@ def _lowered_flops(lowered) -> float | None:
   HLO (jax internals; None if they moved)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import bench  # pylint: disable=g-import-not-at-top
+  from tcl_jax.perf import timing  # pylint: disable=g-import-not-at-top
 
   try:
-    return bench.cost_flops(lowered.cost_analysis())
+    return timing.cost_flops(lowered.cost_analysis())
   except (jax.errors.JaxRuntimeError, NotImplementedError):
     pass
   try:
@@ -114,7 +114,7 @@ def _lowered_flops(lowered) -> float | None:
 
     module = lowered._lowering.hlo().as_hlo_module()
     cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module)
-    return bench.cost_flops(cost)
+    return timing.cost_flops(cost)
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -131,9 +131,9 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
   compiler's verdict, and with `full` its FLOPs, collectives and state bytes."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax import bench  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
   from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.perf import timing  # pylint: disable=g-import-not-at-top
   from tcl_jax.train import optim  # pylint: disable=g-import-not-at-top
 
   n = len(devices) if devices else jax.device_count()
@@ -158,7 +158,7 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
     return out
   # XLA's cost analyses count a loop's body once: the objective's caption-chunk loop would be
   # under-counted by its other iterations. The model FLOPs come from the step lowered as one
-  # chunk (bench.model_flops does the same), and the TPU program's own count gets the difference.
+  # chunk (timing.model_flops does the same), and the TPU program's own count gets the difference.
   chunked_flops = _lowered_flops(lowered)
   with clip_lib.force_attention("xla"), tcl_lib.force_native_conv():
     _, step1, state1, batch1 = program.setup(per_chip, n, devices, one_chunk=True)
@@ -180,7 +180,7 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
     ops = scaling.collectives(compiled.as_text(), n)
     out.update(collectives=scaling.by_kind(ops), ops=ops)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  optim_config = program.config.optim if program.config is not None else bench.OPTIM
+  optim_config = program.config.optim if program.config is not None else timing.OPTIM
   labels = optim.param_labels(state.params, optim_config.frozen_regex, optim_config.ust_regex)
   trainable = [
     x for x, l in zip(jax.tree.leaves(state.params), jax.tree.leaves(labels)) if l != optim.FROZEN
