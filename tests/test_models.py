@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import conv
 from tcl_jax.models import losses
 from tcl_jax.models import resize
 from tcl_jax.models import tcl as tcl_lib
@@ -167,7 +168,7 @@ def test_compute_padsize_matches_original_split():
 def test_subpixel_conv_equals_conv_of_nearest_upsample(k, hw):
   # The decoder's first conv runs sub-pixel on CPU; it must equal the plain conv of up2(x).
   x = jax.random.normal(jax.random.key(0), (2, *hw, 6))
-  up = tcl_lib.Conv2d(4, k, upsampled_input=True)
+  up = conv.Conv2d(4, k, upsampled_input=True)
   p = up.init(jax.random.key(1), x)
   got = up.apply(p, x)
   kernel, bias = p["params"]["kernel"], p["params"]["bias"]
@@ -184,7 +185,7 @@ def test_subpixel_conv_equals_conv_of_nearest_upsample(k, hw):
   )
   assert got.shape == (2, 2 * hw[0], 2 * hw[1], 4)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-  plain = tcl_lib.Conv2d(4, k)
+  plain = conv.Conv2d(4, k)
   np.testing.assert_allclose(
     np.asarray(plain.apply(p, resize.upsample_nearest_2x(x))), np.asarray(want), atol=1e-5
   )

@@ -132,14 +132,14 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
   import jax  # pylint: disable=g-import-not-at-top
 
   from tcl_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-  from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.models import conv  # pylint: disable=g-import-not-at-top
   from tcl_jax.perf import timing  # pylint: disable=g-import-not-at-top
   from tcl_jax.train import optim  # pylint: disable=g-import-not-at-top
 
   n = len(devices) if devices else jax.device_count()
   # The accelerators' program: XLA attention (bench's FLOP count) and native convolutions (on CPU
   # the decoder runs im2col/sub-pixel matmuls, whose gradient all-reduce carries 16-tap kernels).
-  with clip_lib.force_attention("xla"), tcl_lib.force_native_conv():
+  with clip_lib.force_attention("xla"), conv.force_native_conv():
     mesh, step, state, batch = program.setup(per_chip, n, devices)
     with jax.set_mesh(mesh):
       t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def compile_train(program: _Program, per_chip: int, devices, hbm, full: bool = T
   # under-counted by its other iterations. The model FLOPs come from the step lowered as one
   # chunk (timing.model_flops does the same), and the TPU program's own count gets the difference.
   chunked_flops = _lowered_flops(lowered)
-  with clip_lib.force_attention("xla"), tcl_lib.force_native_conv():
+  with clip_lib.force_attention("xla"), conv.force_native_conv():
     _, step1, state1, batch1 = program.setup(per_chip, n, devices, one_chunk=True)
     with jax.set_mesh(mesh):
       model_flops = _lowered_flops(step1.lower(state1, batch1))
@@ -254,7 +254,7 @@ def measure(spec: dict) -> dict:
   """One row of the report: this process's devices or spec["target"]'s slice."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from tcl_jax.models import tcl as tcl_lib  # pylint: disable=g-import-not-at-top
+  from tcl_jax.models import conv  # pylint: disable=g-import-not-at-top
   from tcl_jax.zeroshot import protocol as protocol_lib  # pylint: disable=g-import-not-at-top
 
   devices, hbm = None, None
@@ -275,7 +275,7 @@ def measure(spec: dict) -> dict:
     row[key] = train[key]
   row["train"] = train
   if spec.get("eval_windows") and program.cfg is not None:
-    with tcl_lib.force_native_conv():
+    with conv.force_native_conv():
       row["eval"] = measure_eval(
         program.cfg,
         program.mesh,
