@@ -140,3 +140,19 @@ def test_readme_scaling_table_is_the_committed_report():
   start = lines.index(table[0])
   assert lines[start : start + len(table)] == table
   assert not lines[start + len(table)].startswith("|")
+
+
+def test_scaling_rows_count_every_caption_chunk(monkeypatch):
+  # XLA's cost analysis counts a loop's body once: a row must not lose the caption loop's other
+  # iterations (it did before the rows lowered the step as one chunk for the count).
+  from tcl_jax.perf import timing
+  from tcl_jax.tools import scaling_worker
+
+  cfg, res = timing.preset("tiny")
+  flops = {}
+  for chunk in (2, 64):  # 16 captions per step: 8 loop iterations, then one
+    monkeypatch.setattr(timing, "preset", lambda name, c=chunk: (cfg.replace(caption_chunk=c), res))
+    program = scaling_worker._Program({"preset": "tiny", "mesh": "data", "fsdp": 1})
+    row = scaling_worker.compile_train(program, 2, None, None)
+    flops[chunk] = row["model_flops_per_chip"]
+  assert flops[2] == flops[64] and flops[2] > 0, flops
