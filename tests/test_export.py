@@ -89,7 +89,7 @@ def test_export_round_trip_is_bitwise_exact(model, exported):
   with safetensors.safe_open(exported, framework="np") as f:
     meta = f.metadata()
     keys = set(f.keys())
-  assert json.loads(meta["tcl_jax_config"]) == cfg.to_dict()
+  assert json.loads(meta["tcl_jax_config"]) == {"model_kind": "tcl", **cfg.to_dict()}
   # Every parameter, the frozen CLIP towers included.
   assert keys == set(_leaves(params))
   assert any(k.startswith("clip/visual/") for k in keys) and any(

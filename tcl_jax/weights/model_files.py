@@ -1,6 +1,10 @@
 """tcl_jax's own model files: converted checkpoint directories (config.json + orbax params), one-file
 safetensors exports, and the parameters of a training workdir. `tcl_jax.weights.loading.load_any` reads
-these and every PyTorch / Hugging Face form."""
+these and every PyTorch / Hugging Face form.
+
+Each file records its model kind ("model_kind": "tcl" or "code", in config.json and in an export's
+`tcl_jax_config` metadata, beside the model config's fields); a file without one is TCL (every file
+written before kinds were recorded), so it loads as it always did."""
 
 import json
 import logging
@@ -16,6 +20,7 @@ import orbax.checkpoint as ocp
 import safetensors
 import safetensors.numpy
 
+from tcl_jax.models import code as code_lib
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.train import checkpointing
 
@@ -70,6 +75,67 @@ def is_converted(directory) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# Model kinds: which config class and parameter tree a file holds
+# ----------------------------------------------------------------------------------------------
+
+KIND_KEY = "model_kind"
+DEFAULT_KIND = "tcl"  # what a file that records no kind holds
+
+
+def _kinds() -> dict:
+  """name -> (config class, init_params(cfg, rng, clip_params=None)), looked up at call time."""
+  return {
+    "tcl": (tcl_lib.TCLConfig, tcl_lib.init_params),
+    "code": (code_lib.CoDeConfig, code_lib.init_params),
+  }
+
+
+def model_kind(cfg) -> str:
+  """The kind a model config is of ("tcl", "code"). By exact class: CoDeConfig subclasses
+  TCLConfig, so an isinstance test would call every CoDe config TCL."""
+  for name, (config_type, _) in _kinds().items():
+    if type(cfg) is config_type:  # pylint: disable=unidiomatic-typecheck
+      return name
+  raise TypeError(f"no tcl_jax checkpoint kind holds a {type(cfg).__name__} model config")
+
+
+def config_to_dict(cfg) -> dict:
+  """The model config as a file records it: its kind, then its fields."""
+  return {KIND_KEY: model_kind(cfg), **cfg.to_dict()}
+
+
+def config_from_dict(d: dict, where: str):
+  """A recorded model config (`config_to_dict`'s, or one without a kind: TCL) -> the config of its
+  kind. One-line ValueError naming `where` for an unknown kind or fields that do not fit it."""
+  d = dict(d)
+  kind = d.pop(KIND_KEY, DEFAULT_KIND)
+  kinds = _kinds()
+  if kind not in kinds:
+    raise ValueError(
+      f"{where} records model_kind {kind!r}, which has no tcl_jax checkpoints "
+      f"(known: {', '.join(sorted(kinds))}); the checkpoint is from another program or version"
+    )
+  try:
+    return kinds[kind][0].from_dict(d)
+  except (TypeError, ValueError, KeyError) as e:
+    of_kind = "" if kind == DEFAULT_KIND else f" of kind {kind!r}"
+    raise ValueError(
+      f"{where} is not a tcl_jax model config{of_kind} ({e}); the checkpoint is damaged "
+      f"or from another program"
+    ) from None
+
+
+def init_params(cfg, rng, clip_params: Optional[dict] = None) -> dict:
+  """Fresh parameters of the model `cfg` describes, whatever its kind."""
+  return _kinds()[model_kind(cfg)][1](cfg, rng, clip_params=clip_params)
+
+
+def param_shapes(cfg):
+  """The parameter tree of `cfg`'s model, as shapes and dtypes (nothing is computed)."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
 def save_checkpoint(directory, cfg: tcl_lib.TCLConfig, params) -> None:
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -77,18 +143,8 @@ def save_checkpoint(directory, cfg: tcl_lib.TCLConfig, params) -> None:
     ckptr.save(os.path.join(directory, "params"), params, force=True)
   tmp = os.path.join(directory, "config.json.tmp")
   with open(tmp, "w") as f:
-    json.dump(cfg.to_dict(), f, indent=1)
+    json.dump(config_to_dict(cfg), f, indent=1)
   os.replace(tmp, os.path.join(directory, "config.json"))
-
-
-def _config_from_dict(d: dict, where: str) -> tcl_lib.TCLConfig:
-  try:
-    return tcl_lib.TCLConfig.from_dict(d)
-  except (TypeError, ValueError, KeyError) as e:
-    raise ValueError(
-      f"{where} is not a tcl_jax model config ({e}); the checkpoint is damaged "
-      f"or from another program"
-    ) from None
 
 
 def _root_cause(e: BaseException) -> str:
@@ -196,8 +252,8 @@ def load_checkpoint(directory):
       f"{directory} is not a tcl_jax checkpoint (no config.json); convert a "
       f"PyTorch file first: python -m tcl_jax.convert SRC --output DIR"
     )
-  cfg = _config_from_dict(read_json(cfg_path), cfg_path)
-  target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+  cfg = config_from_dict(read_json(cfg_path), cfg_path)
+  target = param_shapes(cfg)
   params_dir = os.path.join(directory, "params")
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(
@@ -239,7 +295,7 @@ def save_safetensors(path, cfg: tcl_lib.TCLConfig, params) -> None:
     "/".join(p.key for p in path_): np.array(x, order="C")
     for path_, x in jax.tree_util.tree_flatten_with_path(params)[0]
   }
-  metadata = {"format": "tcl_jax", "tcl_jax_config": json.dumps(cfg.to_dict())}
+  metadata = {"format": "tcl_jax", "tcl_jax_config": json.dumps(config_to_dict(cfg))}
   path = os.fspath(path)
   tmp = path + ".tmp"
   safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
@@ -272,8 +328,8 @@ def load_safetensors(path):
     raw = json.loads(meta["tcl_jax_config"])
   except ValueError as e:
     raise ValueError(f"{path}: its tcl_jax_config metadata is not valid JSON ({e})") from None
-  cfg = _config_from_dict(raw, f"the tcl_jax_config metadata of {path}")
-  shapes = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+  cfg = config_from_dict(raw, f"the tcl_jax_config metadata of {path}")
+  shapes = param_shapes(cfg)
   flat, problems = {}, []
   for p, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     names = tuple(k.key for k in p)
@@ -311,10 +367,15 @@ def load_training_checkpoint(workdir, step: Optional[int] = None):
   train state at `step` (default: the latest) -> (cfg, params)."""
   workdir = os.path.abspath(workdir)
   config_path = checkpointing.config_path(workdir)
-  model = read_json(config_path).get("model")
+  run = read_json(config_path)
+  model = run.get("model")
   if not model:
     raise ValueError(f"{config_path} has no 'model' section")
-  cfg = _config_from_dict(model, f"the 'model' section of {config_path}")
+  # A run's kind is its config's top-level model_kind (tcl_jax.kinds.build_model), default TCL.
+  cfg = config_from_dict(
+    {**model, KIND_KEY: run.get(KIND_KEY) or DEFAULT_KIND},
+    f"the 'model' section of {config_path}",
+  )
   ckpt_dir = checkpointing.checkpoints_dir(workdir)
   # This process alone, reading only (every process of a multi-process run does the same).
   options = ocp.CheckpointManagerOptions(
@@ -325,7 +386,7 @@ def load_training_checkpoint(workdir, step: Optional[int] = None):
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint yet")
     # Restore only the parameters (not the optimizer state) into the model's shapes.
-    target = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0)))
+    target = param_shapes(cfg)
     restored = mngr.restore(
       step,
       args=ocp.args.Composite(
