@@ -58,7 +58,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def heads_summary(cfg: tcl_lib.TCLConfig, heads_from: dict) -> str:
-  """'heads: vision 2 (...), text 2 (...)', saying where each count came from."""
+  """'heads: vision 2 (...), text 2 (...)', saying where each count came from (and CoDe's text
+  decoder's)."""
   why = {
     "given": "given",
     "config": "from the transformers config",
@@ -72,6 +73,17 @@ def heads_summary(cfg: tcl_lib.TCLConfig, heads_from: dict) -> str:
     ("text", "text_heads", cfg.clip.transformer_heads),
   ):
     parts.append(f"{tower} {n} ({why[heads_from[key]].format(key)})")
+  if hasattr(cfg, "text_decoder_heads"):
+    given = heads_from.get("text_decoder_heads")
+    parts.append(
+      f"text decoder {cfg.text_decoder_heads} ("
+      + (
+        why[given]
+        if given in ("given", "stored")
+        else "the authors' TextDecoder's; pass --text_decoder_heads if the model has others"
+      )
+      + ")"
+    )
   return "heads: " + ", ".join(parts)
 
 
@@ -148,6 +160,12 @@ def main(argv=None):
     default=None,
     help="text attention heads (default: the transformers config's, else width // 64)",
   )
+  ap.add_argument(
+    "--text_decoder_heads",
+    type=int,
+    default=None,
+    help="for CoDe checkpoints: the text decoder's attention heads (default: the authors' 8)",
+  )
   ap.add_argument("--seed", type=int, default=0, help="decoder init seed for CLIP-only sources")
   ap.add_argument(
     "--overwrite", action="store_true", help="replace a converted checkpoint already at --output"
@@ -155,7 +173,7 @@ def main(argv=None):
   if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # from here: KeyboardInterrupt
     signal.signal(signal.SIGINT, signal.default_int_handler)
   args = ap.parse_args(argv)
-  for flag in ("vision_heads", "text_heads"):
+  for flag in ("vision_heads", "text_heads", "text_decoder_heads"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       ap.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   out = args.output
@@ -182,6 +200,8 @@ def main(argv=None):
     text_heads=args.text_heads,
     seed=args.seed,
   )
+  if args.text_decoder_heads is not None:  # a CoDe setting: TCL and CLIP sources reject it
+    overrides["text_decoder_heads"] = args.text_decoder_heads
   try:
     return _convert(args, out, overrides)
   except KeyboardInterrupt:  # while reading the source: nothing was written yet
@@ -194,7 +214,7 @@ def _convert(args, out, overrides) -> int:
     local = loading.resolve(args.src)
     if os.path.isfile(local) and local.endswith(".safetensors") and args.clip is None:
       cfg, params = model_files.load_safetensors(local)  # a one-file export back into a directory
-      heads_from = {"vision_heads": "stored", "text_heads": "stored"}
+      heads_from = {k: "stored" for k in ("vision_heads", "text_heads", "text_decoder_heads")}
     else:
       cfg, params, heads_from = loading.load_source(local, clip=args.clip, **overrides)
   except (ValueError, OSError) as e:  # a wrong path or a file that does not fit: usage error

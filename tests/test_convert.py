@@ -231,10 +231,12 @@ def test_keys_of_the_tcl_file_are_checked_against_the_clip_file(tmp_path):
     match=r"1 problem\(s\): unexpected key visual\.extra \(in the CLIP file\)",
   ):
     loading.load_torch(_minimal(tmp_path), clip=clip, **heads)
-  # --clip must be OpenAI's CLIP, and it completes TCL files only.
+  # --clip must be OpenAI's CLIP, and it completes TCL (or CoDe) files only.
   with pytest.raises(model_files.ConversionError, match="must be OpenAI's CLIP"):
     loading.load_torch(_minimal(tmp_path), clip=FIXTURE / "tcl_reference.pth", **heads)
-  with pytest.raises(model_files.ConversionError, match="completes a TCL checkpoint"):
+  with pytest.raises(
+    model_files.ConversionError, match="completes a TCL or CoDe checkpoint; this source is a CLIP"
+  ):
     loading.load_torch(FIXTURE / "clip_openai.pt", clip=FIXTURE / "clip_openai.pt", **heads)
 
 

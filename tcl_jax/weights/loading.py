@@ -1,6 +1,7 @@
-"""Reading every checkpoint form tcl_jax takes, without torch: the official TCL layout, OpenAI CLIP
-(TorchScript archive or state_dict), transformers' CLIPModel (a directory or a Hub id), and
-tcl_jax's own files (a converted directory, a training workdir, a one-file `.safetensors` export).
+"""Reading every checkpoint form tcl_jax takes, without torch: the official TCL layout, the CoDe
+authors' layout, OpenAI CLIP (TorchScript archive or state_dict), transformers' CLIPModel (a
+directory or a Hub id), and tcl_jax's own files (a converted directory, a training workdir, a
+one-file `.safetensors` export).
 
 `load_any` is what every front end calls (evaluate, demo, app, export, `tcl_jax.from_pretrained`,
 the training's `init_checkpoint`); `convert_state_dict` maps a PyTorch state_dict onto tcl_jax's
@@ -40,6 +41,25 @@ NO_CLIP = (
   "like the official tcl.pth: pass OpenAI's ViT-B/16 file with --clip ViT-B-16.pt "
   "(clip= in Python)"
 )
+# CoDe: buffers without learned state (the prompt's SOT embedding, the unused CLIP temperature).
+CODE_SKIPPED_KEYS = ("clip_text_encoder.prompt_learner.token_prefix", "frozen_clip.logit_scale")
+# What the model dims are read off (key_maps.infer_clip_config), in OpenAI's names.
+CLIP_DIMS_KEYS = (
+  "visual.conv1.weight",
+  "visual.positional_embedding",
+  "visual.proj",
+  "token_embedding.weight",
+  "positional_embedding",
+  "ln_final.weight",
+  "text_projection",
+)
+CODE_LOSS_SCALE_KEYS = LOSS_SCALE_KEYS + ("hcl_loss.logit_scale",)
+CODE_NO_CLIP = (
+  "this CoDe checkpoint has none of the frozen CLIP's copies (frozen_clip.*, "
+  "clip_text_encoder.prompt_learner.clip_model.*, clip_text_encoder.text_encoder.*, "
+  "clip_image_encoder.*), like a file of the trained weights only: pass OpenAI's ViT-B/16 file "
+  "with --clip ViT-B-16.pt (clip= in Python)"
+)
 
 # ----------------------------------------------------------------------------------------------
 # Conversion
@@ -59,8 +79,11 @@ def _fill(target_shapes, key_map: dict, sd: dict, used: set, problems: list):
       problems.append(f"missing key {tkey}")
       continue
     used.add(tkey)
-    arr = np.array(convert_maps.TO_FLAX[fn](np.asarray(sd[tkey], np.float32)), order="C")
-    if arr.shape != tuple(leaf.shape):
+    try:
+      arr = np.array(convert_maps.TO_FLAX[fn](np.asarray(sd[tkey], np.float32)), order="C")
+    except (ValueError, IndexError):  # too few dims for the layout change
+      arr = None
+    if arr is None or arr.shape != tuple(leaf.shape):
       problems.append(
         f"shape mismatch for {tkey}: checkpoint {tuple(sd[tkey].shape)}, "
         f"model expects {tuple(leaf.shape)} (after layout transpose)"
@@ -98,17 +121,19 @@ def convert_state_dict(
   seed: int = 0,
   **tcl_overrides,
 ):
-  """state_dict (name -> numpy) -> (TCLConfig, params). Fails model_files.listing every missing, unexpected
-  or mis-shaped key.
+  """state_dict (name -> numpy) -> (TCLConfig, params), or (CoDeConfig, params) for the CoDe
+  authors' layout (detected by its text_decoder.* / clip_text_encoder.prompt_learner.* keys).
+  Fails listing every missing, unexpected or mis-shaped key.
 
   `clip`: an OpenAI CLIP state_dict that supplies the CLIP towers and the model dims for a TCL
-  state_dict that lacks them (the official tcl.pth); the TCL state_dict's own keys win.
+  state_dict that lacks them (the official tcl.pth), or a CoDe one without its CLIP copies; the
+  checkpoint's own keys win. A CoDe state_dict's three copies of the CLIP must be equal.
   """
   layout = convert_maps.detect_layout(sd)
   if clip is not None:
-    if layout != "tcl":
+    if layout == "openai":
       raise model_files.ConversionError(
-        "--clip (clip=) completes a TCL checkpoint; this source is a CLIP"
+        "--clip (clip=) completes a TCL or CoDe checkpoint; this source is a CLIP"
       )
     try:
       clip_layout = convert_maps.detect_layout(clip)
@@ -116,8 +141,23 @@ def convert_state_dict(
       raise model_files.ConversionError(f"the --clip file: {e}") from None
     if clip_layout != "openai":
       raise model_files.ConversionError(
-        "the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), not a TCL checkpoint"
+        f"the --clip file must be OpenAI's CLIP (e.g. ViT-B-16.pt), not a {clip_layout.upper()} "
+        "checkpoint"
       )
+  if layout == "code":
+    return _convert_code(
+      sd,
+      clip,
+      heads=dict(vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act),
+      overrides=dict(tcl_overrides, ie_freeze=ie_freeze),
+    )
+  if tcl_overrides.get("text_decoder_heads") is not None:
+    what = "a TCL checkpoint" if layout == "tcl" else "a CLIP"
+    raise model_files.ConversionError(
+      f"--text_decoder_heads (text_decoder_heads=) is for CoDe checkpoints; this source is {what}"
+    )
+  tcl_overrides.pop("text_decoder_heads", None)
+  if clip is not None:
     clip_cfg = convert_maps.infer_clip_config(
       clip, "openai", vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
     )
@@ -130,13 +170,7 @@ def convert_state_dict(
     )
   notes = []
   if layout == "tcl":
-    absent = [k for k in LOSS_SCALE_KEYS if k not in sd]
-    if absent:
-      sd = dict(sd, **{k: INITIAL_LOGIT_SCALE for k in absent})
-      notes.append(
-        f"note: the checkpoint has no {', '.join(absent)}; using the original's initial "
-        f"value log(1/0.07) = {INITIAL_LOGIT_SCALE:.4f} (it matters only for training)"
-      )
+    sd = _loss_scales(sd, LOSS_SCALE_KEYS, notes)
   cfg = convert_maps.infer_tcl_config(
     sd, clip_cfg, layout, dict(tcl_overrides, ie_freeze=ie_freeze)
   )
@@ -165,17 +199,118 @@ def convert_state_dict(
   return cfg, params
 
 
+def _loss_scales(sd: dict, keys, notes: list) -> dict:
+  """sd with the loss temperatures it lacks at the original's initial value, said in `notes`."""
+  absent = [k for k in keys if k not in sd]
+  if absent:
+    sd = dict(sd, **{k: INITIAL_LOGIT_SCALE for k in absent})
+    notes.append(
+      f"note: the checkpoint has no {', '.join(absent)}; using the original's initial "
+      f"value log(1/0.07) = {INITIAL_LOGIT_SCALE:.4f} (it matters only for training)"
+    )
+  return sd
+
+
+def _one_clip(sd: dict, clip_cfg) -> tuple[dict, set]:
+  """The key map of CoDe's one CLIP (each flax path -> the first of its copies that `sd` holds,
+  else frozen_clip's name) and the copy keys it accounts for. The copies `sd` holds must be
+  equal: the first (in the file's order) that differs from its path's first copy is the error."""
+  key_map, copy_of, covered = {}, {}, set()
+  for path, (keys, layout) in convert_maps.code_clip_copies(clip_cfg).items():
+    present = [k for k in keys if k in sd]
+    key_map[("clip",) + path] = ((present or keys)[0], layout)
+    covered.update(present)
+    copy_of.update({k: present[0] for k in present[1:]})
+  for k in sd:
+    ref = copy_of.get(k)
+    if ref is None:
+      continue
+    a, b = np.asarray(sd[k], np.float32), np.asarray(sd[ref], np.float32)
+    if a.shape != b.shape or not np.array_equal(a, b):
+      how = (
+        f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if a.shape != b.shape
+        else f"max |difference| {float(np.max(np.abs(a - b))):.3g}"
+      )
+      raise model_files.ConversionError(
+        f"the checkpoint's copies of the frozen CLIP disagree: {k} differs from {ref} ({how}); "
+        "CoDe's frozen_clip, clip_text_encoder and clip_image_encoder hold one CLIP, so a file "
+        "whose copies differ was changed after training"
+      )
+  return key_map, covered
+
+
+def _convert_code(sd: dict, clip: Optional[dict], *, heads: dict, overrides: dict):
+  """The authors' CoDe state_dict (and an OpenAI CLIP that completes it) -> (CoDeConfig, params).
+  The file's CLIP copies win over `clip`, which fills only the tensors no copy holds."""
+  # Every copy's tensors under their OpenAI names, the first copy's in the file's order: the dims.
+  view = {}
+  for k, v in sd.items():
+    oai = convert_maps.code_clip_openai_key(k)
+    if oai is not None and oai != "logit_scale":
+      view.setdefault(oai, v)
+  if clip is None:
+    if not view:
+      raise model_files.ConversionError(CODE_NO_CLIP)
+    lacking = [k for k in CLIP_DIMS_KEYS if k not in view]
+    if lacking:
+      raise model_files.ConversionError(
+        f"this CoDe checkpoint's copies of the frozen CLIP lack part of it (no copy of "
+        f"{', '.join(convert_maps.CODE_FROZEN + k for k in lacking)}): pass OpenAI's ViT-B/16 "
+        "file with --clip ViT-B-16.pt (clip= in Python) to complete it"
+      )
+  clip_cfg = convert_maps.infer_clip_config({**(clip or {}), **view}, "openai", **heads)
+  key_map, covered = _one_clip(sd, clip_cfg)
+  if clip is not None:
+    # The CLIP file's tensors under the names the key map reads (frozen_clip's where no copy in
+    # the file holds them); merged under the file's own keys, which win.
+    own = {
+      ("clip",) + p: tkey for p, (tkey, _) in convert_maps.clip_key_map(clip_cfg, "openai").items()
+    }
+    name = {oai: key_map[p][0] for p, oai in own.items()}
+    extra = {}
+    for k, v in clip.items():
+      if k in name:
+        extra[name[k]] = v
+      elif k not in SKIPPED_KEYS and k != "logit_scale":
+        extra[f"{k} (in the CLIP file)"] = v
+    sd = {**extra, **sd}
+  notes = []
+  sd = _loss_scales(sd, CODE_LOSS_SCALE_KEYS, notes)
+  cfg = convert_maps.infer_code_config(sd, clip_cfg, overrides)
+  key_map.update((k, v) for k, v in convert_maps.code_key_map(cfg).items() if k[0] != "clip")
+  used, problems = set(covered), []
+  flat = _fill(model_files.param_shapes(cfg), key_map, sd, used, problems)
+  ignored = {k for k in sd if k.startswith(SKIPPED_PREFIXES) or k in CODE_SKIPPED_KEYS}
+  problems += [f"unexpected key {k}" for k in sorted(set(sd) - used - ignored)]
+  if problems:
+    raise model_files.ConversionError(
+      f"cannot convert this CoDe checkpoint to {dims(cfg)}: "
+      f"{len(problems)} problem(s): {model_files.listing(problems)}"
+    )
+  for note in notes:
+    print(note, file=sys.stderr)
+  return cfg, model_files.unflatten(flat)
+
+
 def dims(cfg) -> str:
   """The model dims in one line, as the convert command reports them."""
   c = cfg.clip
-  return (
+  out = (
     f"ViT (width {c.vision_width}, {c.vision_layers} layers, patch {c.vision_patch_size}), "
     f"text (width {c.transformer_width}, {c.transformer_layers} layers), ie_freeze {cfg.ie_freeze}"
   )
+  if model_files.model_kind(cfg) == "code":
+    out = (
+      f"CoDe: {out}, text decoder ({cfg.text_decoder_layers} layers, "
+      f"{cfg.text_decoder_heads} heads), {cfg.n_ctx} prompt tokens"
+    )
+  return out
 
 
 def load_torch(path, clip=None, **overrides):
-  """Read a PyTorch checkpoint file (no torch needed, no pickled code run) -> (TCLConfig, params).
+  """Read a PyTorch checkpoint file (no torch needed, no pickled code run) -> (cfg, params): a
+  TCLConfig, or a CoDeConfig for the CoDe authors' file.
 
   `clip`: the CLIP that completes a TCL file without the CLIP towers such as the official tcl.pth:
   OpenAI's file (e.g. ViT-B-16.pt), a transformers CLIP directory or a Hub id.
@@ -309,7 +444,9 @@ def load_source(path, clip=None, **overrides):
   """A PyTorch file, a transformers CLIP directory or a Hub id of one (and `clip`, the same kinds)
   -> (TCLConfig, params, heads_from): `heads_from` says, per tower ('vision_heads',
   'text_heads'), where its heads came from: 'given', 'config' or 'assumed' (width // 64)."""
-  given = {k for k in ("vision_heads", "text_heads") if overrides.get(k) is not None}
+  given = {
+    k for k in ("vision_heads", "text_heads", "text_decoder_heads") if overrides.get(k) is not None
+  }
   local = resolve(path)
   sd, stated = _state_dict(local, "the source")
   overrides = _merge_heads(overrides, stated, path)
@@ -322,7 +459,7 @@ def load_source(path, clip=None, **overrides):
   cfg, params = convert_state_dict(sd, clip=clip_sd, **overrides)
   heads_from = {
     k: "given" if k in given else "config" if k in stated else "assumed"
-    for k in ("vision_heads", "text_heads")
+    for k in ("vision_heads", "text_heads", "text_decoder_heads")
   }
   return cfg, params, heads_from
 
