@@ -57,6 +57,27 @@ def test_unknown_kind_is_one_line():
     kinds.zero_shot_model({})
 
 
+def test_a_subclass_config_is_not_taken_by_its_parents_kind():
+  """A kind whose config subclasses TCLConfig (CoDe's) is its own: TCL's kind must not segment it
+  as TCL, and without its own kind registered it is no kind's."""
+
+  @dataclasses.dataclass(frozen=True)
+  class SubConfig(tcl_lib.TCLConfig):
+    extra: int = 1
+
+  cfg = SubConfig(clip=tcl_lib.tiny_config().clip, ie_freeze=3)
+  with pytest.raises(ValueError, match="no model kind takes a SubConfig config"):
+    kinds.zero_shot_model(cfg)
+  sub = base.ModelKind(
+    name="sub", build=lambda config: None, config_type=SubConfig, zero_shot=_colour_zero_shot
+  )
+  kinds.register(sub)
+  try:
+    assert kinds.zero_shot_model(cfg).window_masks.__name__ == "<lambda>"
+  finally:
+    del kinds.KINDS["sub"]
+
+
 def test_a_registered_kind_is_evaluated_through_its_own_hooks(tmp_path):
   kinds.register(COLOUR)
   try:

@@ -43,7 +43,9 @@ def zero_shot_model(cfg, method: str = "") -> base.ZeroShotModel:
   if method == "tcl" and not isinstance(cfg, tcl.KIND.config_type):
     raise ValueError("method tcl needs a TCL checkpoint; this one holds a CLIP only")
   for kind in KINDS.values():
-    if isinstance(cfg, kind.config_type):
+    # The exact class: a kind's config may subclass another's (CoDeConfig is a TCLConfig), and
+    # the parent kind would then take it and segment it as its own model.
+    if type(cfg) is kind.config_type:  # pylint: disable=unidiomatic-typecheck
       if kind.zero_shot is None:
         raise ValueError(f"model kind {kind.name!r} has no zero-shot segmentation")
       return kind.zero_shot(cfg)
