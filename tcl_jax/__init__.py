@@ -31,10 +31,11 @@ _quiet_libtpu_without_tpus()
 
 
 def from_pretrained(path_or_hub_id, **overrides):
-  """(TCLConfig, params) of a one-file `.safetensors` export, a converted directory, or a Hugging
+  """(cfg, params) of a one-file `.safetensors` export, a converted directory, or a Hugging
   Face Hub repository holding `model.safetensors` (a tcl_jax export, or a transformers CLIP that
-  is converted on the fly); see `tcl_jax.weights.loading.load_any` for every form. With HF_HUB_OFFLINE=1
-  nothing is downloaded."""
+  is converted on the fly); see `tcl_jax.weights.loading.load_any` for every form. `cfg` is a
+  TCLConfig, or a CoDeConfig for a CoDe checkpoint (the kind the file records). With
+  HF_HUB_OFFLINE=1 nothing is downloaded."""
   # Imported here so that `import tcl_jax` stays cheap (convert imports jax).
   from tcl_jax.weights import loading  # pylint: disable=g-import-not-at-top
 

@@ -1,21 +1,25 @@
-"""Convert checkpoints (official TCL, OpenAI CLIP, transformers CLIP) to tcl_jax, without torch.
+"""Convert checkpoints (official TCL, CoDe, OpenAI CLIP, transformers CLIP) to tcl_jax, without torch.
 
   python -m tcl_jax.convert SRC [--clip CLIP] --output DIR [--ie_freeze N] [--text_heads N]
-      [--vision_heads N] [--overwrite]
+      [--vision_heads N] [--text_decoder_heads N] [--overwrite]
 
 SRC (and --clip) may be a PyTorch file, a transformers CLIP directory (config.json +
 model.safetensors, as `CLIPModel.save_pretrained` writes it) or a Hugging Face Hub id
 (`openai/clip-vit-base-patch16`, fetched into the Hub cache; with HF_HUB_OFFLINE=1 from the cache
 only). Detects (a) the official TCL layout (`{"model": state_dict}` with `masker.*` and, in a full
 file, `clip_text_encoder.*`, `clip_image_encoder.*`, `tcl[if]_loss.logit_scale`; the original's
-training checkpoints `checkpoint.pth` / `ckpt_*.pth` hold it under "model" too), (b) OpenAI CLIP
-(a TorchScript archive like `ViT-B-16.pt`, or a plain state_dict), (c) transformers' CLIPModel
-(tcl_jax/weights/hf_clip.py). The released `tcl.pth` holds only the learned weights: `--clip` supplies the
-frozen CLIP towers and the model dims, and every key the TCL file holds overrides them and is
-checked. The model dims are read off tensor shapes as the original's `build_model` does; attention
-heads are not in the shapes: a transformers config states them, else they are width // 64 unless
-overridden. A CLIP-only source gets a masker initialised from the CLIP as the original does. The
-output directory holds `config.json` and an orbax checkpoint of the parameters under `params/`.
+training checkpoints `checkpoint.pth` / `ckpt_*.pth` hold it under "model" too), (b) OpenAI CLIP (a
+TorchScript archive like `ViT-B-16.pt`, or a plain state_dict), (c) transformers' CLIPModel
+(tcl_jax/weights/hf_clip.py), (d) the CoDe authors' layout (`text_decoder.*`,
+`clip_text_encoder.prompt_learner.*`; a CoDeConfig: its three copies of the frozen CLIP must be
+equal, and a file without them takes --clip as a TCL file does; the text decoder's heads are the
+authors' 8 unless --text_decoder_heads is given). The released `tcl.pth` holds only the learned
+weights: `--clip` supplies the frozen CLIP towers and the model dims, and every key the TCL file
+holds overrides them and is checked. The model dims are read off tensor shapes as the original's
+`build_model` does; attention heads are not in the shapes: a transformers config states them, else
+they are width // 64 unless overridden. A CLIP-only source gets a masker initialised from the CLIP
+as the original does. The output directory holds `config.json` (the model config and its
+"model_kind") and an orbax checkpoint of the parameters under `params/`.
 
 `load_any` reads every checkpoint form the front ends take: a converted directory, a training
 workdir, a one-file `.safetensors` export (`python -m tcl_jax.export`), a PyTorch file, a

@@ -6,8 +6,8 @@
 CKPT is anything the front ends take (`tcl_jax.weights.loading.load_any`): a converted directory, a
 training workdir, a PyTorch file (the official tcl.pth with `--clip ViT-B-16.pt`), a transformers
 CLIP directory or a Hugging Face Hub id. The file holds every parameter, the frozen CLIP towers
-included, under its flax path ('clip/visual/conv1/kernel', ...), and the model config as JSON in
-the safetensors metadata (`tcl_jax_config`); `tcl_jax.from_pretrained(FILE)`, `load_any` and every
+included, under its flax path ('clip/visual/conv1/kernel', ...), and the model config with its
+"model_kind" ("tcl", "code") as JSON in the safetensors metadata (`tcl_jax_config`); `tcl_jax.from_pretrained(FILE)`, `load_any` and every
 `--checkpoint` read it back bitwise. Publish it with huggingface_hub (see the README).
 """
 

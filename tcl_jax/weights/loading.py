@@ -465,10 +465,11 @@ def load_source(path, clip=None, **overrides):
 
 
 def load_any(path, **overrides):
-  """Any checkpoint the front ends take -> (cfg, params): a converted tcl_jax directory, a
-  training workdir (latest step), a one-file `.safetensors` export, a PyTorch file or a
-  transformers CLIP directory (converted on the fly; `clip=` completes the official tcl.pth), or
-  a Hugging Face Hub id of a repository holding an export or a transformers CLIP."""
+  """Any checkpoint the front ends take -> (cfg, params), cfg of the model kind the checkpoint
+  holds (a TCLConfig or a CoDeConfig): a converted tcl_jax directory, a training workdir (latest
+  step), a one-file `.safetensors` export, a PyTorch file or a transformers CLIP directory
+  (converted on the fly; `clip=` completes the official tcl.pth), or a Hugging Face Hub id of a
+  repository holding an export or a transformers CLIP."""
   local = resolve(path)
   if os.path.isdir(local):
     if os.path.isdir(checkpointing.checkpoints_dir(local)):
@@ -503,7 +504,8 @@ def directory_problem(path) -> Optional[str]:
 
 
 def from_pretrained(path_or_hub_id, **overrides):
-  """(TCLConfig, params) of a one-file export, a converted directory or a Hub repository holding
+  """(cfg, params) of a one-file export, a converted directory or a Hub repository holding
   `model.safetensors` (a tcl_jax export, or a transformers CLIP converted on the fly); any other
-  form `load_any` takes works too. Nothing is downloaded with HF_HUB_OFFLINE=1."""
+  form `load_any` takes works too. `cfg` is a TCLConfig, or a CoDeConfig for a CoDe checkpoint.
+  Nothing is downloaded with HF_HUB_OFFLINE=1."""
   return load_any(path_or_hub_id, **overrides)
