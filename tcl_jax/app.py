@@ -45,7 +45,7 @@ def method_choices(segmenter) -> list:
   from tcl_jax import kinds
   from tcl_jax.models import tcl as tcl_lib
 
-  own = ["own"] + (["tcl"] if isinstance(segmenter.cfg, tcl_lib.TCLConfig) else [])
+  own = ["own"] + (["tcl"] if type(segmenter.cfg) is tcl_lib.TCLConfig else [])
   return own + list(kinds.METHODS)
 
 

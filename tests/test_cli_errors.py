@@ -194,6 +194,17 @@ def test_main_bad_config_arg_value_and_missing_flag(no_heavy_imports, tmp_path):
       ["--config=configs/synthetic.py", "--config.synthetic.num_shards=0"],
       "error: config.synthetic.num_shards must be a whole number >= 1, got 0",
     ),
+    # CoDe without nouns in its batches (was: a KeyError 'noun_tokens' after the data was read).
+    (
+      ["--config=configs/code.py", "--config.input.num_nouns=0"],
+      "error: --config.model_kind=code trains on each caption's nouns: set "
+      "--config.input.num_nouns=2 (the authors' num_words) or start from configs/code.py",
+    ),
+    (
+      ["--config=configs/synthetic.py:model_kind=clip"],
+      "error: --config=configs/synthetic.py:model_kind=clip: model_kind must be tcl or code, got "
+      "'clip'",
+    ),
     (
       ["--config=configs/tcl.py", "--config.evals.img_scale=(2048,0)"],
       "error: config.evals.img_scale must be two whole numbers >= 1 (long side, short side), got "

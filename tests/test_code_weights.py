@@ -431,7 +431,9 @@ def test_text_decoder_heads(files, capsys):
     loading.convert_state_dict(files["sd"], text_decoder_heads=3)
   # A text tower the authors' 8 heads do not divide (their TextDecoder is as wide as it).
   rng = np.random.default_rng(1)
-  narrow = code_files.code_state_dict(rng, code_files.openai_clip(rng, text_width=68, vocab=1000))
+  narrow = code_files.code_state_dict(
+    rng, code_files.openai_clip(rng, text_width=68, embed_dim=68, vocab=1000)
+  )
   with pytest.raises(
     model_files.ConversionError,
     match="68 wide .* the authors' 8 heads do not divide; pass --text_decoder_heads N",

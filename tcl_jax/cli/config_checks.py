@@ -48,6 +48,8 @@ _TRAIN_RULES = (
   ("optim.weight_decay", "float", 0.0, None),
   ("optim.clip_grad", "float", 0.0, None),
   ("model.caption_chunk", "int", 1, None),
+  ("input.num_nouns", "int", 0, None),
+  ("model.n_ctx", "int", 1, None),
   ("checkpoint.keep", "int", 1, None),
   ("checkpoint.keep_best", "int", 0, None),
   ("synthetic.num_train_examples", "int", 1, None),
@@ -124,8 +126,21 @@ def value_problem(config, flag: str = "config") -> str | None:
   if not hasattr(config, "keys"):
     return None
   if "total_steps" in config:
-    return _problem(config, _TRAIN_RULES, "evals.img_scale", flag)
+    return _problem(config, _TRAIN_RULES, "evals.img_scale", flag) or _kind_problem(config, flag)
   return eval_value_problem(config, flag)
+
+
+def _kind_problem(config, flag: str) -> str | None:
+  """A CoDe run whose batches would carry no nouns (a TCL config with model_kind=code)."""
+  if config.get("model_kind", "tcl") != "code":
+    return None
+  nouns = _get(config, "input.num_nouns")
+  if nouns is _MISSING or not nouns:
+    return (
+      f"--{flag}.model_kind=code trains on each caption's nouns: set --{flag}.input.num_nouns=2 "
+      "(the authors' num_words) or start from configs/code.py"
+    )
+  return None
 
 
 def workdir_problem(workdir: str, flag: str = "--workdir", create: bool = True) -> str | None:

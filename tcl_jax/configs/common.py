@@ -140,6 +140,34 @@ def tcl_model(clip: dict, ie_freeze: int) -> ml_collections.ConfigDict:
   )
 
 
+def code_model(clip: dict, ie_freeze: int) -> ml_collections.ConfigDict:
+  """`config.model` of CoDe: tcl_jax.models.code.CoDeConfig's fields. The authors' default.yml
+  model: section, its loss weights as experiment_configs.yml overrides them (w_hcl 0.5)."""
+  c = tcl_model(clip, ie_freeze)
+  c.decoder_double = False  # masker.decoder.double: false
+  c.tcl_w = 0.1  # w_tcl
+  c.tv_w = 1.0  # w_tv
+  c.area_w = 0.0  # TCL's; CoDe weighs its two area terms apart
+  c.update(
+    dict(
+      n_ctx=16,  # PromptLearner's context vectors
+      text_decoder_layers=2,  # TextDecoder: Transformer(width, 2 layers, 8 heads)
+      text_decoder_heads=8,
+      kg_w=8.0,  # w_kg
+      pos_area=0.25,  # pos_area
+      pos_area_w=0.5,  # w_pos_area
+      neg_area_w=0.05,  # w_neg_area
+      hcl_w=0.5,  # w_hcl (experiment_configs.yml; default.yml says 0.1)
+      tseg_w=1.0,  # w_tseg
+      tseg_bg_weight=0.5,  # F.cross_entropy weight of the background class
+      bg_image_size=224,  # learnable_image_bg [1, 3, 224, 224]
+      region_highlighting=True,  # use_region_highlighting_prompt
+      word_highlighting=True,  # use_word_highlighting_prompt
+    )
+  )
+  return c
+
+
 def tcl_optim(**overrides) -> ml_collections.ConfigDict:
   """`config.optim`: configs/tcl.yml's train: section (over default.yml)."""
   c = ml_collections.ConfigDict(

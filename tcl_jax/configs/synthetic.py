@@ -10,6 +10,7 @@ masker from its last block, UST, the recipe's losses), evaluates again and write
 
   ...:seed=1                              another seed (training data, evaluation set, masker init)
   ...:steps=100                           a shorter run
+  ...:model_kind=code                     CoDe instead of TCL (same world, data and schedule)
   --config.miniature.clip_weights=        train the CLIP first (stage 1, configs/miniature_clip.py)
   --config.init_checkpoint=../shared/fixtures/tcl_tiny/tcl_reference.pth   start from the fixture
 """
@@ -23,7 +24,9 @@ eval_configs = config_files.sibling(__file__, "eval")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, steps=600, seed=0)
+  arg = common.parse_arg(arg, steps=600, seed=0, model_kind="tcl")
+  if arg.model_kind not in ("tcl", "code"):
+    raise ValueError(f"model_kind must be tcl or code, got {arg.model_kind!r}")
   config = ml_collections.ConfigDict()
 
   config.seed = arg.seed
@@ -64,7 +67,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.augment = ml_collections.ConfigDict(dict(deit_aug=False, scale=(0.8, 1.0)))
   config.input.options = ml_collections.ConfigDict(dict(shuffle_buffer=1024))
 
-  config.model = common.tcl_model(common.clip_tiny(), ie_freeze=3)
+  config.model_kind = arg.model_kind
+  if arg.model_kind == "code":  # CoDe in the same world: the records carry each caption's nouns
+    config.model = common.code_model(common.clip_tiny(), ie_freeze=3)
+    config.model.text_decoder_heads = 1  # the tiny CLIP's text width 64 (the authors: 512 / 8)
+    config.input.num_nouns = 2
+  else:
+    config.model = common.tcl_model(common.clip_tiny(), ie_freeze=3)
   # No linear lr scaling at this batch size; UST for the first third, as in the recipe.
   config.optim = common.tcl_optim(
     base_lr=1e-3,

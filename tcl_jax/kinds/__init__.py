@@ -9,12 +9,13 @@ SCLIP, ClearCLIP, NACLIP) run on any kind's CLIP: `zero_shot_method(name, cfg)`,
 
 from tcl_jax.kinds import base
 from tcl_jax.kinds import clip
+from tcl_jax.kinds import code
 from tcl_jax.kinds import tcl
 from tcl_jax.kinds.methods import METHODS as METHODS
 from tcl_jax.kinds.methods import zero_shot_method as zero_shot_method
 from tcl_jax.kinds.methods import zero_shot_methods as zero_shot_methods
 
-KINDS: dict[str, base.ModelKind] = {k.name: k for k in (tcl.KIND, clip.KIND)}
+KINDS: dict[str, base.ModelKind] = {k.name: k for k in (tcl.KIND, code.KIND, clip.KIND)}
 
 
 def register(kind: base.ModelKind) -> None:
@@ -40,15 +41,26 @@ def zero_shot_model(cfg, method: str = "") -> base.ZeroShotModel:
   can segment, or the checkpoint lacks what the method needs."""
   if method not in ("", "own", "tcl"):
     return zero_shot_method(method, cfg)
-  if method == "tcl" and not isinstance(cfg, tcl.KIND.config_type):
-    raise ValueError("method tcl needs a TCL checkpoint; this one holds a CLIP only")
-  for kind in KINDS.values():
-    # The exact class: a kind's config may subclass another's (CoDeConfig is a TCLConfig), and
-    # the parent kind would then take it and segment it as its own model.
-    if type(cfg) is kind.config_type:  # pylint: disable=unidiomatic-typecheck
-      if kind.zero_shot is None:
-        raise ValueError(f"model kind {kind.name!r} has no zero-shot segmentation")
-      return kind.zero_shot(cfg)
+  if method == "tcl" and type(cfg) is not tcl.KIND.config_type:
+    raise ValueError(f"method tcl needs a TCL checkpoint; this one holds a {kind_of(cfg)} model")
+  kind = kind_of_config(cfg)
+  if kind is not None:
+    if kind.zero_shot is None:
+      raise ValueError(f"model kind {kind.name!r} has no zero-shot segmentation")
+    return kind.zero_shot(cfg)
   raise ValueError(
     f"no model kind takes a {type(cfg).__name__} config; known kinds: {', '.join(sorted(KINDS))}"
   )
+
+
+def kind_of_config(cfg):
+  """The kind whose config type is exactly type(cfg) (CoDeConfig subclasses TCLConfig), or None."""
+  for kind in KINDS.values():
+    if type(cfg) is kind.config_type:
+      return kind
+  return None
+
+
+def kind_of(cfg) -> str:
+  kind = kind_of_config(cfg)
+  return kind.name if kind is not None else type(cfg).__name__

@@ -16,6 +16,10 @@ class ZeroShotModel:
   window_masks(params, text_emb, windows [k, h, w, 3], *, pamr, kp_w, simmaps) -> [k, N, h, w]
     scores per class at the window's size (a background channel is added by the pipeline); with
     simmaps, [k, 2N, h, w]: the scores, then similarity maps to show.
+  class_text(params, classnames, templates) -> [N, D]: optional. A kind whose class features are
+    not a template ensemble of one text tower (CoDe: its learned prompt on the bare name, plus a
+    separate ensemble for the KP branch) builds them from the names itself; the rows are opaque
+    to the pipeline (one per class) and go to window_masks as text_emb.
   """
 
   cfg: Any
@@ -25,6 +29,7 @@ class ZeroShotModel:
   # > 1: several models scored in one call (training-free methods sharing one CLIP forward):
   # window_masks returns [k, heads x N, h, w], head m in channels [m N, (m + 1) N); no simmaps.
   heads: int = 1
+  class_text: Optional[Callable[..., jax.Array]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,8 @@ class Model:
   loss: Callable[..., tuple[jax.Array, dict]]
   load: Optional[Callable[[str], Any]] = None  # path -> params (config.init_checkpoint)
   zero_shot: Optional[ZeroShotModel] = None  # None: this kind cannot be evaluated zero-shot
+  # The batch entries `loss` reads (the input pipeline provides them; the loop shards them).
+  batch_keys: tuple[str, ...] = ("image", "text_tokens")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ from tcl_jax.data import synthetic
 from tcl_jax.kinds import base
 from tcl_jax.miniature import record as miniature_record
 from tcl_jax.models import clip as clip_lib
+from tcl_jax.models import code as code_lib
 from tcl_jax.models import tcl as tcl_lib
 from tcl_jax.train import checkpointing
 from tcl_jax.train import inputs as train_inputs
@@ -324,14 +325,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
     save_clip(
       clip, os.path.join(workdir, "clip", "miniature_clip.npz"), {"command": REBUILD_COMMAND}
     )
-  expected = jax.eval_shape(lambda: tcl_lib.init_params(cfg, jax.random.key(0))["clip"])
+  # The kind's own init from a given CLIP (TCL's, or CoDe's, which adds its prompt and decoder).
+  init_from = code_lib.init_params if isinstance(cfg, code_lib.CoDeConfig) else tcl_lib.init_params
+  expected = jax.eval_shape(lambda: init_from(cfg, jax.random.key(0))["clip"])
   if jax.tree.structure(expected) != jax.tree.structure(clip) or any(
     e.shape != c.shape for e, c in zip(jax.tree.leaves(expected), jax.tree.leaves(clip))
   ):
     raise ValueError(f"CLIP weights {mini.clip_weights} do not match config.model.clip")
-  model = dataclasses.replace(
-    model, init=lambda rng: tcl_lib.init_params(cfg, rng, clip_params=clip)
-  )
+  model = dataclasses.replace(model, init=lambda rng: init_from(cfg, rng, clip_params=clip))
 
   # Baseline: TCL inference at step 0, by the evaluation the loop runs (once per workdir).
   train_inputs.prepare_synthetic_data(config, workdir)
@@ -359,6 +360,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
     "baseline_miou": _miou(baseline),
     "tcl_miou": _miou(final),
     "seed": int(config.seed),
+    # tcl_* name the trained model's figures, TCL's or (model_kind "code") CoDe's.
+    "model_kind": str(config.get("model_kind", "tcl")),
     "tcl_steps": int(config.total_steps),
     "wall_s": round(miniature_record.spent(workdir) + time.time() - t0, 1),
     "per_task": {
@@ -379,7 +382,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
       config,
       workdir,
       mini.num_mask_images,
-      ["baseline (step 0)", f"TCL ({config.total_steps} steps)"],
+      ["baseline (step 0)", f"{_kind_label(config)} ({config.total_steps} steps)"],
     )
     Image.fromarray(panel).save(os.path.join(workdir, miniature_record.MASKS))
     writer = metric_writers.create_default_writer(workdir)
@@ -395,6 +398,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | N
       json.dump(out, f, indent=1)
   print(miniature_record.report_line(out, config.total_steps, workdir), flush=True)
   return out
+
+
+def _kind_label(config) -> str:
+  return {"code": "CoDe"}.get(config.get("model_kind", "tcl"), "TCL")
 
 
 def main(argv):

@@ -164,12 +164,13 @@ def report_line(out: dict, steps: int, workdir: str, stored: bool = False) -> st
   tasks = ", ".join(
     f"{t} {v['baseline_miou']:.2f} -> {v['tcl_miou']:.2f}" for t, v in out["per_task"].items()
   )
+  kind = {"code": "CoDe"}.get(out.get("model_kind", "tcl"), "TCL")
   line = (
     f"miniature (seed {out['seed']}): zero-shot mIoU (%) on the shapes world, frozen-CLIP "
-    f"baseline (TCL at step 0) {out['baseline_miou']:.2f}, after {steps} TCL steps "
+    f"baseline ({kind} at step 0) {out['baseline_miou']:.2f}, after {steps} {kind} steps "
     f"{out['tcl_miou']:.2f} ({out['tcl_miou'] - out['baseline_miou']:+.2f} points; "
     f"{tasks}); {out['wall_s']:.0f} s. Masks: {os.path.join(workdir, MASKS)} "
-    "(image | truth | baseline | TCL)"
+    f"(image | truth | baseline | {kind})"
   )
   if stored:
     line += (

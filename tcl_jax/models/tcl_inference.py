@@ -73,8 +73,12 @@ def generate_masks(
   apply_pamr: bool = False,
   kp_w: float = 0.3,
   dtype=jnp.float32,
+  kp_text_emb=None,
 ):
   """Soft masks [B, N, H, W] for each text embedding (and the masker simmap [B, N, h', w']).
+
+  kp_text_emb [N, E]: the KP branch's class embeddings when they differ from the masker's
+  (CoDe's kp_branch_text_emb: templated sentences, while its masker gets prompted names).
 
   image [B, H, W, 3] normalized, any size of at least one patch: zero-padded to patch multiples
   (extra pixel on the right/bottom), cropped back at the end.
@@ -117,7 +121,8 @@ def generate_masks(
     b = tokens.shape[0]
     spatial = visual.apply(vparams, tokens[:, 1:], method="project")
     spatial = spatial.reshape(b, hw[0], hw[1], -1).astype(jnp.float32)
-    kp = jax.nn.sigmoid((tcl.similarity_map(spatial, text_emb) - 0.25) * 10.0)
+    kp_text = text_emb if kp_text_emb is None else kp_text_emb
+    kp = jax.nn.sigmoid((tcl.similarity_map(spatial, kp_text) - 0.25) * 10.0)
     kp = resize.resize_hw(kp, mask.shape[-2:], "bilinear", layout="NCHW")
     mask = kp_w * kp + (1.0 - kp_w) * mask
 
@@ -134,11 +139,14 @@ def window_outputs(
   apply_pamr: bool,
   kp_w: float,
   simmaps: bool = False,
+  kp_text_emb=None,
 ):
   """The zero-shot window function: windows [k, h, w, 3] -> soft masks [k, N, h, w]; with
   simmaps, [k, 2N, h, w]: the masks, then the masker's similarity maps resized to the window
   like the masks are (what the demo shows)."""
-  masks, simmap = generate_masks(params, cfg, windows, text_emb, apply_pamr=apply_pamr, kp_w=kp_w)
+  masks, simmap = generate_masks(
+    params, cfg, windows, text_emb, apply_pamr=apply_pamr, kp_w=kp_w, kp_text_emb=kp_text_emb
+  )
   if not simmaps:
     return masks
   h, w = windows.shape[1:3]

@@ -207,7 +207,7 @@ class _Loop:
           checkpointing.save(self.mngr, step, state, checkpointing.gather_input_states(before))
         logging.warning("Preempted while waiting for input data: stopped at step %d.", step)
         return state, step, True
-      batch = sharding.to_global({k: host_batch[k] for k in step_lib.BATCH_KEYS}, batch_sharding)
+      batch = sharding.to_global({k: host_batch[k] for k in self.model.batch_keys}, batch_sharding)
       if compiled is None:
         t0 = time.time()
         compiled = jit_step.lower(state, batch).compile()

@@ -18,8 +18,6 @@ from tcl_jax import sharding
 from tcl_jax.kinds import base
 from tcl_jax.train import optim
 
-BATCH_KEYS = ("image", "text_tokens")  # what train_step reads from a batch
-
 
 @flax.struct.dataclass
 class TrainState:

@@ -150,6 +150,10 @@ def class_text_embedding(
   mean is normalised."""
   templates = get_templates(template)
   names = list(classnames)
+  if getattr(model, "class_text", None) is not None:  # the kind builds them from the names
+    if ensemble != "mean":
+      raise ValueError(f"ensemble {ensemble!r} is not available for this model kind")
+    return model.class_text(params, names, templates)
   prompts = [t.format(c) for c in names for t in templates]
   tokens = np.asarray(tokenizer.tokenize(prompts))
   if ensemble == "mean":
