@@ -51,7 +51,7 @@ COLOUR = base.ModelKind(
 
 def test_unknown_kind_is_one_line():
   config = ml_collections.ConfigDict({"model_kind": "tlc"})
-  with pytest.raises(ValueError, match=r"^unknown model_kind 'tlc'; known: clip, tcl$"):
+  with pytest.raises(ValueError, match=r"^unknown model_kind 'tlc'; known: clip, code, tcl$"):
     kinds.build_model(config)
   with pytest.raises(ValueError, match="no model kind takes a dict config"):
     kinds.zero_shot_model({})
