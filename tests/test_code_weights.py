@@ -11,6 +11,7 @@ import code_files
 import jax
 import ml_collections
 import numpy as np
+import omegaconf
 import pytest
 import safetensors
 import safetensors.numpy
@@ -392,6 +393,33 @@ def test_the_files_own_copies_win_over_clip(files, converted):
     model_files.ConversionError, match="must be OpenAI's CLIP .* not a CODE checkpoint"
   ):
     loading.convert_state_dict(files["trained"], clip=files["sd"])
+
+
+def test_the_authors_training_checkpoint_converts_like_its_model(files, converted, tmp_path):
+  """checkpoint.pth / ckpt_*.pth as their utils/checkpoint.py writes them: the model under "model",
+  beside the optimizer, scheduler, scaler, step and the OmegaConf config."""
+  config = omegaconf.OmegaConf.create(
+    {"model": {"type": "ImageTextCoDecomposition", "w_hcl": 0.5}, "output": "output/code"}
+  )
+  sd = files["sd"]
+  adam = {
+    i: {"step": np.array(5.0, np.float32), "exp_avg": np.zeros_like(v)}
+    for i, v in enumerate(v for k, v in sd.items() if k.startswith("text_decoder."))
+  }
+  ckpt = torch_files.save(
+    {
+      "model": torch_files.state_dict(sd),
+      "optimizer": {"state": adam, "param_groups": [{"lr": 1e-4, "params": list(adam)}]},
+      "lr_scheduler": {"last_epoch": 5},
+      "scaler": {"scale": 65536.0},
+      "step": 5,
+      "config": config,
+    },
+    tmp_path / "ckpt_5_miou35.38.pth",
+  )
+  cfg, params = loading.load_torch(ckpt)
+  assert cfg == converted[0]
+  _assert_bitwise(params, converted[1])
 
 
 def test_problems_are_listed_in_one_error(files, capsys):

@@ -113,8 +113,8 @@ def config_from_dict(d: dict, where: str):
   kinds = _kinds()
   if kind not in kinds:
     raise ValueError(
-      f"{where} records model_kind {kind!r}, which has no tcl_jax checkpoints "
-      f"(known: {', '.join(sorted(kinds))}); the checkpoint is from another program or version"
+      f"{where} records model_kind {kind!r}; tcl_jax loads checkpoints of kinds "
+      f"{', '.join(sorted(kinds))}"
     )
   try:
     return kinds[kind][0].from_dict(d)
