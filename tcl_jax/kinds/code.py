@@ -103,15 +103,28 @@ def build(config) -> base.Model:
   def load(path):
     from tcl_jax.weights import loading  # noqa: PLC0415 (the registry stays light)
 
-    ckpt_cfg, params = loading.load_any(path, seed=int(config.seed))
-    if not isinstance(ckpt_cfg, code_lib.CoDeConfig):
-      raise ValueError(f"init_checkpoint {path} holds a {type(ckpt_cfg).__name__}, not CoDe")
-    if ckpt_cfg.clip != cfg.clip or ckpt_cfg.ie_freeze != cfg.ie_freeze:
+    # Heads are not in tensor shapes: the config says them for CLIP and TCL sources.
+    ckpt_cfg, params = loading.load_any(
+      path,
+      vision_heads=cfg.clip.vision_heads,
+      text_heads=cfg.clip.transformer_heads,
+      seed=int(config.seed),
+    )
+    if ckpt_cfg.clip != cfg.clip:
       raise ValueError(
-        f"init_checkpoint {path} holds another CoDe model: clip {ckpt_cfg.clip}, "
-        f"ie_freeze {ckpt_cfg.ie_freeze}"
+        f"init_checkpoint {path} holds another CLIP ({loading.dims(ckpt_cfg)}): set "
+        "--config.model.clip to its dims"
       )
-    return params
+    if type(ckpt_cfg) is code_lib.CoDeConfig:
+      if ckpt_cfg.ie_freeze != cfg.ie_freeze:
+        raise ValueError(
+          f"init_checkpoint {path} holds a CoDe model with ie_freeze {ckpt_cfg.ie_freeze}: set "
+          f"--config.model.ie_freeze={ckpt_cfg.ie_freeze}"
+        )
+      return params
+    # A CLIP (OpenAI's ViT-B-16.pt, as the authors start from) or a TCL checkpoint: CoDe is
+    # initialised from its frozen CLIP alone, as the authors' constructor does.
+    return code_lib.init_params(cfg, jax.random.key(int(config.seed)), clip_params=params["clip"])
 
   return base.Model(
     cfg=cfg,

@@ -64,6 +64,11 @@ def build(config) -> base.Model:
       seed=int(config.seed),
       **overrides,
     )
+    if type(ckpt_cfg) is not tcl_lib.TCLConfig:  # e.g. a CoDe checkpoint: its tree is another
+      raise ValueError(
+        f"init_checkpoint {path} holds a {type(ckpt_cfg).__name__} model, not TCL: train it with "
+        "its own model_kind (configs/code.py for CoDe)"
+      )
     differ = [
       f"--config.model.clip.{f.name}={getattr(ckpt_cfg.clip, f.name)}"
       for f in dataclasses.fields(ckpt_cfg.clip)
