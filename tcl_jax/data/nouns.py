@@ -105,9 +105,11 @@ def _mark(tokens: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
   hit = np.zeros(n, bool)
   if k == 0 or k > n:  # the original's loop finds nothing then either
     return hit
-  windows = np.lib.stride_tricks.sliding_window_view(tokens, k)
-  for s in np.flatnonzero((windows == np.asarray(ids)).all(axis=1)):
-    hit[s : s + k] = True
+  starts = np.ones(n - k + 1, bool)  # where a run starts
+  for j, t in enumerate(ids):
+    starts &= tokens[j : n - k + 1 + j] == t
+  for j in range(k):
+    hit[j : n - k + 1 + j] |= starts
   return hit
 
 
