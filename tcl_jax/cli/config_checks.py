@@ -39,6 +39,7 @@ _TRAIN_RULES = (
   ("image_log_every_steps", "int", 0, None),
   ("image_log_num", "int", 0, None),
   ("input.image_size", "int", 1, None),
+  ("input.num_nouns", "int", 0, None),  # CoDe batches' nouns per caption (0: TCL batches)
   ("optim.base_lr", "float", 0.0, None),
   ("optim.min_lr", "float", 0.0, None),
   ("optim.lr_scale_reference_batch", "int", 0, None),

@@ -27,6 +27,11 @@ conversion beside the new ones would be read as one dataset.
 Every image is decoded with PIL; bad pairs are skipped and counted. The last
 stdout line is ``{"written": n, "skipped": {"<reason>": n, ...}}``.
 
+``--nouns`` also stores each caption's nouns (the ``nouns`` feature, which CoDe's training
+batches draw from), found with NLTK exactly as the CoDe authors do (``tcl_jax/data/nouns.py``).
+It needs the ``nouns`` extra (NLTK) and NLTK's tokenizer and tagger data (without them: one line
+naming the ``python -m nltk.downloader ...`` command, exit status 2).
+
 A mistake in the command (a bad flag, an input that matches no file, a CSV
 without rows or not in UTF-8, an output directory that cannot be written or
 holds other files) ends in one ``error: ...`` line and exit
@@ -150,10 +155,11 @@ def check_image(data: bytes) -> tuple[bytes, int, int] | None:
 class _Emitter:
   """Validates pairs, writes them, counts skips for one output shard."""
 
-  def __init__(self, writer: schema.ShardWriter, tokenize: bool):
+  def __init__(self, writer: schema.ShardWriter, tokenize: bool, nouns: bool = False):
     self.writer = writer
     self.skipped = Counter()
     self.tokenize = tokenize
+    self.nouns = nouns
     self._pending = []  # (image, caption, key, url, w, h), for batched tokenization
 
   def add(self, image: bytes | None, caption: str | None, key: str, url: str | None = None):
@@ -184,9 +190,14 @@ class _Emitter:
       from tcl_jax.tokenizer import tokenize
 
       tokens = tokenize([p[1] for p in self._pending])
-    for (data, caption, key, url, w, h), tok in zip(self._pending, tokens):
+    nouns = [None] * len(self._pending)
+    if self.nouns:
+      from tcl_jax.data.nouns import caption_nouns
+
+      nouns = [caption_nouns(p[1]) for p in self._pending]
+    for (data, caption, key, url, w, h), tok, nn in zip(self._pending, tokens, nouns):
       self.writer.write(
-        schema.make_example(data, caption, key, url=url, width=w, height=h, tokens=tok)
+        schema.make_example(data, caption, key, url=url, width=w, height=h, tokens=tok, nouns=nn)
       )
     self._pending = []
 
@@ -209,7 +220,7 @@ def _convert_shard(task: dict) -> dict:
     st["resumed"] = True
     return st
   writer = schema.ShardWriter(out)
-  em = _Emitter(writer, task.get("tokenize", False))
+  em = _Emitter(writer, task.get("tokenize", False), task.get("nouns", False))
   with writer:
     kind = task["kind"]
     if kind == "webdataset":
@@ -257,6 +268,7 @@ def make_tasks(
   all_captions: bool = False,
   tokenize: bool = False,
   out_split: str = "train",
+  nouns: bool = False,
 ) -> list[dict]:
   """One task dict per output shard (picklable, for worker processes)."""
   if kind == "webdataset":
@@ -298,6 +310,8 @@ def make_tasks(
     tokenize=tokenize,
     data_dir=os.path.abspath(data_dir) if data_dir else None,
   )
+  if nouns:  # only then: manifests written before --nouns existed stay resumable
+    record["nouns"] = True
   _claim_output(output, record)
   return [
     dict(
@@ -308,6 +322,7 @@ def make_tasks(
       data_dir=data_dir,
       all_captions=all_captions,
       tokenize=tokenize,
+      nouns=nouns,
     )
     for i, c in enumerate(chunks)
   ]
@@ -403,8 +418,21 @@ def main(argv=None) -> int:
   p.add_argument(
     "--tokenize", action="store_true", help="also store CLIP token ids (optional 'tokens' feature)"
   )
+  p.add_argument(
+    "--nouns",
+    action="store_true",
+    help="also store each caption's nouns, found with NLTK as CoDe does ('nouns' feature; for "
+    "CoDe training)",
+  )
   args = p.parse_args(argv)
   config_files.quiet_startup()  # inherited by spawned workers
+  if args.nouns:
+    from tcl_jax.data import nouns
+
+    problem = nouns.nltk_problem()
+    if problem:
+      print(f"error: {problem}", file=sys.stderr)
+      return 2
   try:
     tasks = make_tasks(
       args.source,
@@ -415,6 +443,7 @@ def main(argv=None) -> int:
       split=args.split,
       all_captions=args.all_captions,
       tokenize=args.tokenize,
+      nouns=args.nouns,
     )
     summary = run(tasks, args.workers)
   except sources.UsageError as e:

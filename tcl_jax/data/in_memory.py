@@ -4,14 +4,24 @@ or any config with --config.input.in_memory=True): the recipe's shapes and batch
 Images are standard-normal noise (already "normalised"); captions are real sentences through the
 real CLIP tokenizer. Batch i is a function of (seed, process, i) only, so the iterator state is
 one integer and a resumed run gets the same batches as an uninterrupted one.
+
+With ``num_nouns`` = N > 0: CoDe batches (tcl_jax/data/input_pipeline.py), N nouns drawn per
+caption from ``NOUNS`` (what CoDe's NLTK rule finds in each caption, tcl_jax/data/nouns.py).
 """
 
 import numpy as np
 
 from tcl_jax import tokenizer
+from tcl_jax.data import nouns as nouns_lib
 
 _CAPTIONS = tuple(
   f"a photo of a {c} {s}"
+  for c in ("red", "green", "blue", "white")
+  for s in ("dog", "car", "tree", "house")
+)
+# nouns.caption_nouns of each caption (NLTK 3.10's tagger; it takes "blue" for a noun twice).
+NOUNS = tuple(
+  sorted({"photo", s} | ({"blue"} if (c, s) in {("blue", "car"), ("blue", "house")} else set()))
   for c in ("red", "green", "blue", "white")
   for s in ("dog", "car", "tree", "house")
 )
@@ -30,6 +40,7 @@ class InMemoryIterator:
     process_index: int = 0,
     process_count: int = 1,
     context_length: int = 77,
+    num_nouns: int = 0,
   ):
     if global_batch_size % process_count:
       raise ValueError(
@@ -39,6 +50,12 @@ class InMemoryIterator:
     self._size = image_size
     self._seed, self._process = seed, process_index
     self._tokens = tokenizer.tokenize(_CAPTIONS, context_length)
+    if num_nouns > min(map(len, NOUNS)):
+      raise ValueError(
+        f"in-memory batches have {min(map(len, NOUNS))} nouns per caption, fewer than "
+        f"num_nouns={num_nouns}"
+      )
+    self._num_nouns = num_nouns
     self._i = 0
 
   def __iter__(self):
@@ -49,7 +66,14 @@ class InMemoryIterator:
     self._i += 1
     image = rng.standard_normal((self._b, self._size, self._size, 3), np.float32)
     rows = rng.integers(len(_CAPTIONS), size=self._b)
-    return {"image": image, "text_tokens": self._tokens[rows]}
+    batch = {"image": image, "text_tokens": self._tokens[rows]}
+    if self._num_nouns:  # drawn after the TCL batch's draws, which stay as they were
+      n = self._num_nouns
+      drawn = [[NOUNS[r][j] for j in rng.permutation(len(NOUNS[r]))[:n]] for r in rows]
+      templates = rng.integers(len(nouns_lib.full_imagenet_templates()), size=(self._b, n))
+      all_nouns = [NOUNS[r] for r in rows]
+      batch.update(nouns_lib.code_text(batch["text_tokens"], drawn, templates, all_nouns))
+    return batch
 
   def get_state(self) -> dict:
     return {"batches": self._i}

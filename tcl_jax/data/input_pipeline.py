@@ -41,7 +41,10 @@ Bad data never raises. Drops are counted by reason:
 * ``bad_shard``: a file whose reading stopped early (truncated file, CRC
   error, unreadable after listing); the rest of that file is lost. Detected
   by comparing the bytes read with the file's size;
-* ``unreadable_shard``: a listed file that cannot be stat'ed at all.
+* ``unreadable_shard``: a listed file that cannot be stat'ed at all;
+* ``too_few_nouns`` (CoDe batches only, ``num_nouns`` > 0): a record with fewer stored nouns
+  than ``num_nouns`` (schema ``nouns``; none: a record written without them). Counted only, not
+  named in the log: CoDe's authors skip such captions silently, they are not bad data.
 
 The counts travel with each example through ``scan`` ops, so ``counters()``
 reflects exactly what lies before the last delivered batch, and survives
@@ -64,6 +67,18 @@ write time (``convert --tokenize`` + ``tokens_from_record=True``) is also
 supported; ``python -m tcl_jax.data.bench`` measures both: the difference is
 within noise (the tokenizer does ~30k captions/s/core against a few hundred
 decoded images/s), so the default keeps records tokenizer-independent.
+
+CoDe batches (``num_nouns`` = N > 0; tcl_jax/data/nouns.py)::
+
+    {"image", "text_tokens",
+     "noun_tokens": i32 [b, N, 60],   # the N drawn nouns, the prompter's tokens
+     "kg_tokens":   i32 [b, N, 77],   # each drawn noun in one of the 80 ImageNet templates
+     "word_labels": i32 [b, 77]}      # -1 / 0 (any noun) / i + 1 (drawn noun i) per token
+
+The N nouns (a uniform random permutation of the record's stored nouns, first N) and their
+templates are drawn from the example's stateless seed, like its augmentation (so a resumed run
+draws the same); records with fewer than N nouns are dropped and counted (``too_few_nouns``).
+TCL batches (N = 0) are exactly what they were: nouns are neither parsed nor drawn.
 """
 
 from __future__ import annotations
@@ -96,6 +111,7 @@ def build_epoch_dataset(
   context_length: int = 77,
   prefetch: int = 2,
   with_metadata: bool = True,
+  num_nouns: int = 0,
 ) -> tuple[tf.data.Dataset, list[str], int]:
   """One epoch of per-host training batches as a ``tf.data.Dataset``.
 
@@ -104,7 +120,8 @@ def build_epoch_dataset(
   deterministic short-side resize + centre crop (for checks and eval-like use).
 
   Elements are dicts with ``image`` f32 [b, S, S, 3] (ImageNet-normalised),
-  ``text_tokens`` i32 [b, 77] and, with ``with_metadata``, ``key``, ``idx``,
+  ``text_tokens`` i32 [b, 77], with ``num_nouns`` > 0 CoDe's keys (module doc) and, with
+  ``with_metadata``, ``key``, ``idx``,
   ``kind`` and ``counts`` used by :class:`DataIterator` (which also drops the
   final partial batch that carries the end-of-epoch marker). Prefer
   :func:`make_train_iterator` unless you manage epochs yourself.
@@ -117,6 +134,9 @@ def build_epoch_dataset(
     process_index = jax.process_index()
   if process_count is None:
     process_count = jax.process_count()
+  if isinstance(num_nouns, bool) or int(num_nouns) != num_nouns or num_nouns < 0:
+    raise ValueError(f"num_nouns must be a whole number >= 0, got {num_nouns!r}")
+  num_nouns = int(num_nouns)
   if global_batch_size % process_count:
     raise ValueError(
       f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
@@ -161,6 +181,7 @@ def build_epoch_dataset(
     par=par,
     tokens_from_record=tokens_from_record,
     context_length=context_length,
+    num_nouns=num_nouns,
   )
   base_seed = tf.random.experimental.stateless_fold_in(
     tf.constant([seed, epoch], tf.int64), process_index
@@ -174,6 +195,7 @@ def build_epoch_dataset(
     image_size=image_size,
     par=par,
     tokens_from_record=tokens_from_record,
+    num_nouns=num_nouns,
   )
   ds = records.batch_stage(
     ds,
@@ -183,6 +205,7 @@ def build_epoch_dataset(
     context_length=context_length,
     with_metadata=with_metadata,
     prefetch=prefetch,
+    num_nouns=num_nouns,
   )
 
   opts = tf.data.Options()
@@ -204,7 +227,8 @@ class DataIterator:
   """Endless (or ``num_epochs``) iterator of per-host numpy batches.
 
   ``next(it)`` -> ``{"image": float32 [b, S, S, 3], "text_tokens": int32 [b, 77]}``
-  (plus ``"key"``: object array of bytes, if ``with_keys``).
+  (CoDe's keys too with ``num_nouns`` > 0; plus ``"key"``: object array of bytes, if
+  ``with_keys``).
   ``get_state()`` -> ``{"epoch": int, "position": int, "counts": {...}}``;
   ``set_state(state)`` resumes right after the batch that state was taken at.
   """
@@ -228,6 +252,7 @@ class DataIterator:
     self._it = None
     self._host_files, self._unreadable = [], 0
     self._full_pass, self._delivered = False, 0  # of the epoch being read
+    self._code_keys = records.CODE_KEYS if dataset_kwargs.get("num_nouns") else ()
 
   def _start(self):
     ds, self._host_files, self._unreadable = build_epoch_dataset(
@@ -247,6 +272,9 @@ class DataIterator:
       zip(records.REASONS, last["counts"][-1].tolist()), unreadable_shard=self._unreadable
     )
     bad = ", ".join(f"{n} {r}" for r, n in counts.items() if n) or "no records"
+    if counts["too_few_nouns"]:
+      n = self._kwargs["num_nouns"]
+      bad += f" (CoDe batches take records with >= {n} stored nouns: convert --nouns)"
     files = sorted(self._host_files)
     named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     import jax  # only for the process default
@@ -290,7 +318,7 @@ class DataIterator:
       self._position = int(b["idx"][-1]) + 1
       self._cur = b["counts"][-1].copy()
       self._delivered += 1
-      out = {"image": b["image"], "text_tokens": b["text_tokens"]}
+      out = {k: b[k] for k in ("image", "text_tokens") + self._code_keys}
       if self._with_keys:
         out["key"] = b["key"]
       return out
@@ -305,12 +333,16 @@ class DataIterator:
     gc.collect()  # the iterator's deleter runs now, with the GIL released while it waits
 
   def counters(self) -> dict:
+    """Dropped data by reason (``too_few_nouns`` only for CoDe batches: TCL's are unchanged)."""
     total = self._base.copy()
     total[:-1] += self._cur
-    return {
+    out = {
       **{r: int(total[i]) for i, r in enumerate(records.REASONS)},
       "unreadable_shard": int(total[-1]),
     }
+    if not self._code_keys:
+      del out["too_few_nouns"]
+    return out
 
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "position": self._position, "counts": self.counters()}

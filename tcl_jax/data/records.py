@@ -1,10 +1,12 @@
 """The stages of one host's epoch of training records (tcl_jax.data.input_pipeline composes them):
 this host's files, the raw record stream with end-of-file and end-of-epoch markers, parsing and
 the bad-data accounting (counted per reason, named in the log), decoding with augmentation, and
-per-host batches with tokens."""
+per-host batches with tokens (and, for CoDe, the drawn nouns' tokens and the caption's word
+labels)."""
 
 from __future__ import annotations
 
+import functools
 import glob as _glob
 import threading
 import time
@@ -18,8 +20,18 @@ from tcl_jax.data.augment import decode_center
 from tcl_jax.data.augment import finish_batch
 from tcl_jax.data.augment import train_augment_pixels
 
-REASONS = ("bad_record", "empty_caption", "missing_image", "corrupt_image", "bad_shard")
+REASONS = (
+  "bad_record",
+  "empty_caption",
+  "missing_image",
+  "corrupt_image",
+  "bad_shard",
+  "too_few_nouns",  # CoDe batches only (num_nouns > 0); counted, never named (not bad data)
+)
 R = {r: i for i, r in enumerate(REASONS)}
+# Mixed into an example's seed for its noun and template draws (the augmentation's draws split
+# the example's seed itself, so these never share a stream with them).
+NOUN_DRAW_SALT = 0x6E6F756E
 
 # element kinds in the raw stream
 REC, EOF_OK, EOF_BAD, END = 0, 1, 2, 3
@@ -123,6 +135,16 @@ def host_files(files: list[str], process_index: int, process_count: int) -> list
   return mine
 
 
+def first_record_features(path: str) -> set[str] | None:
+  """The feature names of ``path``'s first record (None: no readable, parseable first record)."""
+  try:
+    for rec in tf.data.TFRecordDataset(path).take(1):
+      return set(tf.train.Example.FromString(rec.numpy()).features.feature)
+  except Exception:  # unreadable, truncated, not an Example: the pipeline counts those itself
+    return None
+  return None
+
+
 def file_size(path: str) -> int | None:
   try:
     return int(tf.io.gfile.stat(path).length)
@@ -186,17 +208,30 @@ def record_stream(
 
 
 def parse_and_check(
-  ds, names_by_idx, *, start_position: int, par, tokens_from_record: bool, context_length: int
+  ds,
+  names_by_idx,
+  *,
+  start_position: int,
+  par,
+  tokens_from_record: bool,
+  context_length: int,
+  num_nouns: int = 0,
 ) -> tf.data.Dataset:
   """Parsed examples; records that fail to parse, lack an image or a caption, or come from a
-  bad shard are counted (``counts``), named in the log and dropped."""
-  spec = schema.parse_spec(with_tokens=tokens_from_record, context_length=context_length)
+  bad shard are counted (``counts``), named in the log and dropped. With ``num_nouns``, records
+  with fewer nouns are counted (``too_few_nouns``) and dropped, unnamed: CoDe's authors skip them
+  silently, and they are ordinary captions, not bad data."""
+  spec = schema.parse_spec(
+    with_tokens=tokens_from_record, context_length=context_length, with_nouns=num_nouns > 0
+  )
 
   def parse(idx, elem):
     rec, kind, name = elem
     with tf.control_dependencies([names_by_idx.insert(idx[None], name[None])]):
       # Non-records (sentinels) parse as an empty Example: every feature default.
       ex = tf.io.parse_single_example(tf.where(tf.equal(kind, REC), rec, b""), spec)
+    if num_nouns:
+      ex[schema.NOUNS] = tf.sparse.to_dense(ex[schema.NOUNS])
     ex["idx"] = idx
     ex["kind"] = kind
     ex["name"] = name
@@ -212,6 +247,9 @@ def parse_and_check(
       rec & ~no_image & tf.equal(tf.strings.length(tf.strings.strip(ex[schema.CAPTION])), 0)
     )
     bad_shard = tf.equal(ex["kind"], EOF_BAD)
+    few = tf.constant(False)
+    if num_nouns:
+      few = rec & ~no_image & ~no_caption & (tf.size(ex[schema.NOUNS]) < num_nouns)
     lost = ex["idx"] - last - 1  # records lost to parse errors
     add = tf.stack(
       [
@@ -220,6 +258,7 @@ def parse_and_check(
         tf.cast(no_image, tf.int64),
         tf.constant(0, tf.int64),
         tf.cast(bad_shard, tf.int64),
+        tf.cast(few, tf.int64),
       ]
     )
 
@@ -246,7 +285,7 @@ def parse_and_check(
       forget = names_by_idx.remove(tf.range(last + 1, ex["idx"] + 1))
     with tf.control_dependencies([forget]):
       counts = counts + add
-    valid = (rec & ~no_image & ~no_caption) | tf.equal(ex["kind"], END)
+    valid = (rec & ~no_image & ~no_caption & ~few) | tf.equal(ex["kind"], END)
     ordinal = ordinal + tf.cast(valid, tf.int64)
     out = dict(ex, counts=counts, ordinal=ordinal, valid=valid)
     return (ex["idx"], counts, ordinal), out
@@ -261,19 +300,45 @@ def parse_and_check(
   return ds
 
 
+def draw_nouns(nouns, seed, num_nouns: int, num_templates: int):
+  """(drawn, templates): the first ``num_nouns`` of a uniform random permutation of ``nouns``
+  (str [n]; padded with b"" when n < num_nouns), and a template index in [0, num_templates) per
+  drawn noun, both a function of ``seed`` only (CoDe's random.shuffle and random.choice)."""
+  s = tf.random.experimental.stateless_split(
+    tf.random.experimental.stateless_fold_in(seed, NOUN_DRAW_SALT), 2
+  )
+  order = tf.argsort(tf.random.stateless_uniform(tf.shape(nouns)[:1], s[0]), stable=True)
+  drawn = tf.concat([tf.gather(nouns, order), tf.fill([num_nouns], b"")], 0)[:num_nouns]
+  drawn = tf.ensure_shape(drawn, [num_nouns])  # static: batched dense, not ragged
+  templates = tf.random.stateless_uniform(
+    [num_nouns], s[1], minval=0, maxval=num_templates, dtype=tf.int32
+  )
+  return drawn, templates
+
+
 def decode_stage(
-  ds, names_by_ordinal, base_seed, *, augment, image_size: int, par, tokens_from_record: bool
+  ds,
+  names_by_ordinal,
+  base_seed,
+  *,
+  augment,
+  image_size: int,
+  par,
+  tokens_from_record: bool,
+  num_nouns: int = 0,
+  num_templates: int = 80,
 ) -> tf.data.Dataset:
   """Decoded (and, with ``augment``, augmented) images at pixel scale; images that fail to
-  decode are counted as ``corrupt_image`` and named."""
+  decode are counted as ``corrupt_image`` and named. With ``num_nouns``: each example's nouns,
+  its drawn nouns and their templates (:func:`draw_nouns`, from the example's seed)."""
 
   def decode(ex):
     is_end = tf.equal(ex["kind"], END)
     keep_name = names_by_ordinal.insert(
       ex["ordinal"][None], tf.strings.join([ex["name"], ex[schema.KEY]], "\0")[None]
     )
+    ex_seed = tf.random.experimental.stateless_fold_in(base_seed, ex["idx"])
     if augment:
-      ex_seed = tf.random.experimental.stateless_fold_in(base_seed, ex["idx"])
       fn = lambda: train_augment_pixels(ex[schema.IMAGE], ex_seed, augment)  # noqa: E731
     else:
       fn = lambda: (
@@ -297,6 +362,11 @@ def decode_stage(
     }
     if tokens_from_record:
       out["text_tokens"] = tf.cast(ex[schema.TOKENS], tf.int32)
+    if num_nouns:
+      out["nouns"] = ex[schema.NOUNS]
+      out["drawn"], out["templates"] = draw_nouns(
+        ex[schema.NOUNS], ex_seed, num_nouns, num_templates
+      )
     return out
 
   ds = ds.map(decode, num_parallel_calls=par, deterministic=True).ignore_errors()
@@ -325,6 +395,42 @@ def decode_stage(
   return ds
 
 
+# What a CoDe batch has besides "image" and "text_tokens" (tcl_jax/data/nouns.py: code_text).
+CODE_KEYS = ("noun_tokens", "kg_tokens", "word_labels")
+
+
+def _code_text(text_tokens, drawn, templates, flat_nouns, splits):
+  from tcl_jax.data import nouns
+
+  def strs(a):
+    return [x.decode("utf-8", errors="replace") for x in a.tolist()]
+
+  flat = strs(flat_nouns)
+  all_nouns = [flat[i:j] for i, j in zip(splits[:-1].tolist(), splits[1:].tolist())]
+  out = nouns.code_text(text_tokens, [strs(r) for r in drawn], templates, all_nouns)
+  return tuple(out[k] for k in CODE_KEYS)
+
+
+def add_code_text(b, *, num_nouns: int):
+  """A batch's CoDe keys from its tokens, drawn nouns, templates and all its nouns."""
+  from tcl_jax.data import nouns
+
+  ragged = b["nouns"]
+  outs = tf.numpy_function(
+    _code_text,
+    [b["text_tokens"], b["drawn"], b["templates"], ragged.flat_values, ragged.row_splits],
+    [tf.int32] * len(CODE_KEYS),
+    stateful=False,
+  )
+  length = b["text_tokens"].shape[-1]
+  shapes = {
+    "noun_tokens": [None, num_nouns, nouns.NOUN_CONTEXT_LENGTH - 1],
+    "kg_tokens": [None, num_nouns, nouns.CONTEXT_LENGTH],
+    "word_labels": [None, length],
+  }
+  return dict(b, **{k: tf.ensure_shape(v, shapes[k]) for k, v in zip(CODE_KEYS, outs)})
+
+
 def batch_stage(
   ds,
   batch: int,
@@ -334,11 +440,16 @@ def batch_stage(
   context_length: int,
   with_metadata: bool,
   prefetch: int,
+  num_nouns: int = 0,
 ) -> tf.data.Dataset:
-  """Per-host batches: flipped and normalised, tokenized, metadata kept or dropped."""
+  """Per-host batches: flipped and normalised, tokenized, metadata kept or dropped. With
+  ``num_nouns``, CoDe's keys too (``CODE_KEYS``; tcl_jax/data/nouns.py: code_text)."""
   # The end marker may land in a full-size batch; DataIterator drops that
   # batch (it holds < batch real examples), so no drop_remainder here.
-  ds = ds.batch(batch, drop_remainder=False)
+  if num_nouns:
+    ds = ds.ragged_batch(batch, drop_remainder=False)  # "nouns" differ in length; the rest dense
+  else:
+    ds = ds.batch(batch, drop_remainder=False)
   use_xla = augment.xla if augment else True
 
   def finish(b):
@@ -362,11 +473,15 @@ def batch_stage(
       return b
 
     ds = ds.map(add_tokens)
-  ds = ds.map(lambda b: {k: v for k, v in b.items() if k != "caption"})
+  if num_nouns:
+    ds = ds.map(functools.partial(add_code_text, num_nouns=num_nouns))
+  drop = {"caption", "nouns", "drawn", "templates"}
+  ds = ds.map(lambda b: {k: v for k, v in b.items() if k not in drop})
   if not with_metadata:
     # plain use: drop the final batch (remainder + end marker) and the extras
+    keys = ("image", "text_tokens") + (CODE_KEYS if num_nouns else ())
     ds = ds.filter(lambda b: tf.reduce_all(tf.not_equal(b["kind"], END)))
-    ds = ds.map(lambda b: {"image": b["image"], "text_tokens": b["text_tokens"]})
+    ds = ds.map(lambda b: {k: b[k] for k in keys})
   ds = ds.prefetch(prefetch)
 
   return ds

@@ -21,6 +21,13 @@ feature     type         required  meaning
                                    tokenizes captions itself by default (see
                                    ``input_pipeline.py`` for why), so this is
                                    an optional cache.
+``nouns``   bytes x n    no        UTF-8 nouns of ``caption``, sorted, unique
+                                   (n >= 0); CoDe's training batches draw from
+                                   them. Written by ``convert --nouns`` (NLTK,
+                                   as the CoDe authors: ``nouns.py``) and by the
+                                   synthetic world (the objects it names). An
+                                   empty list means "looked, found none";
+                                   records without the feature predate it.
 ==========  ===========  ========  =============================================
 
 Shards are named ``{split}-{index:05d}-of-{count:05d}.tfrecord`` (uncompressed).
@@ -41,6 +48,7 @@ URL = "url"
 WIDTH = "width"
 HEIGHT = "height"
 TOKENS = "tokens"
+NOUNS = "nouns"
 
 SHARD_SUFFIX = ".tfrecord"
 STATS_SUFFIX = ".stats.json"
@@ -50,12 +58,15 @@ def shard_name(index: int, count: int, split: str = "train") -> str:
   return f"{split}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
 
 
-def parse_spec(with_tokens: bool = False, context_length: int = 77) -> dict:
+def parse_spec(
+  with_tokens: bool = False, context_length: int = 77, with_nouns: bool = False
+) -> dict:
   """Feature spec for ``tf.io.parse_single_example``.
 
   Missing required features parse to empty strings rather than failing, so
   that the reader can count them ("missing_image" / "empty_caption") instead
-  of losing the whole record to a parse error.
+  of losing the whole record to a parse error. ``with_nouns``: ``nouns`` as a
+  SparseTensor (no feature: no nouns).
   """
   import tensorflow as tf
 
@@ -68,6 +79,8 @@ def parse_spec(with_tokens: bool = False, context_length: int = 77) -> dict:
     spec[TOKENS] = tf.io.FixedLenFeature(
       [context_length], tf.int64, default_value=[0] * context_length
     )
+  if with_nouns:
+    spec[NOUNS] = tf.io.VarLenFeature(tf.string)
   return spec
 
 
@@ -80,8 +93,10 @@ def make_example(
   width: int | None = None,
   height: int | None = None,
   tokens=None,
+  nouns=None,
 ) -> bytes:
-  """Serialize one image-text pair to ``tf.train.Example`` bytes."""
+  """Serialize one image-text pair to ``tf.train.Example`` bytes (``nouns``: a list of str,
+  stored sorted and unique; an empty list is stored too)."""
   import tensorflow as tf
 
   def _bytes(v):
@@ -103,6 +118,11 @@ def make_example(
     feats[HEIGHT] = _ints([int(height)])
   if tokens is not None:
     feats[TOKENS] = _ints(int(t) for t in tokens)
+  if nouns is not None:
+    if isinstance(nouns, (str, bytes)):
+      raise TypeError("nouns must be a list of str, not one string")
+    values = [n.encode("utf-8") for n in sorted(set(nouns))]
+    feats[NOUNS] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
 

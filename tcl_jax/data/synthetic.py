@@ -7,7 +7,13 @@ scene also has its pixel labels (index into CLASSES, 0 = background), which the 
 (`synthetic_segmentation.write_synthetic_segmentation(root, "shapes")`, VOC layout) stores. Everything is
 deterministic in a seed: example i of a stream is drawn from `default_rng([seed, stream, i])`.
 
-Training pairs go through the same writer and schema as `convert` (`schema.ShardWriter`).
+Training pairs go through the same writer and schema as `convert` (`schema.ShardWriter`), with
+each caption's nouns (schema `nouns`, for CoDe's batches): the world knows what its captions name,
+so no tagger is involved. A caption's nouns are the objects it names, as it names them ("red
+circle", or "circle" in a shape-only caption), "<tone> background" when it names the background
+(TEMPLATES with `{bg}`), and the template's own noun ("photo", "image", "picture": NLTK's tagger
+finds those too, and CoDe's real captions are full of them); unique, sorted. About 80% of the
+captions have two or more, enough for CoDe's batches of 2 (objects and background alone: 55%).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ TEMPLATES = (
   "{} on a {bg} background",
   "a photo of {} on a {bg} background",
 )
+# The templates' own nouns, nouns of a caption that uses them.
+TEMPLATE_NOUNS = ("photo", "image", "picture")
 STREAM_TRAIN, STREAM_EVAL = 0, 1
 OBJECT_RADIUS = (0.16, 0.3)  # an object's radius, as a fraction of the image side
 # Captions that name the objects by shape alone ("a circle and a square"): pairs in a batch that
@@ -96,9 +104,10 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
   return img, names[a]
 
 
-def draw_scene(rng: np.random.Generator, size: int = 96):
+def draw_scene(rng: np.random.Generator, size: int = 96, with_nouns: bool = False):
   """One scene. Returns (rgb uint8 [size, size, 3], label uint8 [size, size] of CLASSES indices,
-  objects: the class names of the objects in drawing order, caption)."""
+  objects: the class names of the objects in drawing order, caption), and with `with_nouns` the
+  caption's nouns (module doc) last; the draws are the same either way."""
   img, bg_name = _background(rng, size)
   label = np.zeros((size, size), np.uint8)
   n = int(rng.integers(1, 4))
@@ -126,14 +135,20 @@ def draw_scene(rng: np.random.Generator, size: int = 96):
     named = [o.split(" ")[1] for o in named]
   words = [f"a {o}" for o in named]
   listing = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-  caption = TEMPLATES[rng.integers(len(TEMPLATES))].format(listing, bg=bg_name)
+  template = TEMPLATES[rng.integers(len(TEMPLATES))]
+  caption = template.format(listing, bg=bg_name)
   rgb = np.clip(np.round(img), 0, 255).astype(np.uint8)
-  return rgb, label, objects, caption
+  if not with_nouns:
+    return rgb, label, objects, caption
+  nouns = set(named) | {w for w in TEMPLATE_NOUNS if w in template.split()}
+  if "{bg}" in template:
+    nouns.add(f"{bg_name} background")
+  return rgb, label, objects, caption, sorted(nouns)
 
 
-def scene(seed: int, stream: int, index: int, size: int = 96):
+def scene(seed: int, stream: int, index: int, size: int = 96, with_nouns: bool = False):
   """Scene `index` of a stream (STREAM_TRAIN / STREAM_EVAL): independent of shard counts."""
-  return draw_scene(np.random.default_rng([seed, stream, index]), size)
+  return draw_scene(np.random.default_rng([seed, stream, index]), size, with_nouns)
 
 
 def vocabulary() -> list[str]:
@@ -154,11 +169,12 @@ def write_synthetic_image_text(
   seed: int = 0,
   image_format: str = "JPEG",
   quality: int = 90,
+  with_nouns: bool = True,
 ) -> list[str]:
   """Write `num_examples` training pairs into `num_shards` TFRecords; return their paths.
 
   Deterministic in `seed`; existing complete shards are kept (resumable like the converter).
-  Keys are `synth-{i:08d}`.
+  Keys are `synth-{i:08d}`. `with_nouns`: store each caption's nouns (schema `nouns`).
   """
   os.makedirs(out_dir, exist_ok=True)
   paths = []
@@ -170,14 +186,19 @@ def write_synthetic_image_text(
       continue
     with schema.ShardWriter(path) as w:
       for i in range(bounds[s], bounds[s + 1]):
-        rgb, _, _, caption = scene(seed, STREAM_TRAIN, i, image_size)
+        rgb, _, _, caption, nouns = scene(seed, STREAM_TRAIN, i, image_size, with_nouns=True)
         buf = io.BytesIO()
         Image.fromarray(rgb).save(
           buf, format=image_format, **({"quality": quality} if image_format == "JPEG" else {})
         )
         w.write(
           schema.make_example(
-            buf.getvalue(), caption, f"synth-{i:08d}", width=image_size, height=image_size
+            buf.getvalue(),
+            caption,
+            f"synth-{i:08d}",
+            width=image_size,
+            height=image_size,
+            nouns=nouns if with_nouns else None,
           )
         )
       w.close({"written": w.count, "skipped": {}})

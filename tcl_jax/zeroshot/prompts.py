@@ -29,7 +29,9 @@ _MASKCLIP_TEMPLATES = (
   "this is one {} in the scene.",
 )
 # CLIP's 80 ImageNet prompts (OpenAI's CLIP notebook), in the order SCLIP's
-# prompts/imagenet_template.py lists them (the order only moves the ensemble's float sums).
+# prompts/imagenet_template.py lists them (the order only moves the ensemble's float sums). The
+# same list, in the same order, is datasets/templates.py's full_imagenet_templates ("full"), from
+# which CoDe draws its knowledge-guidance prompts (tcl_jax/data/nouns.py).
 _OPENAI_IMAGENET_TEMPLATES = (
   "a bad photo of a {}.",
   "a photo of many {}.",
@@ -122,6 +124,7 @@ TEMPLATES = {
   "maskclip": _MASKCLIP_TEMPLATES,
   "subset+maskclip": _SUBSET_TEMPLATES + _MASKCLIP_TEMPLATES,
   "openai_imagenet": _OPENAI_IMAGENET_TEMPLATES,  # SCLIP's protocol
+  "full": _OPENAI_IMAGENET_TEMPLATES,  # the original's name; CoDe's knowledge-guidance prompts
 }
 
 
