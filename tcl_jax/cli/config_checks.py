@@ -49,7 +49,6 @@ _TRAIN_RULES = (
   ("optim.weight_decay", "float", 0.0, None),
   ("optim.clip_grad", "float", 0.0, None),
   ("model.caption_chunk", "int", 1, None),
-  ("input.num_nouns", "int", 0, None),
   ("model.n_ctx", "int", 1, None),
   ("checkpoint.keep", "int", 1, None),
   ("checkpoint.keep_best", "int", 0, None),
