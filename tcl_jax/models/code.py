@@ -293,13 +293,15 @@ def code_loss(
   uniform=None,
   compute_dtype=jnp.float32,
   remat: bool = False,
+  intermediates: bool = False,
 ):
   """CoDe's objective on a global batch (ImageTextCoDecomposition.forward). Returns (total, aux).
 
   batch: image [b, H, W, 3], text_tokens [b, L], noun_tokens [b, N, noun_length], kg_tokens
   [b, N, L], word_labels [b, L]. Exactly one of `rng` (draws the positive pairs' Gumbel noise)
   and `uniform` ([bN, bN, h, w] in the model's row order, whose diagonal is used, or [bN, h, w])
-  must be given.
+  must be given. With `intermediates`, aux["intermediates"] holds the arrays the parity tool
+  compares with the authors' (rows example-major).
   """
   if (rng is None) == (uniform is None):
     raise ValueError("code_loss needs exactly one of rng= or uniform=")
@@ -386,6 +388,19 @@ def code_loss(
   aux["hcl_loss"] = losses.info_nce(fg_img_emb, fg_txt_emb, params["hcl_logit_scale"]) * cfg.hcl_w
 
   total = sum(aux[k] for k in LOSS_TERMS)
+  if intermediates:
+    aux["intermediates"] = dict(
+      noun_emb=noun_emb,
+      kg_emb=kg_emb,
+      image_emb=image_emb,  # [b, h, w, E] normalized (decode_feature_map)
+      text_hidden=hidden,
+      text_dense_emb=dense,
+      text_mask_logits=logits,
+      text_mask_probs=probs,
+      fg_text_emb=fg_txt_emb,
+      fg_image_emb=fg_img_emb,
+      pos_mask=pos_mask,  # [bN, h, w] hard (straight-through)
+    )
   # The first noun's mask of each image, for the image summaries (rows of the batch's images).
   aux["soft_pos_mask"] = jax.lax.stop_gradient(
     soft_pos.reshape(b, n_nouns, *soft_pos.shape[1:])[:, 0]
