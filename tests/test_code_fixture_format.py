@@ -1,5 +1,5 @@
 """The compact CoDe reference fixture (tests/fixtures/code_tiny, made from the authors' PyTorch code
-by tcl_jax/tools/reference/code_fixture.py) and the numpy-only rules that rebuild what it leaves
+by tools/reference/code_fixture.py) and the numpy-only rules that rebuild what it leaves
 out (tcl_jax/tools/reference/seeded_state.py): the recipe regenerates exactly the weights the
 authors' model held, the seeded inputs regenerate, the format is complete, and the rules are
 pinned (a changed rule would silently change every fixture value)."""

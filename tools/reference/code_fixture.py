@@ -20,6 +20,7 @@ compact copy (no weights: the recipe rebuilds them; big arrays summarized) into 
 """
 
 import argparse
+import importlib.util
 import contextlib
 import copy
 import json
@@ -33,8 +34,15 @@ import types
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import seeded_state  # noqa: E402  (numpy only; shared with the tests)
+# The recipe is shared with the package's parity check and tests (numpy only); loaded by path, as
+# this torch venv has no jax to import tcl_jax with.
+_SEEDED = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  "tcl_jax", "tools", "reference", "seeded_state.py",
+)  # fmt: skip
+_spec = importlib.util.spec_from_file_location("seeded_state", _SEEDED)
+seeded_state = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seeded_state)
 
 # stream ids of the seeded inputs: generator seed [seed, stream, step]
 S_IMAGES, S_GUMBEL, S_NOUNS, S_TEMPLATES, S_SEG = 1, 2, 3, 4, 5
