@@ -28,7 +28,7 @@ def _run(module, *args, timeout=420):
   return subprocess.run(
     [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1"),
+    env=dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS=""),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -148,3 +148,71 @@ def test_a_code_checkpoint_continues_code_and_is_refused_by_tcl(files):
   tcl_config.init_checkpoint = str(files["ckpt"])
   with pytest.raises(ValueError, match="holds a CoDeConfig model, not TCL"):
     kinds.build_model(tcl_config).load(str(files["ckpt"]))
+
+
+# configs/code.py at tiny dims (text width = embedding width, as CoDe requires).
+TINY = (
+  "--config.model.clip.vision_layers=2",
+  "--config.model.clip.vision_width=64",
+  "--config.model.clip.vision_heads=2",
+  "--config.model.clip.image_resolution=32",
+  "--config.input.image_size=32",
+  "--config.model.clip.transformer_layers=1",
+  "--config.model.clip.transformer_width=32",
+  "--config.model.clip.transformer_heads=2",
+  "--config.model.clip.embed_dim=32",
+  "--config.model.text_decoder_heads=2",
+  "--config.model.ie_freeze=1",
+  "--config.batch_size=4",
+)
+
+
+def _losses(stderr, step):
+  """The loss terms the loop logged at `step`: {name: value}."""
+  line = [x for x in stderr.splitlines() if f"] [{step}] " in x and "train/loss=" in x][-1]
+  return {k: float(v) for k, v in (kv.split("=") for kv in line.split("] ", 2)[-1].split(", "))}
+
+
+def test_code_smoke_trains_every_term(tmp_path):
+  r = _run(
+    "tcl_jax.main", "--config=configs/code.py:smoke", f"--workdir={tmp_path / 'wd'}", *TINY,
+    "--config.log_every_steps=1",
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  logged = _losses(r.stderr, 2)
+  for term in code_lib.LOSS_TERMS:
+    assert np.isfinite(logged[f"train/{term}"]) and logged[f"train/{term}"] > 0, term
+  assert sorted(os.listdir(tmp_path / "wd" / "checkpoints")) == ["2"]
+
+
+def test_code_trains_from_noun_records(tmp_path):
+  # Records as `tcl_jax.data.convert --nouns` writes them (the nouns feature); one caption has a
+  # single noun and is dropped and counted.
+  from tcl_jax.data import schema
+
+  recs = [
+    ("a dog on a beach", ["beach", "dog"]),
+    ("two red apples on a table", ["apples", "table"]),
+    ("a man riding a bicycle in a street", ["bicycle", "man", "street"]),
+    ("a lonely tree", ["tree"]),
+    ("birds in the sky over a lake", ["birds", "lake", "sky"]),
+  ] * 4
+  path = tmp_path / schema.shard_name(0, 1)
+  with schema.ShardWriter(str(path)) as w:
+    for i, (caption, nouns) in enumerate(recs):
+      img = Image.fromarray(np.full((40, 40, 3), (i * 37) % 256, np.uint8))
+      import io
+
+      buf = io.BytesIO()
+      img.save(buf, format="PNG")
+      w.write(schema.make_example(buf.getvalue(), caption, f"k{i:03d}", nouns=nouns))
+  r = _run(
+    "tcl_jax.main", "--config=configs/code.py", f"--workdir={tmp_path / 'wd'}", *TINY,
+    f"--config.input.train_files=({str(path)!r},)", "--config.init_checkpoint=",
+    "--config.total_steps=2", "--config.log_every_steps=1", "--config.evals.tasks=",
+    "--config.eval_every_steps=0", "--config.eval_at_end=False", "--config.checkpoint_every_steps=2",
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  logged = _losses(r.stderr, 2)
+  assert logged["input/too_few_nouns"] >= 1  # "a lonely tree"
+  assert np.isfinite(logged["train/loss"]) and logged["train/tseg_loss"] > 0

@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 64  # data.batch_size 16 per GPU x 4 GPUs
   config.log_every_steps = 20
   config.eval_every_steps = 5000  # evaluate.eval_freq
-  config.evals.tasks = "voc,context,coco_stuff,coco_object,cityscapes,ade20k"  # eval.yml task
+  if not arg.smoke:  # smoke: no evaluation (configs/tcl.py's)
+    config.evals.tasks = "voc,context,coco_stuff,coco_object,cityscapes,ade20k"  # eval.yml task
   config.evals.pamr = True  # eval.yml: pamr true, bg_thresh 0.4, kp_w 0.3, template custom
   config.evals.bg_thresh = 0.4
   config.evals.kp_w = 0.3
