@@ -57,3 +57,40 @@ def test_notebook_runs_and_draws(tmp_path):
   legend = demo.legend(["sky", "grass", "house"], 200)
   assert shown.shape == (150 + legend.shape[0], 200, 3)
   np.testing.assert_array_equal(shown[150:], legend)
+
+
+def test_notebook_segments_with_a_code_checkpoint(tmp_path):
+  # The authors' CoDe layout (tests/code_files.py), converted: the notebook's Segmenter goes through
+  # the CoDe kind (its prompt on the class names). No ../shared needed.
+  import code_files
+  import papermill
+  import torch_files
+
+  from tcl_jax.weights import loading
+  from tcl_jax.weights import model_files
+
+  rng = np.random.default_rng(5)
+  clip = code_files.openai_clip(rng, grid=6)
+  pth = torch_files.save(
+    {"model": torch_files.state_dict(code_files.code_state_dict(rng, clip))}, tmp_path / "code.pth"
+  )
+  cfg, params = loading.load_torch(str(pth), text_decoder_heads=1)
+  model_files.save_checkpoint(str(tmp_path / "ckpt"), cfg, params)
+  Image.fromarray(demo.draw_sample(120, 100)).save(tmp_path / "photo.png")
+  nb = papermill.execute_notebook(
+    NOTEBOOK,
+    str(tmp_path / "executed.ipynb"),
+    kernel_name="python3",
+    cwd=REPO,
+    progress_bar=False,
+    parameters=dict(
+      CHECKPOINT=str(tmp_path / "ckpt"),
+      IMAGE=str(tmp_path / "photo.png"),
+      CLASSES="sky, traffic light",
+      BG_THRESH=0.1,
+    ),
+  )
+  errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  assert not errors
+  text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+  assert "classes: ['sky', 'traffic light']" in text and "(code model)" in text
