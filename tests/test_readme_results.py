@@ -156,3 +156,39 @@ def test_miniature_results_name_their_cpu_and_a_clean_commit():
     run = _load(os.path.basename(path))
     assert re.search(r"AVX2|AVX-512", run["machine"]), (path, run["machine"])
     assert re.fullmatch(r"[0-9a-f]{7,40}", run["commit"]), (path, run["commit"])
+
+
+def test_code_miniature_comparison_is_the_committed_runs():
+  # The CoDe section's table: TCL's and CoDe's runs of each seed, from docs/results.
+  rows = _table(_readme(), "| seed | frozen CLIP (TCL at step 0) | TCL | CoDe at step 0 | CoDe |")
+  tcl = {
+    r["seed"]: r
+    for r in (
+      _load(os.path.basename(p))["result"]
+      for p in glob.glob(os.path.join(RESULTS, "miniature_seed*.json"))
+    )
+  }
+  code = {
+    r["seed"]: r
+    for r in (
+      _load(os.path.basename(p))["result"]
+      for p in glob.glob(os.path.join(RESULTS, "miniature_code_seed*.json"))
+    )
+  }
+  assert sorted(code) == sorted(tcl) == [0, 1, 2]
+  assert all(r["model_kind"] == "code" for r in code.values())
+
+  def row(a, c):
+    return [f"{a['baseline_miou']:.2f}", f"{a['tcl_miou']:.2f}", f"{c['baseline_miou']:.2f}",
+            f"{c['tcl_miou']:.2f}", f"{c['tcl_miou'] - a['tcl_miou']:+.2f}"]  # fmt: skip
+
+  for r in rows[:-1]:
+    s = int(r[0])
+    assert r[1:6] == row(tcl[s], code[s]), r
+  mean = lambda d, k: float(np.mean([v[k] for v in d.values()]))
+  assert rows[-1][0] == "mean"
+  assert rows[-1][1:6] == [
+    f"{mean(tcl, 'baseline_miou'):.2f}", f"{mean(tcl, 'tcl_miou'):.2f}",
+    f"{mean(code, 'baseline_miou'):.2f}", f"{mean(code, 'tcl_miou'):.2f}",
+    f"{mean(code, 'tcl_miou') - mean(tcl, 'tcl_miou'):+.2f}",
+  ]  # fmt: skip
