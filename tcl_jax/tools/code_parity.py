@@ -43,7 +43,6 @@ TOL = {
   "max_abs": 1e-4,  # embeddings, decoded map, hidden states, soft masks, simmaps, masks
   "probs": 1e-5,  # text mask probabilities (max abs)
 }
-# Inputs of the authors' computation, not results (images and noise are regenerated in compact).
 # The trajectory's tensors that join at the UST switch (the masker's backbone) may move up to 1.5e-2
 # off the authors' (float32; 3x the measured 5.0e-3, ln_2.weight), the others 5e-3 as the README
 # says. Their first Adam steps are sign-like (g / (|g| + eps) per element), so they amplify any
@@ -53,8 +52,26 @@ TOL = {
 # in that term's backbone gradient, and by 1e-6 once |d|'s gradient is zeroed below 3e-7. A
 # rounding effect, not a port difference; the README's bound holds for every other tensor.
 UST_DELTA_TOL = 1.5e-2
+# Inputs of the authors' computation, not results (images and noise are regenerated in compact).
 INPUTS = ("images", "gumbel_uniform", "seg_image")
-TEXT_KEYS = ("text_tokens", "noun_tokens", "kg_tokens", "word_labels")
+TEXT_KEYS = ("text_tokens", "noun_tokens", "kg_tokens", "word_labels")  # a CoDe batch's text
+# compute()'s parts: tokens and labels; the training step; CLIP, class embeddings and masks.
+SECTIONS = ("text", "step", "inference")
+TEXT_RESULTS = TEXT_KEYS + ("kg_template_idx", "class_noun_tokens", "kp_tokens")
+STEP_RESULTS = (
+  "total_loss", "noun_embs", "kg_embs", "decoded_feat_map", "text_hidden", "text_decoder_out",
+  "text_dense_emb", "text_mask_logits", "text_mask_probs", "fg_text_emb", "fg_image_emb",
+  "mask_soft_all", "mask_pos_hard",
+)  # fmt: skip
+
+
+def section_of(name: str) -> str:
+  """The compute() section that compares fixture array `name`."""
+  if name in TEXT_RESULTS:
+    return "text"
+  if name in STEP_RESULTS or name.startswith(("loss/", "grad/")):
+    return "step"
+  return "inference"
 
 
 def to_authors_rows(b: int, n: int) -> np.ndarray:
@@ -166,35 +183,53 @@ def _compare(name, kind, value, fx: Fixture, bf16: bool) -> dict:
   return summary_result(name, name, "rel" if rel_kind else "max_abs", value, fx, TOL[kind])
 
 
-def compute(fixture_dir: str, dtype: str = "float32") -> list:
+def compute(fixture_dir: str, dtype: str = "float32", sections=SECTIONS) -> list:
   """Every quantity of a CoDe fixture's fixture.npz -> result dicts (name, metric, error,
-  tolerance, ok; summaries add norm_rel, proj_rel, sample_max_abs)."""
+  tolerance, ok; summaries add norm_rel, proj_rel, sample_max_abs). `sections` (of SECTIONS)
+  limits the work to some parts; an array of theirs that is not compared is a failure."""
   import jax
   import jax.numpy as jnp
 
   jax.config.update("jax_default_matmul_precision", "highest")
-  from tcl_jax.kinds import code as code_kind
-  from tcl_jax.models import clip as clip_lib
-  from tcl_jax.models import code as code_lib
-  from tcl_jax.models import tcl as tcl_lib
-  from tcl_jax.models import tcl_inference
-  from tcl_jax.weights import key_maps
-  from tcl_jax.zeroshot import prompts
-
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
   bf16 = dtype == "bfloat16"
   dt = jnp.dtype(dtype)
   emb = "rel" if bf16 else "max_abs"  # bf16: relative, as TCL's parity does
   fx = Fixture(fixture_dir, "fixture")
   meta, ref = fx.meta, fx.npz
   cfg, params = fixture.load_code_fixture_model(fixture_dir, meta)
-  b, n = meta["batch"], meta["num_nouns"]
-  authors = to_authors_rows(b, n)
-  rows = lambda x: np.asarray(x)[authors]  # noqa: E731  per-row arrays -> the authors' order
   computed = {}  # name -> (kind, value in the authors' layout)
+  if "text" in sections:
+    computed.update(_text_results(meta, ref, cfg))
+  if "step" in sections:
+    computed.update(_step_results(fx, cfg, params, dt, emb))
+  if "inference" in sections:
+    computed.update(_inference_results(fx, cfg, params, dt, emb, bf16))
 
-  # Tokens and labels: ours from the recorded text, nouns and template choices.
+  results = []
+  for name in meta["arrays"]:
+    if name in INPUTS:
+      continue
+    if name not in computed:
+      if section_of(name) in sections:
+        results.append(
+          {"name": name, "metric": None, "error": None, "tolerance": None, "ok": False}
+        )
+      continue
+    kind, value = computed[name]
+    results.append(_compare(name, kind, jax.device_get(value), fx, bf16))
+  return results
+
+
+def _text_results(meta, ref, cfg) -> dict:
+  from tcl_jax import tokenizer
   from tcl_jax.data import nouns
+  from tcl_jax.models import code as code_lib
+  from tcl_jax.zeroshot import prompts
 
+  computed = {}  # ours from the recorded text, nouns and template choices
   table = nouns.full_imagenet_templates()
   computed["kg_template_idx"] = (
     "exact",
@@ -205,14 +240,26 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   classnames = meta["classnames"]
   templates = prompts.get_templates("custom")
   computed["class_noun_tokens"] = ("exact", code_lib.noun_tokens(classnames, cfg))
-  from tcl_jax import tokenizer
-
   computed["kp_tokens"] = (
     "exact",
     np.stack([tokenizer.tokenize([t.format(c) for t in templates]) for c in classnames]),
   )
+  return computed
 
-  # One training step on the recorded batch (the contract's format) and noise.
+
+def _step_results(fx, cfg, params, dt, emb) -> dict:
+  """One training step on the recorded batch (the contract's format) and noise."""
+  import jax
+  import jax.numpy as jnp
+
+  from tcl_jax.models import code as code_lib
+  from tcl_jax.weights import key_maps
+
+  ref = fx.npz
+  b, n = fx.meta["batch"], fx.meta["num_nouns"]
+  authors = to_authors_rows(b, n)
+  rows = lambda x: np.asarray(x)[authors]  # noqa: E731  per-row arrays -> the authors' order
+  computed = {}
   images = jnp.asarray(np.transpose(fx.input("images"), (0, 2, 3, 1)))
   batch = {"image": images, **{k: jnp.asarray(ref[k], jnp.int32) for k in TEXT_KEYS}}
   uniform = jnp.asarray(our_gumbel_noise(fx.input("gumbel_uniform"), b, n))
@@ -225,8 +272,9 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
     )  # fmt: skip
 
   (total, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable)
-  for k in code_lib.LOSS_TERMS:
-    computed[f"loss/{k}"] = ("rel", aux[k])
+  for k in fx.meta["losses"]:  # the authors' terms (a term our objective lacks is reported missing)
+    if k in aux:
+      computed[f"loss/{k}"] = ("rel", aux[k])
   computed["total_loss"] = ("rel", total)
   for name, g in key_maps.to_torch_state_dict(cfg, grads).items():
     computed["grad/" + name] = ("grad_rel", g)
@@ -253,15 +301,34 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
   soft_all = jax.nn.sigmoid(jnp.asarray(sim) * s2m["w"] + s2m["b"])
   computed["mask_soft_all"] = (emb, np.asarray(soft_all)[authors][:, authors])
   computed["mask_pos_hard"] = ("exact", rows(inter["pos_mask"])[:, None])
+  return computed
+
+
+def _inference_results(fx, cfg, params, dt, emb, bf16) -> dict:
+  """The frozen CLIP on the batch (its features and embeddings), the class embeddings and the
+  masks of each recorded setting, from the fixture's class embeddings as TCL's parity does."""
+  import jax
+  import jax.numpy as jnp
+
+  from tcl_jax.kinds import code as code_kind
+  from tcl_jax.models import clip as clip_lib
+  from tcl_jax.models import tcl as tcl_lib
+  from tcl_jax.models import tcl_inference
+  from tcl_jax.zeroshot import prompts
+
+  meta, ref = fx.meta, fx.npz
+  computed = {}
+  images = jnp.asarray(np.transpose(fx.input("images"), (0, 2, 3, 1)))
+  lnd = lambda x: np.transpose(np.asarray(x), (1, 0, 2))  # noqa: E731  [n, L, D] -> LND
   feat, _ = tcl_lib.clip_features(params["clip"], cfg, images, dt)
   computed["masker_input"] = (emb, lnd(feat))
   tokens = jnp.asarray(ref["text_tokens"], jnp.int32)
   computed["clip_text_emb"] = (emb, clip_lib.encode_text(params["clip"], cfg.clip, tokens, dt))
   computed["clip_image_emb"] = (emb, clip_lib.encode_image(params["clip"], cfg.clip, images, dt))
 
-  # Inference: our class embeddings; the masks from the fixture's (as TCL's parity does).
   e = cfg.clip.embed_dim
-  class_text = np.asarray(code_kind.class_text(params, classnames, templates, cfg=cfg))
+  templates = prompts.get_templates("custom")
+  class_text = np.asarray(code_kind.class_text(params, meta["classnames"], templates, cfg=cfg))
   computed["class_prompt_emb"] = (emb, class_text[:, :e])
   computed["kp_text_emb"] = (emb, class_text[:, e:])
   seg = jnp.asarray(np.transpose(fx.input("seg_image"), (0, 2, 3, 1)))
@@ -283,17 +350,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
     )
     computed[f"masks_{tag}"] = ("masks" if bf16 else "max_abs", masks)
     computed[f"simmap_{tag}"] = ("max_abs", simmap)
-
-  results = []
-  for name in meta["arrays"]:
-    if name in INPUTS:
-      continue
-    if name not in computed:
-      results.append({"name": name, "metric": None, "error": None, "tolerance": None, "ok": False})
-      continue
-    kind, value = computed[name]
-    results.append(_compare(name, kind, jax.device_get(value), fx, bf16))
-  return results
+  return computed
 
 
 def _decayed_names(cfg, params) -> list:
