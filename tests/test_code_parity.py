@@ -98,6 +98,38 @@ def test_parity_reports_every_fixture_quantity_ok(tmp_path, fixture_dir):
     assert x["metric"] in (("delta_rel", "delta_rel~") if compact else ("delta_rel",)), n
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture_dir", FIXTURES)
+def test_bfloat16_parity_within_tcls_bf16_bounds(tmp_path, fixture_dir):
+  """bf16 compute (float32 params) against the authors' float32: every quantity within the
+  bounds of TCL's bf16 parity (parity.BF16_TOL, trajectory.TOLERANCES["bfloat16"])."""
+  from tcl_jax.tools import parity
+  from tcl_jax.tools import trajectory
+
+  out = tmp_path / "r.json"
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.tools.parity", str(fixture_dir), "--dtype", "bfloat16",
+     "--json", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )  # fmt: skip
+  assert out.is_file(), r.stderr[-3000:]
+  res = {x["name"]: x for x in json.loads(out.read_text())["results"]}
+  bad = [x for x in res.values() if not x["ok"]]
+  assert not bad, bad
+  assert r.returncode == 0
+  meta = json.loads((fixture_dir / "fixture.json").read_text())
+  assert {n for n in res if not n.startswith("trajectory/")} == set(meta["arrays"]) - set(
+    code_parity.INPUTS
+  )
+  bounds = set(parity.BF16_TOL.values()) | set(trajectory.TOLERANCES["bfloat16"].values())
+  for x in res.values():
+    if x["metric"] != "exact":  # tokens, labels and the trajectory's checks stay exact
+      assert x["tolerance"] in bounds, x
+  assert res["mask_pos_hard"]["metric"] == "flip_frac"
+
+
 def test_row_orders_and_noise_permutation():
   b, n = 4, 2
   to_authors, to_ours = code_parity.to_authors_rows(b, n), code_parity.to_our_rows(b, n)

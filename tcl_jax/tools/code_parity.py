@@ -52,6 +52,9 @@ TOL = {
 # in that term's backbone gradient, and by 1e-6 once |d|'s gradient is zeroed below 3e-7. A
 # rounding effect, not a port difference; the README's bound holds for every other tensor.
 UST_DELTA_TOL = 1.5e-2
+# bfloat16: the fraction of hard-mask pixels that may flip (measured 4.3e-4: 2 of 4608), the bound
+# of TCL's bf16 mask labels (parity.BF16_TOL["label_diff"]); every other bf16 bound is TCL's.
+BF16_FLIP_TOL = parity.BF16_TOL["label_diff"]
 # Inputs of the authors' computation, not results (images and noise are regenerated in compact).
 INPUTS = ("images", "gumbel_uniform", "seg_image")
 TEXT_KEYS = ("text_tokens", "noun_tokens", "kg_tokens", "word_labels")  # a CoDe batch's text
@@ -150,7 +153,8 @@ def _exact(name, value, ref) -> dict:
 
 
 def summary_result(name, key, kind, value, fx: Fixture, tol, bf16=False) -> dict:
-  """One summarized array `key` of `fx` against ours (the authors' layout), see the module doc."""
+  """One summarized array `key` of `fx` against ours (the authors' layout), see the module doc.
+  kind: "rel" or "max_abs" (float32), "rel" or "1-cos" (bf16: the sampled elements' estimate)."""
   value = np.asarray(value, np.float64)
   shape = tuple(fx.summarized[key])
   if value.shape != shape:
@@ -162,9 +166,14 @@ def summary_result(name, key, kind, value, fx: Fixture, tol, bf16=False) -> dict
   err_norm = float(np.sqrt(np.mean((s["proj"] - fx.npz[key + "@proj"]) ** 2)))
   norm_rel = abs(float(s["norm"]) - norm_ref) / norm_ref
   proj_rel = err_norm / norm_ref
-  sample = float(np.max(np.abs(s["val"].astype(np.float64) - fx.npz[key + "@val"])))
+  val, val_ref = s["val"].astype(np.float64), fx.npz[key + "@val"].astype(np.float64)
+  sample = float(np.max(np.abs(val - val_ref)))
   extra = dict(norm_rel=norm_rel, proj_rel=proj_rel, sample_max_abs=sample)
-  if kind == "rel" or bf16:
+  if bf16:  # bf16's errors are large: 256 elements estimate them better than 4 projections
+    if kind == "1-cos":
+      return _result(name, "1-cos~", fixture.one_minus_cos(val, val_ref), tol, **extra)
+    return _result(name, "rel~", fixture.rel(val, val_ref), tol, **extra)
+  if kind == "rel":
     return _result(name, "rel~", max(norm_rel, proj_rel), tol, **extra)
   return _result(name, "max_abs~", max(sample, err_norm / np.sqrt(value.size)), tol, **extra)
 
@@ -173,12 +182,17 @@ def _compare(name, kind, value, fx: Fixture, bf16: bool) -> dict:
   """Ours (the authors' layout) against the fixture's array or its summary."""
   if kind == "exact":
     return _exact(name, value, fx.npz[name])
+  if kind == "flips":  # bf16 hard masks: the fraction of pixels that differ
+    ref = fx.npz[name]
+    frac = np.mean(np.asarray(value) != ref) if np.shape(value) == ref.shape else np.inf
+    return _result(name, "flip_frac", frac, BF16_FLIP_TOL)
   if name in fx.npz:
     err, tol, metric = parity._compare(kind, np.asarray(value), fx.npz[name], bf16, TOL)
     return _result(name, metric, err, tol)
-  if bf16:  # relative: the summarized arrays' scales differ (hidden states, unit vectors)
-    tol = parity.BF16_TOL["grad_rel" if kind == "grad_rel" else "rel"]
-    return summary_result(name, name, "rel", value, fx, tol, bf16=True)
+  if bf16:  # as the full arrays: gradients by their cosine, the others relative
+    if kind == "grad_rel":
+      return summary_result(name, name, "1-cos", value, fx, parity.BF16_TOL["1-cos"], bf16=True)
+    return summary_result(name, name, "rel", value, fx, parity.BF16_TOL["rel"], bf16=True)
   rel_kind = kind in ("rel", "grad_rel")
   return summary_result(name, name, "rel" if rel_kind else "max_abs", value, fx, TOL[kind])
 
@@ -300,7 +314,10 @@ def _step_results(fx, cfg, params, dt, emb) -> dict:
   sim = np.einsum("ihwc,jc->ijhw", image_rep, inter["noun_emb"])
   soft_all = jax.nn.sigmoid(jnp.asarray(sim) * s2m["w"] + s2m["b"])
   computed["mask_soft_all"] = (emb, np.asarray(soft_all)[authors][:, authors])
-  computed["mask_pos_hard"] = ("exact", rows(inter["pos_mask"])[:, None])
+  # Identical in float32 (the noise keeps every noisy logit >= 1e-4 from the threshold);
+  # bfloat16's rounding flips a few pixels, counted as a fraction.
+  hard = rows(inter["pos_mask"])[:, None]
+  computed["mask_pos_hard"] = ("flips" if dt == jnp.bfloat16 else "exact", hard)
   return computed
 
 
@@ -364,6 +381,11 @@ def _decayed_names(cfg, params) -> list:
   mask = optim.decay_mask({k: v for k, v in params.items() if k != "clip"})
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   return sorted(key_map[tuple(p.key for p in path)][0] for path, d in flat if d)
+
+
+def _without_key_bias(d):
+  w = d.shape[0] // 3
+  return np.concatenate([d[:w], np.zeros_like(d[w : 2 * w]), d[2 * w :]])
 
 
 def _ust_names(cfg, config, params) -> set:
@@ -486,8 +508,16 @@ def replay(fixture_dir: str, dtype: str = "float32") -> list:
     d_ours = np.asarray(final[name], np.float64) - init_ref[name]
     if "final/" + name in ref:
       d_ref = ref["final/" + name].astype(np.float64) - init_ref[name]
-      results.append(_result(rname, "delta_rel", fixture.rel(d_ours, d_ref), t))
+      extra = {}
+      if dtype == "bfloat16" and name.endswith("attn.in_proj_bias"):
+        # The key bias (the middle third) has a zero gradient: softmax ignores a shift shared by
+        # every key. Its float32 rounding noise stays below Adam's eps (it moves 6e-6 in all);
+        # bf16's does not, so Adam steps it by ~lr per step (measured: 4e3 x the authors'
+        # movement), without any effect on the model. Compared: the query and value biases.
+        d_ours, d_ref = _without_key_bias(d_ours), _without_key_bias(d_ref)
+        extra["note"] = "key bias (zero gradient) excluded"
+      results.append(_result(rname, "delta_rel", fixture.rel(d_ours, d_ref), t, **extra))
     else:
-      r = summary_result(rname, "delta/" + name, "rel", d_ours, fx, t)
+      r = summary_result(rname, "delta/" + name, "rel", d_ours, fx, t, bf16=dtype == "bfloat16")
       results.append(dict(r, metric="delta_rel~"))
   return results
