@@ -2,10 +2,12 @@
 
 `python -m tcl_jax.tools.parity DIR` comes here when DIR's fixture.json describes the authors'
 ImageTextCoDecomposition (fixture.is_code_fixture): the full copy (`code_reference.pth` and every
-array; /work/code_fixture, ../shared/fixtures/code_tiny) or the compact one (tests/fixtures/code_tiny:
-the weights' recipe instead of the file, big float arrays summarized). Its README names every key.
+array, as tools/reference/code_fixture.py --out writes it) or the compact one
+(tests/fixtures/code_tiny: the weights' recipe instead of the file, big float arrays summarized).
+Its README names every key and the tolerances.
 
-Compared, each within the fixture README's float32 tolerances:
+Compared, each within the fixture README's float32 tolerances (one measured exception:
+UST_DELTA_TOL):
 * tokens and labels, exactly: ours (tokenizer, data.nouns.code_text, our template tables) from the
   captions, records, drawn nouns and template indices that fixture.json records;
 * one training step on the recorded batch and Gumbel noise: the 9 loss terms and their total, the
@@ -23,7 +25,8 @@ projections on seeded normal vectors (seeded_state.summarize); ours is summarize
 seed. Each projection of the error e = x - x_ref is ~N(0, ||e||^2), so their RMS estimates ||e||:
 "rel~" is max(that, |norm - norm_ref|) / norm_ref; "max_abs~" is the larger of the sampled
 elements' max |e| and the estimated RMS of e (each a lower bound of the max |e| that the full copy
-measures exactly).
+measures exactly). With --dtype bfloat16 the bounds are TCL's bf16 ones (parity.BF16_TOL,
+trajectory.TOLERANCES) and a summary's error is estimated on its 256 sampled elements.
 """
 
 import json
@@ -117,9 +120,6 @@ class Fixture:
     self.compact = bool(c)
     self.summarized = c.get("summarized", {})
     self.seed = int(c.get("summary_seed", 0))
-
-  def has(self, key: str) -> bool:
-    return key in self.npz or key in self.summarized
 
   def input(self, key: str) -> np.ndarray:
     """A recorded input: the array itself, or (compact) regenerated from its spec, which must

@@ -86,7 +86,14 @@ def load_code_fixture_model(fixture_dir: str, meta: dict):
   if os.path.isfile(path):
     cfg, params = loading.load_torch(path, text_decoder_heads=d["text_decoder_heads"], **heads)
   else:
-    sd = seeded_state.code_state_dict(seeded_state.state_dict_arrays(meta["recipe"]))
+    arrays = seeded_state.state_dict_arrays(meta["recipe"])
+    # The compact copy keeps a sample of each tensor as the authors' model held it.
+    with np.load(os.path.join(fixture_dir, "fixture.npz")) as ref:
+      for key, x in arrays.items():
+        idx = ref.get(f"state/{key}@idx")
+        if idx is not None and not np.array_equal(x.ravel()[idx], ref[f"state/{key}@val"]):
+          raise ValueError(f"{key}: the recipe does not regenerate the fixture's weights")
+    sd = seeded_state.code_state_dict(arrays)
     cfg, params = loading.convert_state_dict(
       sd, text_decoder_heads=d["text_decoder_heads"], **heads
     )
