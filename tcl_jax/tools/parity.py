@@ -2,6 +2,9 @@
 
   python -m tcl_jax.tools.parity FIXTURE_DIR [--json OUT] [--dtype float32|bfloat16]
 
+A CoDe fixture (fixture.json of the authors' ImageTextCoDecomposition, e.g.
+tests/fixtures/code_tiny) is checked by tcl_jax/tools/code_parity.py instead.
+
 FIXTURE_DIR is laid out like `shared/fixtures/tcl_tiny` (fixture.json, fixture.npz, tcl_reference.pth
 and the OpenAI-layout CLIP files); any dims work. Only those files are read. When the directory also
 holds a training trajectory (trajectory.json/.npz), its steps are replayed through the training code
@@ -58,18 +61,24 @@ def _label_diff(a, b, threshold=0.5):
   return float(np.mean(labels(a) != labels(b)))
 
 
-def _compare(kind, value, ref, bf16: bool):
-  """(error, tolerance, metric) of one computed array against the fixture's."""
+F32_TOL = {"max_abs": TOL_MAX_ABS, "rel": TOL_LOSS_REL, "grad_rel": TOL_GRAD_REL}
+
+
+def _compare(kind, value, ref, bf16: bool, f32_tol=None):
+  """(error, tolerance, metric) of one computed array against the fixture's. Kinds: "max_abs",
+  "rel", "grad_rel", "masks"; `f32_tol` maps them to float32 tolerances (default F32_TOL), and
+  may add kinds of its own, all measured as max_abs (bf16: BF16_TOL's max_abs bound)."""
+  f32_tol = F32_TOL if f32_tol is None else f32_tol
   if not bf16:
-    if kind == "max_abs":
-      metric, err = "max_abs", fixture.max_abs(value, ref)
-    else:
+    if kind == "masks":
+      kind = "max_abs"
+    if kind == "rel" or kind == "grad_rel":
       metric, err = "rel", fixture.rel(value, ref)
-    return (
-      err,
-      {"max_abs": TOL_MAX_ABS, "rel": TOL_LOSS_REL, "grad_rel": TOL_GRAD_REL}[kind],
-      metric,
-    )
+    else:
+      metric, err = "max_abs", fixture.max_abs(value, ref)
+    return err, f32_tol[kind], metric
+  if kind not in ("max_abs", "rel", "grad_rel", "masks"):
+    kind = "max_abs"
   if kind == "grad_rel" and np.size(ref) > 1:
     return fixture.one_minus_cos(value, ref), BF16_TOL["1-cos"], "1-cos"
   if kind == "grad_rel":
@@ -214,27 +223,46 @@ def main(argv=None):
     help="compute dtype (parameters stay float32); bfloat16 is the GPU/TPU default",
   )
   args = ap.parse_args(argv)
-  for f in ("fixture.json", "fixture.npz", "tcl_reference.pth"):
-    if not os.path.isfile(os.path.join(args.fixture_dir, f)):
+  d = args.fixture_dir
+  code = False
+  if os.path.isfile(os.path.join(d, "fixture.json")):
+    with open(os.path.join(d, "fixture.json")) as f:
+      meta = json.load(f)
+    code = fixture.is_code_fixture(meta)
+  if code:  # CoDe: a full copy has the authors' weights; a compact one rebuilds them
+    required = ("fixture.npz",) + (() if "compact" in meta else ("code_reference.pth",))
+    like = "tests/fixtures/code_tiny"
+  else:
+    required = ("fixture.json", "fixture.npz", "tcl_reference.pth")
+    like = "shared/fixtures/tcl_tiny"
+  for f in required:
+    if not os.path.isfile(os.path.join(d, f)):
       print(
-        f"error: {args.fixture_dir} has no {f}; expected a fixture directory laid out like "
-        f"shared/fixtures/tcl_tiny",
+        f"error: {d} has no {f}; expected a fixture directory laid out like {like}",
         file=sys.stderr,
       )
       return 2
-  results = compute(args.fixture_dir, args.dtype)
-  if trajectory.has_trajectory(args.fixture_dir):
-    results += trajectory.replay(args.fixture_dir, args.dtype)
+  if code:
+    from tcl_jax.tools import code_parity  # pylint: disable=g-import-not-at-top
+
+    results = code_parity.compute(d, args.dtype)
+    if trajectory.has_trajectory(d):
+      results += code_parity.replay(d, args.dtype)
+  else:
+    results = compute(d, args.dtype)
+    if trajectory.has_trajectory(d):
+      results += trajectory.replay(d, args.dtype)
   ok = all(r["ok"] for r in results)
   width = max(len(r["name"]) for r in results)
-  print(f"{'quantity':<{width}}  {'metric':<7}  {'error':>10}  {'tolerance':>9}  ok")
+  mw = max(7, *(len(r["metric"] or "-") for r in results))
+  print(f"{'quantity':<{width}}  {'metric':<{mw}}  {'error':>10}  {'tolerance':>9}  ok")
   for r in results:
     err = "n/a" if r["error"] is None else f"{r['error']:.3g}"
     tol = "" if r["tolerance"] is None else f"{r['tolerance']:.0e}"
     first_bad = r.get("first_bad_step")
     where = f"  (first out of tolerance at step {first_bad})" if first_bad is not None else ""
     print(
-      f"{r['name']:<{width}}  {r['metric'] or '-':<7}  {err:>10}  {tol:>9}  "
+      f"{r['name']:<{width}}  {r['metric'] or '-':<{mw}}  {err:>10}  {tol:>9}  "
       f"{'yes' if r['ok'] else 'NO'}{where}"
     )
   n_ok = sum(r["ok"] for r in results)

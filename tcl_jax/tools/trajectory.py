@@ -41,10 +41,13 @@ def has_trajectory(fixture_dir: str) -> bool:
   )
 
 
-def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "float32"):
+def replay_config(
+  fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "float32", model_kind: str = "tcl"
+):
   """The training config of the recorded run: configs/tcl.py with the fixture's model, batch,
   schedule and optimizer values. The recorded rates are effective ones, so the linear batch
-  scaling is switched off (`lr_scale_reference_batch=0`) and `base_lr`/`min_lr` are those rates."""
+  scaling is switched off (`lr_scale_reference_batch=0`) and `base_lr`/`min_lr` are those rates.
+  `model_kind` picks the model (`kinds.build_model`): the recipe's optimizer is the same for all."""
   import ml_collections
 
   from tcl_jax.cli import config_files
@@ -53,6 +56,7 @@ def replay_config(fixture_meta: dict, traj_meta: dict, model_cfg, dtype: str = "
   common = config_files.load_module(os.path.join(configs_dir, "common.py"))
   t = traj_meta["train"]
   config = config_files.load_module(os.path.join(configs_dir, "tcl.py")).get_config()
+  config.model_kind = model_kind
   config.seed = int(traj_meta.get("seed", 0))
   config.total_steps = int(t["total_steps"])
   config.batch_size = int(traj_meta["batch"])
@@ -104,12 +108,6 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
     (model cfg, per-step metrics as {name: [K] numpy}, final params as {torch name: array},
     initial params as {torch name: array}).
   """
-  import functools
-
-  import jax
-
-  from tcl_jax import sharding
-  from tcl_jax.train import optim
   from tcl_jax.weights import key_maps as convert_maps
 
   fixture_meta = json.load(open(os.path.join(fixture_dir, "fixture.json")))
@@ -117,9 +115,33 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
   ref = np.load(os.path.join(fixture_dir, "trajectory.npz"))
   cfg, params = fixture.load_fixture_model(fixture_dir, fixture_meta)
   config = replay_config(fixture_meta, traj_meta, cfg, dtype)
-  model = kinds.build_model(config)
   init_params = convert_maps.to_torch_state_dict(cfg, params)
+  batches = [
+    {
+      "image": np.transpose(ref[f"step/{k}/images"], (0, 2, 3, 1)).astype(np.float32),
+      "text_tokens": ref[f"step/{k}/text_tokens"].astype(np.int32),
+      "gumbel_uniform": ref[f"step/{k}/gumbel_uniform"].astype(np.float32),
+    }
+    for k in range(int(traj_meta["steps"]))
+  ]
+  metrics, final = train_on_batches(config, params, batches, devices)
+  return cfg, metrics, convert_maps.to_torch_state_dict(cfg, final), init_params
 
+
+def train_on_batches(config, params, batches, devices=None):
+  """One training step per host batch, from `params`, as training runs them.
+
+  Returns:
+    (per-step metrics as {name: [K] numpy}, the final params tree on the host).
+  """
+  import functools
+
+  import jax
+
+  from tcl_jax import sharding
+  from tcl_jax.train import optim
+
+  model = kinds.build_model(config)
   # The same wiring as train.train_and_evaluate: optimizer, labels, mesh, state shardings, the
   # jitted state constructor and the donated, sharded train step.
   tx, schedule = optim.make_optimizer(
@@ -152,18 +174,12 @@ def run_steps(fixture_dir: str, dtype: str = "float32", devices=None):
       batch_sharding=batch_sharding,
       repl=repl,
     )
-    for k in range(int(traj_meta["steps"])):
-      batch = {
-        "image": np.transpose(ref[f"step/{k}/images"], (0, 2, 3, 1)).astype(np.float32),
-        "text_tokens": ref[f"step/{k}/text_tokens"].astype(np.int32),
-        "gumbel_uniform": ref[f"step/{k}/gumbel_uniform"].astype(np.float32),
-      }
+    for batch in batches:
       batch = jax.device_put(batch, batch_sharding)
       state, m, _ = step_fn(state, batch)
       for name, v in jax.device_get(m).items():
         metrics.setdefault(name, []).append(float(v))
-  final = convert_maps.to_torch_state_dict(cfg, jax.device_get(state.params))
-  return cfg, {k: np.asarray(v) for k, v in metrics.items()}, final, init_params
+  return {k: np.asarray(v) for k, v in metrics.items()}, jax.device_get(state.params)
 
 
 def replay(fixture_dir: str, dtype: str = "float32", devices=None) -> list:
