@@ -3,12 +3,14 @@ in tcl_jax/tools/code_parity.py) against the authors' PyTorch code's reference f
 
 Every fixture quantity must be within the fixture README's tolerances on the committed compact
 copy (tests/fixtures/code_tiny, always) and on the full copy when this machine has one
-(/work/code_fixture or ../shared/fixtures/code_tiny). Each of the 9 loss terms, dropped from the
+($TCL_JAX_CODE_FIXTURE, or ../shared/fixtures/code_tiny: made by tools/reference/code_fixture.py,
+318 MB with the authors' code_reference.pth). Each of the 9 loss terms, dropped from the
 objective's total or mis-weighted, must make the check fail: the check would catch a port that
 got a term's place or weight wrong.
 """
 
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -21,9 +23,14 @@ from tcl_jax.tools import fixture
 
 HERE = Path(__file__).resolve().parent
 COMPACT = HERE / "fixtures" / "code_tiny"
-FULL_CANDIDATES = (
-  Path("/work/code_fixture"),
-  HERE.parents[1] / "shared" / "fixtures" / "code_tiny",
+# The full copy is not committed (318 MB); where a machine has one, say where.
+FULL_CANDIDATES = tuple(
+  Path(p)
+  for p in (
+    os.environ.get("TCL_JAX_CODE_FIXTURE", ""),
+    HERE.parents[1] / "shared" / "fixtures" / "code_tiny",
+  )
+  if str(p)
 )
 FULL = next((d for d in FULL_CANDIDATES if (d / "code_reference.pth").is_file()), None)
 FIXTURES = [
@@ -33,8 +40,8 @@ FIXTURES = [
     id="full",
     marks=pytest.mark.skipif(
       FULL is None,
-      reason="no full CoDe fixture here (/work/code_fixture or ../shared/fixtures/code_tiny with "
-      "code_reference.pth); the compact copy still runs",
+      reason="no full CoDe fixture here (set TCL_JAX_CODE_FIXTURE, or ../shared/fixtures/code_tiny "
+      "with code_reference.pth, from tools/reference/code_fixture.py); the compact copy still runs",
     ),
   ),
 ]
@@ -224,3 +231,30 @@ def test_misweighting_a_term_fails(monkeypatch, term):
   bad = _step_failures()
   assert f"loss/{term}" in bad, bad
   assert {f"loss/{t}" for t in TERMS} & bad == {f"loss/{term}"}  # that term only
+
+
+@pytest.mark.skipif(FULL is None, reason="needs the full CoDe fixture's code_reference.pth")
+def test_the_authors_checkpoint_converts_and_segments(tmp_path):
+  # code_reference.pth is what the authors' code saved (torch.save of their model's state_dict):
+  # it converts with nothing more and the demo segments with it.
+  from PIL import Image
+
+  from tcl_jax import demo
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  ckpt = tmp_path / "ckpt"
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.convert", str(FULL / "code_reference.pth"), "--output", str(ckpt)],
+    capture_output=True, text=True, env=env, timeout=600,
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.startswith(f"converted {FULL / 'code_reference.pth'} -> {ckpt}: CoDe:"), r.stdout
+  assert json.loads((ckpt / "config.json").read_text())["model_kind"] == "code"
+  Image.fromarray(demo.draw_sample(130, 100)).save(tmp_path / "photo.png")
+  r = subprocess.run(
+    [sys.executable, "-m", "tcl_jax.demo", f"--checkpoint={ckpt}", f"--image={tmp_path / 'photo.png'}",
+     "--classes=sky, grass, traffic light", f"--output={tmp_path / 'overlay.png'}", "--bg_thresh=0.1"],
+    capture_output=True, text=True, env=env, timeout=600,
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / "overlay.png").exists() and "traffic light" in r.stdout
