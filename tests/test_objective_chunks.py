@@ -152,7 +152,7 @@ def test_noise_is_keyed_per_example_not_per_mesh():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   with jax.set_mesh(mesh):
     eight = jax.jit(
-      lambda k: tcl_lib._batch_sharded(tcl_lib.positive_pair_uniform(k, (8, 5, 5))),
+      lambda k: tcl_lib.batch_sharded(tcl_lib.positive_pair_uniform(k, (8, 5, 5))),
       out_shardings=NamedSharding(mesh, P("data")),
     )(key)
   assert len(eight.sharding.device_set) == 8

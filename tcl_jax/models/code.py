@@ -331,7 +331,7 @@ def code_loss(
   )
   image_emb = losses.l2_normalize(image_emb.astype(jnp.float32))
   aux["tv_img_loss"] = losses.tv_loss(image_emb, axes=(1, 2)) * cfg.tv_w
-  image_rep = tcl._batch_sharded(jnp.repeat(image_emb, n_nouns, axis=0))
+  image_rep = tcl.batch_sharded(jnp.repeat(image_emb, n_nouns, axis=0))
 
   s2m = params["masker"]["sim2mask"]
   sim_pos = jnp.einsum("bhwc,bc->bhw", image_rep, noun_emb)
@@ -341,7 +341,7 @@ def code_loss(
     uniform = jnp.take_along_axis(uniform, jnp.arange(rows)[:, None, None, None], axis=1)[:, 0]
   pos_mask, soft_pos = tcl.sim2mask(s2m, sim_pos, uniform=uniform, tau=cfg.gumbel_tau)
   cosine, neg_area, tv_mask = losses.all_pairs_terms(
-    image_rep, noun_emb, s2m["w"], s2m["b"], cfg.caption_chunk, pin=tcl._batch_sharded
+    image_rep, noun_emb, s2m["w"], s2m["b"], cfg.caption_chunk, pin=tcl.batch_sharded
   )
   aux["hlf_noun_loss"] = (
     losses.scaled_symmetric_ce(cosine, params["tclf_logit_scale"]) * cfg.tcl_w

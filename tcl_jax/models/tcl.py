@@ -291,7 +291,7 @@ def positive_pair_uniform(rng, shape):
   return jax.vmap(lambda k: gumbel_uniform(k, shape[1:]))(keys)
 
 
-def _batch_sharded(x, replicated=False):
+def batch_sharded(x, replicated=False):
   """x with its leading (batch) axis split over every axis of the mesh in context, as the batch
   is (sharding.data_sharding), or `replicated`; x itself without an auto-sharded mesh. Pins what
   GSPMD's propagation otherwise may choose: with native convolutions it all-gathered the global
@@ -346,10 +346,10 @@ def tcl_loss(
   # there, so the noise is [B, H', W'], not the original's [B, B, H', W'].
   s2m = params["masker"]["sim2mask"]
   image_emb = masker_image_emb(params["masker"], cfg, feat, hw, compute_dtype, remat)
-  image_emb = _batch_sharded(image_emb.astype(jnp.float32))
-  sim_pos = _batch_sharded(
+  image_emb = batch_sharded(image_emb.astype(jnp.float32))
+  sim_pos = batch_sharded(
     jnp.einsum(
-      "bhwc,bc->bhw", losses.l2_normalize(image_emb), _batch_sharded(losses.l2_normalize(text_emb))
+      "bhwc,bc->bhw", losses.l2_normalize(image_emb), batch_sharded(losses.l2_normalize(text_emb))
     )
   )
   if uniform is None:
@@ -364,11 +364,11 @@ def tcl_loss(
   # caption chunk by caption chunk (memory flat in the global batch).
   cosine, neg_area, tv_mask = losses.all_pairs_terms(
     image_emb,
-    _batch_sharded(text_emb, replicated=True),  # every caption: one all-gather of [B, E]
+    batch_sharded(text_emb, replicated=True),  # every caption: one all-gather of [B, E]
     s2m["w"],
     s2m["b"],
     cfg.caption_chunk,
-    pin=_batch_sharded,
+    pin=batch_sharded,
   )
   aux = {}
   aux["area_loss"] = losses.area_loss(soft_pos, 0.4) * cfg.area_w

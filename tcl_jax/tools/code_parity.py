@@ -187,7 +187,7 @@ def _compare(name, kind, value, fx: Fixture, bf16: bool) -> dict:
     frac = np.mean(np.asarray(value) != ref) if np.shape(value) == ref.shape else np.inf
     return _result(name, "flip_frac", frac, BF16_FLIP_TOL)
   if name in fx.npz:
-    err, tol, metric = parity._compare(kind, np.asarray(value), fx.npz[name], bf16, TOL)
+    err, tol, metric = parity.compare(kind, np.asarray(value), fx.npz[name], bf16, TOL)
     return _result(name, metric, err, tol)
   if bf16:  # as the full arrays: gradients by their cosine, the others relative
     if kind == "grad_rel":

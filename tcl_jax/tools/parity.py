@@ -64,7 +64,7 @@ def _label_diff(a, b, threshold=0.5):
 F32_TOL = {"max_abs": TOL_MAX_ABS, "rel": TOL_LOSS_REL, "grad_rel": TOL_GRAD_REL}
 
 
-def _compare(kind, value, ref, bf16: bool, f32_tol=None):
+def compare(kind, value, ref, bf16: bool, f32_tol=None):
   """(error, tolerance, metric) of one computed array against the fixture's. Kinds: "max_abs",
   "rel", "grad_rel", "masks"; `f32_tol` maps them to float32 tolerances (default F32_TOL), and
   may add kinds of its own, all measured as max_abs (bf16: BF16_TOL's max_abs bound)."""
@@ -197,7 +197,7 @@ def compute(fixture_dir: str, dtype: str = "float32") -> list:
       )
       results.append({"name": name, "metric": "exact", "error": err, "tolerance": 0.0, "ok": same})
       continue
-    err, tol, metric = _compare(kind, value, ref[name], bf16)
+    err, tol, metric = compare(kind, value, ref[name], bf16)
     results.append(
       {
         "name": name,
