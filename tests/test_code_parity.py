@@ -172,6 +172,9 @@ def test_the_unbroken_step_passes():
   assert not _step_failures()
 
 
+# Slow (`pytest -m slow`): the default suite keeps the stricter 1% mis-weighting below, which
+# fails on each term too; dropping a term fails both ways (checked with -m slow).
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_compiles")
 @pytest.mark.parametrize("term", TERMS)
 def test_dropping_a_term_from_the_total_fails(monkeypatch, term):
