@@ -86,6 +86,20 @@ def _random_batch(batch: int, res: int, seed: int = 0) -> dict:
   return {"image": rng.standard_normal((batch, res, res, 3), np.float32), "text_tokens": tokens}
 
 
+def _config_batch(config, model, batch: int, res: int) -> dict:
+  """A random batch with every entry the config's model kind reads (`Model.batch_keys`): CoDe's
+  noun entries come from the in-memory batches (tcl_jax.data.in_memory), TCL's as before."""
+  # Read here, not through tcl_jax.train.inputs: the bench must run without TensorFlow.
+  inp = config.get("input") or {}
+  n = int(inp.get("num_nouns", 0) or 0)
+  if not n:
+    return _random_batch(batch, res)
+  from tcl_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+
+  it = in_memory.InMemoryIterator(global_batch_size=batch, image_size=res, seed=0, num_nouns=n)
+  return {k: v for k, v in next(it).items() if k in model.batch_keys}
+
+
 def _peak_memory_gib() -> float | None:
   stats = jax.devices()[0].memory_stats()
   return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
@@ -141,7 +155,8 @@ def setup_config(config, res: int, materialize: bool = True, devices=None):
     spec = lambda x, s, n=None: jax.ShapeDtypeStruct(
       x.shape if n is None else (n,) + x.shape[1:], x.dtype, sharding=s
     )
-    one = _random_batch(1, res)  # an example's shapes (the global batch could fill host memory)
+    # An example's shapes (the global batch could fill host memory).
+    one = _config_batch(config, model, 1, res)
     return (
       mesh,
       step,
@@ -153,7 +168,7 @@ def setup_config(config, res: int, materialize: bool = True, devices=None):
     params = jax.jit(model.init, out_shardings=state_sharding.params)(init_rng)
     create = functools.partial(step_lib.create_train_state, tx=plan.tx)
     state = jax.jit(create, out_shardings=state_sharding)(params, state_rng)
-    batch = sharding.to_global(_random_batch(global_batch, res), batch_sharding)
+    batch = sharding.to_global(_config_batch(config, model, global_batch, res), batch_sharding)
   return mesh, step, state, batch
 
 
